@@ -1,0 +1,598 @@
+//! The one place that wires the stages. Reading this file top to bottom shows the whole path:
+//!
+//! ```text
+//! GPIO edges ─▶ reader_stage (wiegand::Decoder) ─▶ gate_stage (store lookup + policy::decide)
+//!                                                    │ grant            │ access event
+//!                                                    ▼                  ▼
+//! contact/REX/fire edges ─▶ door_stage (door::DoorCore) ─▶ relay    outbox_stage (store, fdatasync)
+//!                                   │ door/alarm events ───────────────▲        │ wake
+//!                                                                               ▼
+//!                                                          mqtt::run (QoS 1, removed after PUBACK)
+//! ```
+//!
+//! Every stage has the same shape: a `run`-style async fn with its inputs, outputs and the one
+//! shutdown token. [`App::build`] claims hardware and opens the store (relays go to their safe
+//! state at once); [`App::spawn`] starts the tasks; [`Running::shutdown`] drains them within the
+//! grace period. Only `door_stage` touches a relay.
+
+use anyhow::Context;
+use chrono::{Datelike, Timelike};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{wall_ms, MonoTime};
+use crate::config::{ActiveLevel, Backend, Config, DoorConfig, ReaderConfig};
+use crate::door::{Action, DoorCore, DoorEvent, Input};
+use crate::events::NewEvent;
+use crate::hw::{self, Edge, Gpio, Relay};
+use crate::model::Day;
+use crate::policy::{self, Attempt, CardPart, Decision, Now, Reason};
+use crate::stats::Stats;
+use crate::store::Store;
+use crate::wiegand::{Decoder, Line, Outcome, Rejection, WEdge};
+
+/// What a reader stage hands the gate stage.
+#[derive(Debug, Clone)]
+pub struct ReaderOutput {
+    pub reader: String,
+    pub door: String,
+    pub outcome: Outcome,
+    /// Kernel timestamp of the edge that completed the frame (or of the deadline).
+    pub at: MonoTime,
+}
+
+/// Commands to a door stage.
+#[derive(Debug, Clone, Copy)]
+pub enum DoorCmd {
+    Grant,
+}
+
+/// Claimed hardware and shared state, before any task runs.
+pub struct App {
+    cfg: Arc<Config>,
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    doors: Vec<DoorParts>,
+    readers: Vec<ReaderParts>,
+    // Keeps the embedded simulated chip alive, if any.
+    sim_task: Option<JoinHandle<()>>,
+    // Keeps the GPIO chip handle alive as long as its lines.
+    _gpio: Arc<dyn Gpio>,
+}
+
+struct DoorParts {
+    cfg: DoorConfig,
+    relay: Relay,
+    contact: Option<tokio::sync::mpsc::UnboundedReceiver<Edge>>,
+    rex: Option<tokio::sync::mpsc::UnboundedReceiver<Edge>>,
+    fire: Option<tokio::sync::mpsc::UnboundedReceiver<Edge>>,
+    core: DoorCore,
+    // The input lines must live as long as their edge streams.
+    _lines: Vec<Box<dyn hw::InputLine>>,
+}
+
+struct ReaderParts {
+    cfg: ReaderConfig,
+    d0: tokio::sync::mpsc::UnboundedReceiver<Edge>,
+    d1: tokio::sync::mpsc::UnboundedReceiver<Edge>,
+    _lines: Vec<Box<dyn hw::InputLine>>,
+}
+
+/// The running daemon.
+pub struct Running {
+    pub stats: Arc<Stats>,
+    pub store: Arc<Store>,
+    shutdown: CancellationToken,
+    tasks: Vec<(String, JoinHandle<()>)>,
+    sim_task: Option<JoinHandle<()>>,
+    grace: Duration,
+}
+
+fn claim_input(gpio: &dyn Gpio, pin: u8) -> anyhow::Result<(Box<dyn hw::InputLine>, bool, mpsc::UnboundedReceiver<Edge>)> {
+    let mut line = gpio.input(pin)?;
+    let level = line.level()?;
+    let rx = line.edges()?;
+    Ok((line, level, rx))
+}
+
+impl App {
+    /// Open the store and claim every line. Relays are claimed in their safe state, so a start
+    /// after a crash puts the door in its fail mode before anything else happens.
+    pub async fn build(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<App> {
+        let stats = Arc::new(Stats::default());
+        let mut sim_task = None;
+        let gpio: Arc<dyn Gpio> = match cfg.hardware.backend {
+            Backend::Rpi => Arc::new(hw::rpi::RpiGpio::new().context("opening the GPIO chip")?),
+            Backend::Sim => {
+                let socket = cfg.hardware.sim.socket.clone();
+                if cfg.hardware.sim.embedded {
+                    let (c, s, tok) = (cfg.clone(), socket.clone(), shutdown.child_token());
+                    sim_task = Some(tokio::spawn(async move {
+                        if let Err(error) = hw::sim::serve(&c, &s, tok).await {
+                            tracing::error!(%error, "simulated chip stopped");
+                        }
+                    }));
+                }
+                let sock = socket.clone();
+                let g = tokio::task::spawn_blocking(move || hw::sim::SimGpio::connect(&sock, Duration::from_secs(5)))
+                    .await?
+                    .with_context(|| format!("connecting to the simulated GPIO chip at {}", socket.display()))?;
+                Arc::new(hw::sim::SharedSimGpio(Arc::new(g)))
+            }
+        };
+        // Relays first: the safe state must not wait for anything else.
+        let mut doors = Vec::new();
+        for d in &cfg.doors {
+            let relay = Relay::open(gpio.as_ref(), d.relay_pin, d.relay_active_high)
+                .with_context(|| format!("door {}: relay", d.name))?;
+            doors.push((d.clone(), relay));
+        }
+        let store_path = cfg.store_path();
+        let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
+            .await?
+            .with_context(|| format!("opening the store {}", cfg.store_path().display()))?;
+        let store = Arc::new(store);
+        let now = MonoTime::now();
+        let mut door_parts = Vec::new();
+        for (d, relay) in doors {
+            let mut lines = Vec::new();
+            let mut input = |pin: Option<u8>, level: ActiveLevel| -> anyhow::Result<(Option<bool>, Option<mpsc::UnboundedReceiver<Edge>>)> {
+                match pin {
+                    None => Ok((None, None)),
+                    Some(p) => {
+                        let (line, high, rx) = claim_input(gpio.as_ref(), p).with_context(|| format!("door {}: GPIO {p}", d.name))?;
+                        lines.push(line);
+                        Ok((Some(level.is_active(high)), Some(rx)))
+                    }
+                }
+            };
+            let (contact_l, contact) = input(d.contact_pin, d.contact_open_level)?;
+            let (rex_l, rex) = input(d.rex_pin, d.rex_active_level)?;
+            let (fire_l, fire) = input(d.fire_pin, d.fire_active_level)?;
+            let core = DoorCore::new(d.params(), contact_l, rex_l, fire_l, now);
+            door_parts.push(DoorParts { cfg: d, relay, contact, rex, fire, core, _lines: lines });
+        }
+        let mut readers = Vec::new();
+        for r in &cfg.readers {
+            let (l0, _, d0) = claim_input(gpio.as_ref(), r.d0_pin).with_context(|| format!("reader {}: D0", r.name))?;
+            let (l1, _, d1) = claim_input(gpio.as_ref(), r.d1_pin).with_context(|| format!("reader {}: D1", r.name))?;
+            readers.push(ReaderParts { cfg: r.clone(), d0, d1, _lines: vec![l0, l1] });
+        }
+        Ok(App { cfg, store, stats, shutdown, doors: door_parts, readers, sim_task, _gpio: gpio })
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Start every stage.
+    pub fn spawn(self) -> Running {
+        let App { cfg, store, stats, shutdown, doors, readers, sim_task, _gpio } = self;
+        let mut tasks: Vec<(String, JoinHandle<()>)> = Vec::new();
+        let (ev_tx, ev_rx) = mpsc::channel::<NewEvent>(4096);
+        let (rd_tx, rd_rx) = mpsc::channel::<ReaderOutput>(256);
+        let wake = Arc::new(Notify::new());
+
+        let mut door_cmds = HashMap::new();
+        for d in doors {
+            let (tx, rx) = mpsc::channel(64);
+            door_cmds.insert(d.cfg.name.clone(), tx);
+            let name = format!("door:{}", d.cfg.name);
+            let ctx = StageCtx { stats: stats.clone(), shutdown: shutdown.clone(), name: name.clone() };
+            let (ev, gpio) = (ev_tx.clone(), _gpio.clone());
+            tasks.push((name, tokio::spawn(async move {
+                door_stage(ctx, d, rx, ev).await;
+                drop(gpio);
+            })));
+        }
+        for r in readers {
+            let name = format!("reader:{}", r.cfg.name);
+            let ctx = StageCtx { stats: stats.clone(), shutdown: shutdown.clone(), name: name.clone() };
+            let tx = rd_tx.clone();
+            tasks.push((name, tokio::spawn(reader_stage(ctx, r, tx))));
+        }
+        drop(rd_tx);
+        {
+            let ctx = StageCtx { stats: stats.clone(), shutdown: shutdown.clone(), name: "gate".into() };
+            let (store, cfg, ev) = (store.clone(), cfg.clone(), ev_tx.clone());
+            tasks.push(("gate".into(), tokio::spawn(gate_stage(ctx, cfg, store, rd_rx, door_cmds, ev))));
+        }
+        drop(ev_tx);
+        {
+            let ctx = StageCtx { stats: stats.clone(), shutdown: shutdown.clone(), name: "outbox".into() };
+            let (store, cfg, wake) = (store.clone(), cfg.clone(), wake.clone());
+            tasks.push(("outbox".into(), tokio::spawn(outbox_stage(ctx, cfg, store, ev_rx, wake))));
+        }
+        if cfg.mqtt.enabled {
+            let link = crate::mqtt::LinkCtx {
+                cfg: cfg.clone(),
+                store: store.clone(),
+                stats: stats.clone(),
+                wake,
+                shutdown: shutdown.clone(),
+            };
+            tasks.push(("mqtt".into(), tokio::spawn(crate::mqtt::run(link))));
+        }
+        {
+            let (cfg, store, stats, tok) = (cfg.clone(), store.clone(), stats.clone(), shutdown.clone());
+            tasks.push(("admin".into(), tokio::spawn(admin_stage(cfg, store, stats, tok))));
+        }
+        tasks.push(("watchdog".into(), tokio::spawn(watchdog_stage(stats.clone(), shutdown.clone()))));
+        let grace = Duration::from_millis(cfg.gate.shutdown_grace_ms);
+        tracing::info!(
+            site = %cfg.gate.site, gate = %cfg.gate.gate, doors = cfg.doors.len(), readers = cfg.readers.len(),
+            mqtt = cfg.mqtt.enabled, "menshen running"
+        );
+        Running { stats, store, shutdown, tasks, sim_task, grace }
+    }
+}
+
+impl Running {
+    /// Tell systemd we are ready (no-op outside systemd).
+    pub fn notify_ready(&self) {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    }
+
+    /// Cancel and wait for every stage, at most the grace period; relays end in their safe state.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        self.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let mut late = Vec::new();
+        for (name, mut task) in self.tasks {
+            match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(stage = %name, error = %e, "stage failed"),
+                Err(_) => {
+                    task.abort();
+                    late.push(name);
+                }
+            }
+        }
+        if let Some(t) = self.sim_task {
+            let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.sync()).await??;
+        if !late.is_empty() {
+            anyhow::bail!("stages did not stop within the grace period: {}", late.join(", "));
+        }
+        tracing::info!("menshen stopped");
+        Ok(())
+    }
+
+    /// A stage that ended on its own (a failure while not shutting down).
+    pub fn failed_stage(&self) -> Option<String> {
+        self.tasks.iter().find(|(_, t)| t.is_finished()).map(|(n, _)| n.clone())
+    }
+}
+
+/// What every stage gets.
+pub struct StageCtx {
+    pub stats: Arc<Stats>,
+    pub shutdown: CancellationToken,
+    pub name: String,
+}
+
+async fn recv_opt(rx: &mut Option<mpsc::UnboundedReceiver<Edge>>) -> Option<Edge> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_mono(t: Option<MonoTime>) {
+    match t {
+        Some(t) => tokio::time::sleep(t.until(MonoTime::now())).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Decode one reader's edges into frames.
+async fn reader_stage(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutput>) {
+    let formats = r.cfg.parsed_formats();
+    let mut dec = Decoder::new(&formats, r.cfg.timing(), r.cfg.early_complete);
+    let mut beat = tokio::time::interval(Duration::from_secs(1));
+    let emit = |outcome: Outcome, at: MonoTime| ReaderOutput {
+        reader: r.cfg.name.clone(),
+        door: r.cfg.door.clone(),
+        outcome,
+        at,
+    };
+    loop {
+        let result = tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => break,
+            Some(e) = r.d0.recv() => dec.on_edge(WEdge { line: Line::D0, high: e.high, at: e.at }).map(|o| emit(o, e.at)),
+            Some(e) = r.d1.recv() => dec.on_edge(WEdge { line: Line::D1, high: e.high, at: e.at }).map(|o| emit(o, e.at)),
+            _ = sleep_until_mono(dec.deadline()) => {
+                let now = MonoTime::now();
+                dec.on_deadline(now).map(|o| emit(o, now))
+            }
+            _ = beat.tick() => { ctx.stats.beat(&ctx.name); None }
+        };
+        if let Some(o) = result {
+            if out.send(o).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// The local time facts the policy needs.
+pub fn now_for(cfg: &Config, wall: i64) -> Now {
+    let local = wall + i64::from(cfg.utc_offset_secs()) * 1000;
+    let dt = chrono::DateTime::from_timestamp_millis(local).unwrap_or_default();
+    Now {
+        wall_ms: wall,
+        day: Day::from_monday0(dt.weekday().num_days_from_monday()),
+        minute: (dt.hour() * 60 + dt.minute()) as u16,
+    }
+}
+
+/// Decide every frame: look up, apply the policy, open the door, record the event.
+async fn gate_stage(
+    ctx: StageCtx,
+    cfg: Arc<Config>,
+    store: Arc<Store>,
+    mut rx: mpsc::Receiver<ReaderOutput>,
+    doors: HashMap<String, mpsc::Sender<DoorCmd>>,
+    events: mpsc::Sender<NewEvent>,
+) {
+    let mut beat = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let msg = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            m = rx.recv() => match m { Some(m) => m, None => break },
+            _ = beat.tick() => { ctx.stats.beat(&ctx.name); continue; }
+        };
+        let wall = wall_ms();
+        let ev = match msg.outcome {
+            Outcome::Card(read) => {
+                // Reads are MVCC snapshots: microseconds, never blocked by a commit.
+                let lookup = store.lookup_card(&read.card);
+                let (decision, resident) = match &lookup {
+                    Ok(Some((cred, res))) => {
+                        let a = Attempt { card: Some(CardPart::Known { credential: cred, resident: res }), face: None };
+                        (policy::decide(&a, &now_for(&cfg, wall)), Some(res.id.to_string()))
+                    }
+                    Ok(None) => (policy::decide(&Attempt { card: Some(CardPart::Unknown), face: None }, &now_for(&cfg, wall)), None),
+                    Err(error) => {
+                        // Fail secure: a store we cannot read grants nothing.
+                        tracing::error!(%error, "store lookup failed");
+                        ctx.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                        (Decision { granted: false, reason: Reason::SystemError }, None)
+                    }
+                };
+                if decision.granted {
+                    match doors.get(&msg.door).map(|d| d.try_send(DoorCmd::Grant)) {
+                        Some(Ok(())) => {}
+                        _ => tracing::error!(door = %msg.door, "door stage not accepting grants"),
+                    }
+                    ctx.stats.granted.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::info!(
+                    door = %msg.door, reader = %msg.reader, card = %read.card.masked(),
+                    resident = resident.as_deref().unwrap_or("-"),
+                    decision = if decision.granted { "granted" } else { "denied" },
+                    reason = decision.reason.code(), "access"
+                );
+                NewEvent::access_card(wall, decision, &msg.door, &msg.reader, resident.as_deref(), Some(read.card), read.bits, None)
+            }
+            Outcome::Rejected { why: Rejection::LineStuckLow, .. } => {
+                ctx.stats.reject(Rejection::LineStuckLow);
+                tracing::warn!(reader = %msg.reader, "Wiegand line stuck low (wiring or reader fault)");
+                NewEvent::alarm(wall, "reader_line_stuck", Some(&msg.reader), None)
+            }
+            Outcome::Rejected { why, bits } => {
+                ctx.stats.reject(why);
+                ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+                let reason = if why == Rejection::ParityError { Reason::ParityError } else { Reason::BadFrame };
+                tracing::info!(
+                    door = %msg.door, reader = %msg.reader, bits = bits.len, detail = why.code(),
+                    decision = "denied", reason = reason.code(), "access"
+                );
+                let d = Decision { granted: false, reason };
+                NewEvent::access_card(wall, d, &msg.door, &msg.reader, None, None, bits, Some(why))
+            }
+        };
+        if events.send(ev).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// One door: its relay, contact, exit button and fire input, driven by [`DoorCore`].
+async fn door_stage(ctx: StageCtx, mut d: DoorParts, mut cmds: mpsc::Receiver<DoorCmd>, events: mpsc::Sender<NewEvent>) {
+    let name = d.cfg.name.clone();
+    let (contact_lvl, rex_lvl, fire_lvl) = (d.cfg.contact_open_level, d.cfg.rex_active_level, d.cfg.fire_active_level);
+    let mut beat = tokio::time::interval(Duration::from_secs(1));
+    let start = d.core.start(MonoTime::now());
+    apply(&name, &mut d.relay, start, &events).await;
+    loop {
+        let actions = tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => break,
+            Some(cmd) = cmds.recv() => match cmd {
+                DoorCmd::Grant => d.core.grant(MonoTime::now()),
+            },
+            Some(e) = recv_opt(&mut d.contact) => d.core.input(Input::Contact(contact_lvl.is_active(e.high)), e.at),
+            Some(e) = recv_opt(&mut d.rex) => d.core.input(Input::Rex(rex_lvl.is_active(e.high)), e.at),
+            Some(e) = recv_opt(&mut d.fire) => d.core.input(Input::Fire(fire_lvl.is_active(e.high)), e.at),
+            _ = sleep_until_mono(d.core.deadline()) => d.core.tick(MonoTime::now()),
+            _ = beat.tick() => { ctx.stats.beat(&ctx.name); Vec::new() }
+        };
+        apply(&name, &mut d.relay, actions, &events).await;
+    }
+    let off = d.core.shutdown();
+    apply(&name, &mut d.relay, off, &events).await;
+    tracing::info!(door = %name, energized = d.relay.energized(), "door in its safe state");
+}
+
+async fn apply(door: &str, relay: &mut Relay, actions: Vec<Action>, events: &mpsc::Sender<NewEvent>) {
+    for a in actions {
+        match a {
+            Action::Relay { energized } => {
+                if let Err(error) = relay.set(energized) {
+                    tracing::error!(%door, %error, "relay command failed");
+                }
+            }
+            Action::Event(e) => {
+                let wall = wall_ms();
+                let ev = if e == DoorEvent::ExitRequest {
+                    tracing::info!(%door, decision = "granted", reason = "exit_request", "access");
+                    NewEvent::exit_request(wall, door)
+                } else {
+                    if e.is_alarm() {
+                        tracing::warn!(%door, alarm = e.code(), "alarm");
+                    } else {
+                        tracing::info!(%door, event = e.code(), "door");
+                    }
+                    NewEvent::door(wall, door, e)
+                };
+                // The outbox stage only closes after every producer is gone.
+                let _ = events.send(ev).await;
+            }
+        }
+    }
+}
+
+/// Store events durably (group commit), then wake the MQTT link.
+async fn outbox_stage(ctx: StageCtx, cfg: Arc<Config>, store: Arc<Store>, mut rx: mpsc::Receiver<NewEvent>, wake: Arc<Notify>) {
+    let mut alarmed = false;
+    // Runs until every producer has stopped (channel closed), so shutdown loses nothing.
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let backfill = !ctx.stats.mqtt_online.load(Ordering::Relaxed);
+        let n = batch.len() as u64;
+        let (site, gate) = (cfg.gate.site.clone(), cfg.gate.gate.clone());
+        let builders: Vec<_> = batch
+            .into_iter()
+            .map(|e| {
+                let (site, gate) = (site.clone(), gate.clone());
+                move |seq: u64| e.to_json(seq, &site, &gate, backfill)
+            })
+            .collect();
+        let st = store.clone();
+        match tokio::task::spawn_blocking(move || st.append_events(builders)).await {
+            Ok(Ok(_)) => {
+                ctx.stats.events_stored.fetch_add(n, Ordering::Relaxed);
+                wake.notify_one();
+            }
+            Ok(Err(error)) => {
+                ctx.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, lost = n, "could not store events");
+            }
+            Err(error) => tracing::error!(%error, "outbox task failed"),
+        }
+        ctx.stats.beat(&ctx.name);
+        let depth = store.outbox_depth().unwrap_or(0);
+        if depth >= cfg.gate.outbox_alarm_depth && !alarmed {
+            alarmed = true;
+            tracing::error!(depth, "outbox over its alarm depth: the broker has been unreachable for long");
+        } else if depth < cfg.gate.outbox_alarm_depth / 2 {
+            alarmed = false;
+        }
+    }
+}
+
+/// A local socket for `menshen status`: counters, outbox depth, liveness.
+async fn admin_stage(cfg: Arc<Config>, store: Arc<Store>, stats: Arc<Stats>, shutdown: CancellationToken) {
+    let path = cfg.admin_socket();
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(error) => {
+            tracing::warn!(%error, path = %path.display(), "admin socket unavailable");
+            return;
+        }
+    };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    let started = MonoTime::now();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+        };
+        let (store, stats) = (store.clone(), stats.clone());
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut lines = BufReader::new(rd).lines();
+            while let Ok(Some(_line)) = lines.next_line().await {
+                let st = store.clone();
+                let (depth, next) = tokio::task::spawn_blocking(move || (st.outbox_depth(), st.next_seq()))
+                    .await
+                    .unwrap_or((Ok(0), Ok(0)));
+                let reply = json!({
+                    "ok": true,
+                    "uptime_s": MonoTime::now().saturating_sub(started).as_secs(),
+                    "outbox_depth": depth.unwrap_or(0),
+                    "next_seq": next.unwrap_or(0),
+                    "stats": stats.snapshot(),
+                    "stale_stages": stats.stale_stages(5_000_000_000),
+                });
+                if wr.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Ping the systemd watchdog while every stage beats; a hung stage stops the pings and systemd
+/// restarts the daemon (D4).
+async fn watchdog_stage(stats: Arc<Stats>, shutdown: CancellationToken) {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let period = Duration::from_micros(usec / 2);
+    let max_age = (usec * 1_000).max(3_000_000_000);
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                let stale = stats.stale_stages(max_age);
+                if stale.is_empty() {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    tracing::error!(stages = ?stale, "stages stalled: withholding the watchdog ping");
+                }
+            }
+        }
+    }
+}
+
+/// Query a running daemon's admin socket.
+pub fn status(cfg: &Config) -> anyhow::Result<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    let path = cfg.admin_socket();
+    let mut s = std::os::unix::net::UnixStream::connect(&path)
+        .with_context(|| format!("connecting to {} (is the daemon running?)", path.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"{\"op\":\"status\"}\n")?;
+    let mut line = String::new();
+    std::io::BufReader::new(&s).read_line(&mut line)?;
+    Ok(serde_json::from_str(&line)?)
+}

@@ -1,0 +1,424 @@
+//! The command line: the daemon (`run`, `demo`), configuration checks, resident management on the
+//! store for installers, the simulator's controls, and `status`.
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::clock::wall_ms;
+use crate::config::{self, Config, LogFormat};
+use crate::hw::sim::{self, WorldOp};
+use crate::model::{AccessMode, Credential, CredentialKind, Resident, ResidentId, Validity};
+use crate::store::Store;
+use crate::wiegand::{CardId, Format};
+
+/// Default config path on an installed gate.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/menshen/menshen.toml";
+/// Where `menshen demo` keeps its files (relative to the working directory).
+pub const DEMO_DIR: &str = "menshen-demo";
+
+#[derive(Debug, Parser)]
+#[command(name = "menshen", version, about = "Menshen (门神): a gate access controller where face is optional, never required")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Run {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Run a demo: the daemon on simulated hardware in ./menshen-demo, with sample residents and a
+    /// scripted sequence of swipes; then it waits for your own `menshen sim ...` commands.
+    Demo {
+        /// Do not play the scripted swipes.
+        #[arg(long)]
+        no_script: bool,
+        /// Stop after the script instead of waiting for Ctrl-C.
+        #[arg(long)]
+        exit_after_script: bool,
+    },
+    /// Validate a config file: exit 0, or 3 (unreadable), 4 (syntax, unknown key, wrong type),
+    /// 5 (invalid value) with a message naming the key.
+    CheckConfig { file: PathBuf },
+    /// Print the default configuration.
+    PrintDefaultConfig,
+    /// Manage residents in the store (the daemon must be stopped; it holds the store).
+    #[command(subcommand)]
+    Resident(ResidentCmd),
+    /// Drive the simulated hardware (cards, door, exit button, fire input) and read its state.
+    #[command(subcommand)]
+    Sim(SimCmd),
+    /// Show a running daemon's counters and outbox depth.
+    Status {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ResidentCmd {
+    /// Add a resident with cards. A mode that admits face needs a card (Art. 10).
+    Add {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
+        #[arg(long, default_value = "card")]
+        mode: String,
+        /// A card as FORMAT:FACILITY:NUMBER, e.g. H10301:7:12345 (repeatable).
+        #[arg(long = "card")]
+        cards: Vec<String>,
+        /// Cards valid until (Unix ms or RFC 3339).
+        #[arg(long)]
+        card_valid_until: Option<String>,
+        /// Resident valid from / until (Unix ms or RFC 3339).
+        #[arg(long)]
+        valid_from: Option<String>,
+        #[arg(long)]
+        valid_until: Option<String>,
+    },
+    /// List residents with masked cards.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Change a resident's access mode.
+    SetMode {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
+        mode: String,
+    },
+    /// Add a card to a resident.
+    AddCard {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
+        card: String,
+    },
+    /// Remove a card (refused if its holder would be left with face only).
+    RemoveCard {
+        #[command(flatten)]
+        store: StoreArgs,
+        card: String,
+    },
+    /// Remove a resident and their cards.
+    Remove {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SimTarget {
+    /// The simulated chip's socket (default: from --config, else ./menshen-demo/sim.sock if it
+    /// exists, else /run/menshen/sim.sock).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SimCmd {
+    /// Serve the simulated GPIO chip (for `hardware.sim.embedded = false`).
+    Serve {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Present a card.
+    Swipe {
+        #[command(flatten)]
+        target: SimTarget,
+        #[arg(long, default_value = "front")]
+        reader: String,
+        #[arg(long)]
+        card: u64,
+        #[arg(long)]
+        facility: u64,
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// Send raw bits (e.g. a frame with a parity error), optionally with off-standard timing.
+    Raw {
+        #[command(flatten)]
+        target: SimTarget,
+        #[arg(long, default_value = "front")]
+        reader: String,
+        #[arg(long)]
+        bits: String,
+        #[arg(long)]
+        pulse_us: Option<u64>,
+        #[arg(long)]
+        interval_us: Option<u64>,
+    },
+    /// Open or close the door (the contact bounces).
+    Door {
+        #[command(flatten)]
+        target: SimTarget,
+        #[arg(long, default_value = "front")]
+        door: String,
+        #[arg(value_parser = ["open", "close"])]
+        action: String,
+    },
+    /// Press the request-to-exit button.
+    Rex {
+        #[command(flatten)]
+        target: SimTarget,
+        #[arg(long, default_value = "front")]
+        door: String,
+    },
+    /// Raise or clear the fire input.
+    Fire {
+        #[command(flatten)]
+        target: SimTarget,
+        #[arg(long, default_value = "front")]
+        door: String,
+        #[arg(value_parser = ["on", "off"])]
+        action: String,
+    },
+    /// Force an input line (a stuck or cut line).
+    Line {
+        #[command(flatten)]
+        target: SimTarget,
+        #[arg(long)]
+        pin: u8,
+        #[arg(value_parser = ["high", "low"])]
+        level: String,
+    },
+    /// Print every line and each relay with its recent transitions.
+    State {
+        #[command(flatten)]
+        target: SimTarget,
+    },
+}
+
+/// Parse FORMAT:FACILITY:NUMBER.
+pub fn parse_card(s: &str) -> anyhow::Result<CardId> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let [f, fac, num] = parts[..] else { bail!("card `{s}` must be FORMAT:FACILITY:NUMBER, e.g. H10301:7:12345") };
+    let format: Format = f.parse().map_err(anyhow::Error::msg)?;
+    let facility: u64 = fac.parse().with_context(|| format!("facility `{fac}`"))?;
+    let number: u64 = num.parse().with_context(|| format!("card number `{num}`"))?;
+    if format != Format::Raw {
+        // Reject numbers the format cannot carry: such a card could never be read.
+        crate::wiegand::encode(format, facility, number)?;
+    }
+    Ok(CardId { format, facility, number })
+}
+
+/// Parse Unix milliseconds or an RFC 3339 time.
+pub fn parse_time(s: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    Ok(chrono::DateTime::parse_from_rfc3339(s).with_context(|| format!("`{s}` is neither Unix ms nor RFC 3339"))?.timestamp_millis())
+}
+
+fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
+    let cfg = config::load(&args.config)?;
+    Ok(Store::open(&cfg.store_path())?)
+}
+
+pub fn resident_cmd(cmd: ResidentCmd) -> anyhow::Result<()> {
+    let now = wall_ms();
+    match cmd {
+        ResidentCmd::Add { store, id, mode, cards, card_valid_until, valid_from, valid_until } => {
+            let s = open_store(&store)?;
+            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
+            let mode: AccessMode = mode.parse().map_err(anyhow::Error::msg)?;
+            let validity = Validity {
+                valid_from_ms: valid_from.as_deref().map(parse_time).transpose()?,
+                valid_until_ms: valid_until.as_deref().map(parse_time).transpose()?,
+            };
+            let card_validity = Validity { valid_from_ms: None, valid_until_ms: card_valid_until.as_deref().map(parse_time).transpose()? };
+            let creds = cards
+                .iter()
+                .map(|c| {
+                    Ok(Credential { credential: CredentialKind::Card(parse_card(c)?), resident: id.clone(), validity: card_validity })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let r = Resident { id: id.clone(), mode, validity, schedule: None };
+            s.add_resident(&r, &creds, now)?;
+            println!("added resident {id} (mode {mode}, {} card(s))", creds.len());
+        }
+        ResidentCmd::List { store } => {
+            let s = open_store(&store)?;
+            let creds = s.credentials()?;
+            for r in s.residents()? {
+                let cards: Vec<String> = creds
+                    .iter()
+                    .filter(|c| c.resident == r.id)
+                    .map(|c| match c.credential {
+                        CredentialKind::Card(card) => card.masked(),
+                    })
+                    .collect();
+                println!("{}\t{}\t{}", r.id, r.mode, cards.join(","));
+            }
+        }
+        ResidentCmd::SetMode { store, id, mode } => {
+            let s = open_store(&store)?;
+            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
+            let mode: AccessMode = mode.parse().map_err(anyhow::Error::msg)?;
+            let before = s.set_mode(&id, mode, now)?;
+            println!("resident {id}: mode {before} -> {mode}");
+        }
+        ResidentCmd::AddCard { store, id, card } => {
+            let s = open_store(&store)?;
+            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
+            let c = Credential { credential: CredentialKind::Card(parse_card(&card)?), resident: id.clone(), validity: Validity::default() };
+            s.add_credential(&c, now)?;
+            println!("resident {id}: card added");
+        }
+        ResidentCmd::RemoveCard { store, card } => {
+            let s = open_store(&store)?;
+            let key = parse_card(&card)?.key();
+            let c = s.remove_credential(&key, now)?;
+            println!("card removed from resident {}", c.resident);
+        }
+        ResidentCmd::Remove { store, id } => {
+            let s = open_store(&store)?;
+            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
+            let n = s.remove_resident(&id, now)?;
+            println!("resident {id} removed with {n} card(s)");
+        }
+    }
+    Ok(())
+}
+
+fn sim_socket(t: &SimTarget) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &t.socket {
+        return Ok(s.clone());
+    }
+    if let Some(c) = &t.config {
+        return Ok(config::load(c)?.hardware.sim.socket);
+    }
+    let demo = Path::new(DEMO_DIR).join("sim.sock");
+    if demo.exists() {
+        return Ok(demo);
+    }
+    Ok(config::parse(config::DEFAULT_CONFIG)?.hardware.sim.socket)
+}
+
+pub fn sim_request(t: &SimTarget, op: WorldOp) -> anyhow::Result<serde_json::Value> {
+    let socket = sim_socket(t)?;
+    sim::request(&socket, &op).map_err(anyhow::Error::msg)
+}
+
+pub fn sim_cmd(cmd: SimCmd) -> anyhow::Result<serde_json::Value> {
+    let (t, op) = match cmd {
+        SimCmd::Serve { .. } => unreachable!("handled by the runtime"),
+        SimCmd::Swipe { target, reader, card, facility, format } => (target, WorldOp::Swipe { reader, facility, card, format }),
+        SimCmd::Raw { target, reader, bits, pulse_us, interval_us } => (target, WorldOp::Raw { reader, bits, pulse_us, interval_us }),
+        SimCmd::Door { target, door, action } => (target, WorldOp::Door { door, open: action == "open" }),
+        SimCmd::Rex { target, door } => (target, WorldOp::Rex { door, hold_ms: None }),
+        SimCmd::Fire { target, door, action } => (target, WorldOp::Fire { door, active: action == "on" }),
+        SimCmd::Line { target, pin, level } => (target, WorldOp::Line { pin, high: level == "high" }),
+        SimCmd::State { target } => (target, WorldOp::State),
+    };
+    sim_request(&t, op)
+}
+
+/// Set up logging: human text or JSON lines, level from config (RUST_LOG overrides).
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Run the daemon until SIGTERM/SIGINT, or until a stage fails.
+pub async fn run_daemon(cfg: Arc<Config>, ready: Option<tokio::sync::oneshot::Sender<()>>) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let app = App::build(cfg, shutdown.clone()).await?;
+    let running = app.spawn();
+    running.notify_ready();
+    if let Some(r) = ready {
+        let _ = r.send(());
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    let failed = loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break None; }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); break None; }
+            _ = check.tick() => if let Some(stage) = running.failed_stage() { break Some(stage); }
+        }
+    };
+    running.shutdown().await?;
+    if let Some(stage) = failed {
+        bail!("stage `{stage}` stopped unexpectedly");
+    }
+    Ok(())
+}
+
+/// The demo's config: simulated chip embedded, state and socket under ./menshen-demo.
+pub fn demo_config(dir: &Path) -> anyhow::Result<String> {
+    let mut t: toml::Table = toml::from_str(config::DEFAULT_CONFIG)?;
+    let abs = std::env::current_dir()?.join(dir);
+    t["gate"].as_table_mut().context("gate")?.insert("state_dir".into(), abs.join("state").display().to_string().into());
+    let hw = t["hardware"].as_table_mut().context("hardware")?;
+    hw.insert("backend".into(), "sim".into());
+    hw["sim"].as_table_mut().context("sim")?.insert("socket".into(), abs.join("sim.sock").display().to_string().into());
+    Ok(toml::to_string(&t)?)
+}
+
+/// Seed the demo residents (once).
+pub fn seed_demo(cfg: &Config) -> anyhow::Result<()> {
+    let s = Store::open(&cfg.store_path())?;
+    let now = wall_ms();
+    let card = |f, n| CardId { format: Format::H10301, facility: f, number: n };
+    let add = |id: &str, mode, cards: Vec<(CardId, Validity)>| -> anyhow::Result<()> {
+        let rid = ResidentId::new(id).map_err(anyhow::Error::msg)?;
+        if s.resident(&rid)?.is_some() {
+            return Ok(());
+        }
+        let creds: Vec<_> = cards
+            .into_iter()
+            .map(|(c, v)| Credential { credential: CredentialKind::Card(c), resident: rid.clone(), validity: v })
+            .collect();
+        s.add_resident(&Resident { id: rid, mode, validity: Validity::default(), schedule: None }, &creds, now)?;
+        Ok(())
+    };
+    add("r-1001", AccessMode::Card, vec![(card(7, 12345), Validity::default())])?;
+    add("r-1002", AccessMode::FaceAndCard, vec![(card(7, 22222), Validity::default())])?;
+    add("r-1003", AccessMode::Card, vec![(card(7, 33333), Validity { valid_from_ms: None, valid_until_ms: Some(now - 86_400_000) })])?;
+    Ok(())
+}
+
+/// The demo script: what each step shows.
+pub fn demo_script() -> Vec<(&'static str, WorldOp)> {
+    let swipe = |fac, card| WorldOp::Swipe { reader: "front".into(), facility: fac, card, format: None };
+    let mut parity = crate::wiegand::encode(Format::H10301, 7, 12345).map(|b| b.to_string()).unwrap_or_default();
+    // Flip the last bit: a parity error.
+    if let Some(last) = parity.pop() {
+        parity.push(if last == '1' { '0' } else { '1' });
+    }
+    vec![
+        ("resident r-1001 (mode card) swipes card 7:12345 -> granted, relay pulses", swipe(7, 12345)),
+        ("an unknown card 7:55555 -> denied unknown_card", swipe(7, 55555)),
+        ("a frame with a parity error -> denied parity_error", WorldOp::Raw { reader: "front".into(), bits: parity, pulse_us: None, interval_us: None }),
+        ("resident r-1003's expired card -> denied credential_expired", swipe(7, 33333)),
+        ("resident r-1002 (face_and_card) shows only the card -> denied mode_requires_face", swipe(7, 22222)),
+        ("the exit button -> granted exit_request", WorldOp::Rex { door: "front".into(), hold_ms: None }),
+        ("the door opened without a grant -> alarm door_forced", WorldOp::Door { door: "front".into(), open: true }),
+        ("the door closes", WorldOp::Door { door: "front".into(), open: false }),
+    ]
+}

@@ -1,0 +1,263 @@
+//! Gate events: what the BMS is told, as JSON envelopes with a ULID, a per-gate sequence number
+//! and a millisecond timestamp (REQUIREMENTS M2).
+//!
+//! Events are built here, stored durably by the outbox stage (which assigns `seq`), and published
+//! by the MQTT link to `menshen/v1/{site}/{gate}/event/{type}`. No image, no embedding and no
+//! score beyond a coarse bucket ever goes into an event (P5).
+
+use serde::{Deserialize, Serialize};
+
+use crate::door::DoorEvent;
+use crate::policy::{Decision, Reason};
+use crate::wiegand::{Bits, CardId, Rejection};
+
+/// The event topics under `event/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    Access,
+    Door,
+    Alarm,
+    System,
+}
+
+impl EventType {
+    pub fn name(self) -> &'static str {
+        match self {
+            EventType::Access => "access",
+            EventType::Door => "door",
+            EventType::Alarm => "alarm",
+            EventType::System => "system",
+        }
+    }
+}
+
+/// How an attempt was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    Card,
+    Face,
+    FaceAndCard,
+    Rex,
+    Remote,
+}
+
+/// The card part of an access event: identity and the raw frame (REQUIREMENTS A2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardInfo {
+    pub format: String,
+    pub facility: u64,
+    pub number: u64,
+}
+
+impl From<CardId> for CardInfo {
+    fn from(c: CardId) -> Self {
+        CardInfo { format: c.format.to_string(), facility: c.facility, number: c.number }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameInfo {
+    pub bits: String,
+    pub len: u8,
+}
+
+impl From<Bits> for FrameInfo {
+    fn from(b: Bits) -> Self {
+        FrameInfo { bits: b.to_string(), len: b.len }
+    }
+}
+
+/// The body of an event (everything but the envelope fields).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Body {
+    Access {
+        decision: String,
+        reason: String,
+        method: Method,
+        door: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reader: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resident: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        card: Option<CardInfo>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        frame: Option<FrameInfo>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+    Door {
+        door: String,
+        event: String,
+    },
+    Alarm {
+        alarm: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        door: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reader: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+    System {
+        event: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+}
+
+/// An event not yet stored (it has no id or sequence number yet).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub kind: EventType,
+    pub ts_ms: i64,
+    pub body: Body,
+}
+
+/// The envelope as stored and published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: String,
+    pub seq: u64,
+    pub ts_ms: i64,
+    pub site: String,
+    pub gate: String,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// Made while the broker was unreachable: it reaches the BMS late.
+    pub backfill: bool,
+    #[serde(flatten)]
+    pub body: Body,
+}
+
+impl NewEvent {
+    /// The stored JSON for this event with its sequence number.
+    pub fn to_json(&self, seq: u64, site: &str, gate: &str, backfill: bool) -> Vec<u8> {
+        let env = Envelope {
+            id: ulid::Ulid::new().to_string(),
+            seq,
+            ts_ms: self.ts_ms,
+            site: site.to_string(),
+            gate: gate.to_string(),
+            kind: self.kind,
+            backfill,
+            body: self.body.clone(),
+        };
+        // A struct of strings and numbers always serialises.
+        serde_json::to_vec(&env).unwrap_or_default()
+    }
+
+    pub fn access_card(
+        ts_ms: i64,
+        decision: Decision,
+        door: &str,
+        reader: &str,
+        resident: Option<&str>,
+        card: Option<CardId>,
+        bits: Bits,
+        detail: Option<Rejection>,
+    ) -> NewEvent {
+        NewEvent {
+            kind: EventType::Access,
+            ts_ms,
+            body: Body::Access {
+                decision: if decision.granted { "granted" } else { "denied" }.into(),
+                reason: decision.reason.code().into(),
+                method: Method::Card,
+                door: door.into(),
+                reader: Some(reader.into()),
+                resident: resident.map(str::to_string),
+                card: card.map(CardInfo::from),
+                frame: Some(bits.into()),
+                detail: detail.map(|d| d.code().to_string()),
+            },
+        }
+    }
+
+    pub fn exit_request(ts_ms: i64, door: &str) -> NewEvent {
+        NewEvent {
+            kind: EventType::Access,
+            ts_ms,
+            body: Body::Access {
+                decision: "granted".into(),
+                reason: Reason::ExitRequest.code().into(),
+                method: Method::Rex,
+                door: door.into(),
+                reader: None,
+                resident: None,
+                card: None,
+                frame: None,
+                detail: None,
+            },
+        }
+    }
+
+    pub fn door(ts_ms: i64, door: &str, e: DoorEvent) -> NewEvent {
+        if e.is_alarm() {
+            NewEvent {
+                kind: EventType::Alarm,
+                ts_ms,
+                body: Body::Alarm { alarm: e.code().into(), door: Some(door.into()), reader: None, detail: None },
+            }
+        } else {
+            NewEvent { kind: EventType::Door, ts_ms, body: Body::Door { door: door.into(), event: e.code().into() } }
+        }
+    }
+
+    pub fn alarm(ts_ms: i64, alarm: &str, reader: Option<&str>, detail: Option<String>) -> NewEvent {
+        NewEvent {
+            kind: EventType::Alarm,
+            ts_ms,
+            body: Body::Alarm { alarm: alarm.into(), door: None, reader: reader.map(str::to_string), detail },
+        }
+    }
+
+    pub fn system(ts_ms: i64, event: &str, detail: Option<String>) -> NewEvent {
+        NewEvent { kind: EventType::System, ts_ms, body: Body::System { event: event.into(), detail } }
+    }
+}
+
+/// Just enough of a stored envelope to route it.
+#[derive(Debug, Deserialize)]
+pub struct Head {
+    #[serde(rename = "type")]
+    pub kind: EventType,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wiegand::{encode, Format};
+
+    #[test]
+    fn access_event_json_has_the_envelope_fields() {
+        let bits = encode(Format::H10301, 7, 12345).unwrap();
+        let card = CardId { format: Format::H10301, facility: 7, number: 12345 };
+        let d = Decision { granted: true, reason: Reason::Granted };
+        let e = NewEvent::access_card(1_700_000_000_123, d, "front", "front", Some("r1"), Some(card), bits, None);
+        let json = e.to_json(42, "s", "g", false);
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(v["seq"], 42);
+        assert_eq!(v["type"], "access");
+        assert_eq!(v["decision"], "granted");
+        assert_eq!(v["reason"], "granted");
+        assert_eq!(v["method"], "card");
+        assert_eq!(v["card"]["number"], 12345);
+        assert_eq!(v["frame"]["len"], 26);
+        assert_eq!(v["ts_ms"], 1_700_000_000_123i64);
+        assert_eq!(v["id"].as_str().unwrap().len(), 26, "a ULID");
+        let back: Envelope = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back.seq, 42);
+        let head: Head = serde_json::from_slice(&json).unwrap();
+        assert_eq!(head.kind, EventType::Access);
+    }
+
+    #[test]
+    fn door_alarms_go_to_the_alarm_topic() {
+        assert_eq!(NewEvent::door(0, "d", DoorEvent::Forced).kind, EventType::Alarm);
+        assert_eq!(NewEvent::door(0, "d", DoorEvent::Opened).kind, EventType::Door);
+    }
+}

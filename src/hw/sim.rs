@@ -1,0 +1,632 @@
+//! The simulated GPIO chip: a faithful stand-in for the board's gpiochip, served on a Unix
+//! socket so that it can outlive the daemon exactly as real lines do (a SIGKILLed daemon leaves
+//! its relay line where it was; the next start must put it in the safe state).
+//!
+//! Two kinds of client speak JSON lines to it:
+//! - the daemon ([`SimGpio`]) claims lines, sets outputs and receives input edges stamped on
+//!   CLOCK_MONOTONIC at the instant the simulated line changed;
+//! - the outside world (`menshen sim ...`, tests, the demo script) swipes cards, sends raw
+//!   Wiegand bits, opens doors, presses the exit button, raises the fire input, forces a line,
+//!   and reads the state of every line with the history of each output.
+//!
+//! The Wiegand transmitter uses real timing: ~50 µs low pulses, ~2 ms between bits with random
+//! jitter, run on a dedicated thread that sleeps and then spins to each edge. Door contacts and
+//! buttons bounce (several flips 0.2–1.5 ms apart) before they settle.
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::{Edge, Gpio, HwError, InputLine, OutputLine};
+use crate::clock::MonoTime;
+use crate::config::Config;
+use crate::wiegand::{self, Bits, Format};
+
+/// Output transitions kept per line for `state`.
+const HISTORY: usize = 64;
+
+/// One recorded output change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    /// When the daemon issued the command (its CLOCK_MONOTONIC).
+    pub cmd_ns: u64,
+    /// When the chip applied it.
+    pub at_ns: u64,
+    pub high: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Line {
+    level: bool,
+    output: bool,
+    owner: Option<u64>,
+    history: VecDeque<Transition>,
+    /// Counts every output command, including ones that did not change the level.
+    writes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Chip {
+    lines: HashMap<u8, Line>,
+    conns: HashMap<u64, mpsc::UnboundedSender<String>>,
+    next_conn: u64,
+}
+
+fn lock(chip: &Mutex<Chip>) -> MutexGuard<'_, Chip> {
+    // A panic while holding the lock would be a bug in this module; keep serving regardless.
+    chip.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Chip {
+    fn line(&mut self, pin: u8) -> &mut Line {
+        self.lines.entry(pin).or_insert_with(|| Line { level: true, ..Line::default() })
+    }
+
+    /// The world drives an input line. Returns the edge time if the level changed.
+    fn drive(&mut self, pin: u8, high: bool) -> Option<MonoTime> {
+        let line = self.line(pin);
+        if line.output || line.level == high {
+            return None;
+        }
+        line.level = high;
+        let at = MonoTime::now();
+        if let Some(owner) = line.owner {
+            let msg = json!({"edge": {"pin": pin, "high": high, "t_ns": at.as_nanos()}}).to_string();
+            if let Some(tx) = self.conns.get(&owner) {
+                // A closed connection is cleaned up by its handler.
+                let _ = tx.send(msg);
+            }
+        }
+        Some(at)
+    }
+}
+
+/// The pins of the configured hardware, for name-based world commands.
+#[derive(Debug, Clone)]
+struct Wiring {
+    readers: HashMap<String, (u8, u8, Vec<Format>)>,
+    doors: HashMap<String, DoorWiring>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct DoorWiring {
+    relay: u8,
+    relay_active_high: bool,
+    contact: Option<(u8, bool)>,
+    rex: Option<(u8, bool)>,
+    fire: Option<(u8, bool)>,
+}
+
+impl Wiring {
+    fn from_config(cfg: &Config) -> Wiring {
+        let readers = cfg
+            .readers
+            .iter()
+            .map(|r| (r.name.clone(), (r.d0_pin, r.d1_pin, r.parsed_formats())))
+            .collect();
+        let active_high = |l: crate::config::ActiveLevel| l == crate::config::ActiveLevel::High;
+        let doors = cfg
+            .doors
+            .iter()
+            .map(|d| {
+                (
+                    d.name.clone(),
+                    DoorWiring {
+                        relay: d.relay_pin,
+                        relay_active_high: d.relay_active_high,
+                        contact: d.contact_pin.map(|p| (p, active_high(d.contact_open_level))),
+                        rex: d.rex_pin.map(|p| (p, active_high(d.rex_active_level))),
+                        fire: d.fire_pin.map(|p| (p, active_high(d.fire_active_level))),
+                    },
+                )
+            })
+            .collect();
+        Wiring { readers, doors }
+    }
+}
+
+/// A world request, as sent by `menshen sim ...`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WorldOp {
+    /// Present a card to a reader (encoded in the reader's first fixed format unless given).
+    Swipe {
+        reader: String,
+        facility: u64,
+        card: u64,
+        #[serde(default)]
+        format: Option<String>,
+    },
+    /// Send raw bits, optionally with off-standard timing.
+    Raw {
+        reader: String,
+        bits: String,
+        #[serde(default)]
+        pulse_us: Option<u64>,
+        #[serde(default)]
+        interval_us: Option<u64>,
+    },
+    /// Open or close a door (the contact bounces).
+    Door { door: String, open: bool },
+    /// Press and release the exit button.
+    Rex {
+        door: String,
+        #[serde(default)]
+        hold_ms: Option<u64>,
+    },
+    /// Raise or clear the fire input.
+    Fire { door: String, active: bool },
+    /// Force an input line to a level (a stuck line, a cut wire).
+    Line { pin: u8, high: bool },
+    /// Every line, and each door's relay with its history.
+    State,
+}
+
+/// Serve the simulated chip on `socket` until `shutdown`.
+pub async fn serve(cfg: &Config, socket: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let wiring = Arc::new(Wiring::from_config(cfg));
+    let chip = Arc::new(Mutex::new(Chip::default()));
+    {
+        // Idle levels: Wiegand lines high, doors closed, buttons released, fire inactive.
+        let mut c = lock(&chip);
+        for (d0, d1, _) in wiring.readers.values() {
+            c.line(*d0).level = true;
+            c.line(*d1).level = true;
+        }
+        for d in wiring.doors.values() {
+            for (pin, active_high) in [d.contact, d.rex, d.fire].into_iter().flatten() {
+                c.line(pin).level = !active_high;
+            }
+            // An unclaimed relay line reads as not energized.
+            c.line(d.relay).level = !d.relay_active_high;
+        }
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket)?;
+    tracing::info!(socket = %socket.display(), "simulated GPIO chip serving");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            acc = listener.accept() => {
+                let (stream, _) = match acc {
+                    Ok(s) => s,
+                    Err(error) => { tracing::warn!(%error, "sim accept failed"); continue; }
+                };
+                let (chip, wiring) = (chip.clone(), wiring.clone());
+                tokio::spawn(async move { handle_conn(stream, chip, wiring).await });
+            }
+        }
+    }
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
+async fn handle_conn(stream: tokio::net::UnixStream, chip: Arc<Mutex<Chip>>, wiring: Arc<Wiring>) {
+    let (rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let id = {
+        let mut c = lock(&chip);
+        c.next_conn += 1;
+        let id = c.next_conn;
+        c.conns.insert(id, tx.clone());
+        id
+    };
+    let writer = tokio::spawn(async move {
+        while let Some(mut line) = rx.recv().await {
+            line.push('\n');
+            if wr.write_all(line.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = TokioBufReader::new(rd).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let reply = handle_request(&line, id, &chip, &wiring).await;
+        if let Some(r) = reply {
+            if tx.send(r.to_string()).is_err() {
+                break;
+            }
+        }
+    }
+    // The claimant is gone: release its lines; outputs keep their level, as on a real chip.
+    {
+        let mut c = lock(&chip);
+        c.conns.remove(&id);
+        for l in c.lines.values_mut() {
+            if l.owner == Some(id) {
+                l.owner = None;
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+fn err(msg: impl std::fmt::Display) -> Value {
+    json!({"ok": false, "error": msg.to_string()})
+}
+
+async fn handle_request(line: &str, conn: u64, chip: &Arc<Mutex<Chip>>, wiring: &Arc<Wiring>) -> Option<Value> {
+    let v: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return Some(err(format!("bad request: {e}"))),
+    };
+    // Chip operations from the daemon.
+    match v.get("op").and_then(Value::as_str) {
+        Some("claim_input") | Some("claim_output") | Some("set") => return Some(chip_op(&v, conn, chip)),
+        _ => {}
+    }
+    let op: WorldOp = match serde_json::from_value(v) {
+        Ok(op) => op,
+        Err(e) => return Some(err(format!("bad request: {e}"))),
+    };
+    Some(world_op(op, chip, wiring).await.unwrap_or_else(err))
+}
+
+fn chip_op(v: &Value, conn: u64, chip: &Arc<Mutex<Chip>>) -> Value {
+    let Some(pin) = v.get("pin").and_then(Value::as_u64).and_then(|p| u8::try_from(p).ok()) else {
+        return err("missing pin");
+    };
+    let high = v.get("high").and_then(Value::as_bool);
+    let mut c = lock(chip);
+    let line = c.line(pin);
+    match v["op"].as_str() {
+        Some("claim_input") => {
+            if line.owner.is_some() {
+                return err(format!("GPIO {pin} is claimed by another process"));
+            }
+            line.owner = Some(conn);
+            line.output = false;
+            json!({"ok": true, "high": line.level})
+        }
+        Some("claim_output") => {
+            if line.owner.is_some() {
+                return err(format!("GPIO {pin} is claimed by another process"));
+            }
+            let high = high.unwrap_or(false);
+            line.owner = Some(conn);
+            line.output = true;
+            let now = MonoTime::now().as_nanos();
+            line.writes += 1;
+            if line.level != high || line.history.is_empty() {
+                line.level = high;
+                line.history.push_back(Transition { cmd_ns: now, at_ns: now, high });
+            }
+            json!({"ok": true})
+        }
+        _ => {
+            if line.owner != Some(conn) || !line.output {
+                return err(format!("GPIO {pin} is not an output claimed by this process"));
+            }
+            let Some(high) = high else { return err("missing high") };
+            let now = MonoTime::now().as_nanos();
+            let cmd_ns = v.get("t_ns").and_then(Value::as_u64).unwrap_or(now);
+            line.writes += 1;
+            if line.level != high {
+                line.level = high;
+                if line.history.len() >= HISTORY {
+                    line.history.pop_front();
+                }
+                line.history.push_back(Transition { cmd_ns, at_ns: now, high });
+            }
+            json!({"ok": true})
+        }
+    }
+}
+
+/// Run `steps` (pin, level, delay before this step) on a timing thread; returns the time of the
+/// last edge.
+async fn play(chip: &Arc<Mutex<Chip>>, steps: Vec<(u8, bool, Duration)>) -> Result<MonoTime, String> {
+    let chip = chip.clone();
+    let (tx, rx) = oneshot::channel();
+    std::thread::spawn(move || {
+        let mut at = MonoTime::now();
+        let mut last = at;
+        for (pin, high, delay) in steps {
+            at = at + delay;
+            wait_until(at);
+            if let Some(t) = lock(&chip).drive(pin, high) {
+                last = t;
+            }
+        }
+        let _ = tx.send(last);
+    });
+    rx.await.map_err(|_| "timing thread failed".to_string())
+}
+
+/// Sleep most of the way, then spin: std sleep alone overshoots by ~60 µs, more than a pulse.
+fn wait_until(t: MonoTime) {
+    loop {
+        let now = MonoTime::now();
+        if now >= t {
+            return;
+        }
+        let left = t.saturating_sub(now);
+        if left > Duration::from_micros(300) {
+            std::thread::sleep(left - Duration::from_micros(200));
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+fn wiegand_steps(d0: u8, d1: u8, bits: Bits, pulse: Duration, interval: Duration) -> Vec<(u8, bool, Duration)> {
+    let mut rng = rand::thread_rng();
+    let edges = wiegand::edges_for(bits, MonoTime::from_nanos(0), pulse, interval, |_| {
+        // ±10 % jitter around the nominal interval, as real readers show.
+        let j = interval.as_micros() as i64 / 10;
+        Duration::from_micros(rng.gen_range(0..=(2 * j).max(0)) as u64).saturating_sub(Duration::from_micros(j as u64))
+    });
+    let mut prev = MonoTime::from_nanos(0);
+    edges
+        .into_iter()
+        .map(|e| {
+            let pin = if e.line == wiegand::Line::D1 { d1 } else { d0 };
+            let delay = e.at.saturating_sub(prev);
+            prev = e.at;
+            (pin, e.high, delay)
+        })
+        .collect()
+}
+
+/// Contact bounce: a few flips 0.2–1.5 ms apart, ending at `final_high`.
+fn bounce_steps(pin: u8, final_high: bool) -> Vec<(u8, bool, Duration)> {
+    let mut rng = rand::thread_rng();
+    let flips = rng.gen_range(2..=4) * 2 + 1;
+    (0..flips)
+        .map(|i| {
+            let level = if i % 2 == 0 { final_high } else { !final_high };
+            let delay = if i == 0 { Duration::ZERO } else { Duration::from_micros(rng.gen_range(200..1500)) };
+            (pin, level, delay)
+        })
+        .collect()
+}
+
+async fn world_op(op: WorldOp, chip: &Arc<Mutex<Chip>>, wiring: &Arc<Wiring>) -> Result<Value, String> {
+    let door = |name: &str| wiring.doors.get(name).cloned().ok_or_else(|| format!("no door `{name}`"));
+    let reader = |name: &str| wiring.readers.get(name).cloned().ok_or_else(|| format!("no reader `{name}`"));
+    match op {
+        WorldOp::Swipe { reader: r, facility, card, format } => {
+            let (d0, d1, formats) = reader(&r)?;
+            let format = match format {
+                Some(f) => f.parse::<Format>()?,
+                None => formats
+                    .iter()
+                    .copied()
+                    .find(|f| f.bits().is_some())
+                    .ok_or("this reader has only the raw format; use `sim raw`")?,
+            };
+            let bits = wiegand::encode(format, facility, card).map_err(|e| e.to_string())?;
+            let steps = wiegand_steps(d0, d1, bits, Duration::from_micros(50), Duration::from_millis(2));
+            let last = play(chip, steps).await?;
+            Ok(json!({"ok": true, "bits": bits.to_string(), "len": bits.len, "last_edge_ns": last.as_nanos()}))
+        }
+        WorldOp::Raw { reader: r, bits, pulse_us, interval_us } => {
+            let (d0, d1, _) = reader(&r)?;
+            let bits = Bits::parse(&bits)?;
+            let pulse = Duration::from_micros(pulse_us.unwrap_or(50));
+            let interval = Duration::from_micros(interval_us.unwrap_or(2_000));
+            if pulse >= interval || interval > Duration::from_secs(1) {
+                return Err("pulse_us must be below interval_us, and interval_us at most 1 s".into());
+            }
+            let last = play(chip, wiegand_steps(d0, d1, bits, pulse, interval)).await?;
+            Ok(json!({"ok": true, "bits": bits.to_string(), "len": bits.len, "last_edge_ns": last.as_nanos()}))
+        }
+        WorldOp::Door { door: d, open } => {
+            let (pin, open_high) = door(&d)?.contact.ok_or("this door has no contact")?;
+            play(chip, bounce_steps(pin, open == open_high)).await?;
+            Ok(json!({"ok": true}))
+        }
+        WorldOp::Rex { door: d, hold_ms } => {
+            let (pin, active_high) = door(&d)?.rex.ok_or("this door has no exit button")?;
+            let mut steps = bounce_steps(pin, active_high);
+            let mut release = bounce_steps(pin, !active_high);
+            release[0].2 = Duration::from_millis(hold_ms.unwrap_or(300).min(10_000));
+            steps.extend(release);
+            play(chip, steps).await?;
+            Ok(json!({"ok": true}))
+        }
+        WorldOp::Fire { door: d, active } => {
+            let (pin, active_high) = door(&d)?.fire.ok_or("this door has no fire input")?;
+            play(chip, bounce_steps(pin, active == active_high)).await?;
+            Ok(json!({"ok": true}))
+        }
+        WorldOp::Line { pin, high } => {
+            let changed = lock(chip).drive(pin, high).is_some();
+            Ok(json!({"ok": true, "changed": changed}))
+        }
+        WorldOp::State => {
+            let c = lock(chip);
+            let mut lines = serde_json::Map::new();
+            let mut pins: Vec<_> = c.lines.keys().copied().collect();
+            pins.sort_unstable();
+            for p in pins {
+                let l = &c.lines[&p];
+                lines.insert(
+                    p.to_string(),
+                    json!({"high": l.level, "output": l.output, "claimed": l.owner.is_some()}),
+                );
+            }
+            let mut doors = serde_json::Map::new();
+            for (name, d) in wiring.doors.iter() {
+                let l = c.lines.get(&d.relay).cloned().unwrap_or_default();
+                doors.insert(
+                    name.clone(),
+                    json!({
+                        "relay_pin": d.relay,
+                        "relay_energized": l.level == d.relay_active_high,
+                        "relay_claimed": l.owner.is_some(),
+                        "relay_writes": l.writes,
+                        "transitions": l.history.iter().map(|t| json!({
+                            "cmd_ns": t.cmd_ns, "at_ns": t.at_ns, "energized": t.high == d.relay_active_high
+                        })).collect::<Vec<_>>(),
+                    }),
+                );
+            }
+            Ok(json!({"ok": true, "now_ns": MonoTime::now().as_nanos(), "lines": lines, "doors": doors}))
+        }
+    }
+}
+
+/// Send one world request and wait for its reply (used by `menshen sim ...` and tests).
+pub fn request(socket: &Path, op: &WorldOp) -> Result<Value, String> {
+    let mut s = StdUnixStream::connect(socket)
+        .map_err(|e| format!("cannot reach the simulated chip at {}: {e} (is the daemon or `menshen sim serve` running?)", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_string(op).map_err(|e| e.to_string())?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_str(&reply).map_err(|e| format!("bad reply: {e}"))?;
+    if v["ok"] == json!(true) {
+        Ok(v)
+    } else {
+        Err(v["error"].as_str().unwrap_or("unknown error").to_string())
+    }
+}
+
+// ---- the daemon's side -----------------------------------------------------------------------
+
+type Waiters = Arc<Mutex<VecDeque<std::sync::mpsc::Sender<Value>>>>;
+
+/// The daemon's handle on the simulated chip.
+pub struct SimGpio {
+    writer: Mutex<StdUnixStream>,
+    waiters: Waiters,
+    edge_txs: Arc<Mutex<HashMap<u8, mpsc::UnboundedSender<Edge>>>>,
+    socket: PathBuf,
+}
+
+impl SimGpio {
+    /// Connect, retrying for up to `wait` (the chip may be starting).
+    pub fn connect(socket: &Path, wait: Duration) -> Result<SimGpio, HwError> {
+        let deadline = MonoTime::now() + wait;
+        let stream = loop {
+            match StdUnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e) if MonoTime::now() >= deadline => {
+                    return Err(HwError::Chip(format!("simulated chip at {}: {e}", socket.display())))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let reader = stream.try_clone().map_err(|e| HwError::Chip(e.to_string()))?;
+        let waiters: Waiters = Arc::default();
+        let edge_txs: Arc<Mutex<HashMap<u8, mpsc::UnboundedSender<Edge>>>> = Arc::default();
+        let (w, e) = (waiters.clone(), edge_txs.clone());
+        std::thread::Builder::new()
+            .name("sim-gpio-rx".into())
+            .spawn(move || {
+                for line in BufReader::new(reader).lines() {
+                    let Ok(line) = line else { break };
+                    let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+                    if let Some(edge) = v.get("edge") {
+                        let pin = edge["pin"].as_u64().and_then(|p| u8::try_from(p).ok());
+                        let high = edge["high"].as_bool();
+                        let t = edge["t_ns"].as_u64();
+                        if let (Some(pin), Some(high), Some(t)) = (pin, high, t) {
+                            if let Some(tx) = e.lock().unwrap_or_else(|p| p.into_inner()).get(&pin) {
+                                let _ = tx.send(Edge { high, at: MonoTime::from_nanos(t) });
+                            }
+                        }
+                    } else if let Some(waiter) = w.lock().unwrap_or_else(|p| p.into_inner()).pop_front() {
+                        let _ = waiter.send(v);
+                    }
+                }
+            })
+            .map_err(|e| HwError::Chip(e.to_string()))?;
+        Ok(SimGpio { writer: Mutex::new(stream), waiters, edge_txs, socket: socket.to_path_buf() })
+    }
+
+    fn send(&self, v: Value, want_reply: bool) -> Result<Option<Value>, HwError> {
+        let mut line = v.to_string();
+        line.push('\n');
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            // Queue the waiter and write under one lock so replies pair up in order.
+            let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            self.waiters.lock().unwrap_or_else(|p| p.into_inner()).push_back(tx);
+            w.write_all(line.as_bytes())
+                .map_err(|e| HwError::Chip(format!("simulated chip at {}: {e}", self.socket.display())))?;
+        }
+        if !want_reply {
+            return Ok(None);
+        }
+        rx.recv_timeout(Duration::from_secs(5))
+            .map(Some)
+            .map_err(|_| HwError::Chip("simulated chip did not answer".into()))
+    }
+
+    fn claim(&self, v: Value, pin: u8) -> Result<Value, HwError> {
+        let reply = self.send(v, true)?.unwrap_or_default();
+        if reply["ok"] == json!(true) {
+            Ok(reply)
+        } else {
+            Err(HwError::Line { pin, message: reply["error"].as_str().unwrap_or("refused").to_string() })
+        }
+    }
+}
+
+struct SimInput {
+    level: Arc<Mutex<bool>>,
+    rx: Option<mpsc::UnboundedReceiver<Edge>>,
+    pin: u8,
+}
+
+impl InputLine for SimInput {
+    fn level(&self) -> Result<bool, HwError> {
+        Ok(*self.level.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn edges(&mut self) -> Result<mpsc::UnboundedReceiver<Edge>, HwError> {
+        self.rx
+            .take()
+            .ok_or(HwError::Line { pin: self.pin, message: "edges already taken".into() })
+    }
+}
+
+struct SimOutput {
+    gpio: Arc<SimGpio>,
+    pin: u8,
+}
+
+impl OutputLine for SimOutput {
+    fn set(&mut self, high: bool) -> Result<(), HwError> {
+        let t = MonoTime::now().as_nanos();
+        self.gpio.send(json!({"op": "set", "pin": self.pin, "high": high, "t_ns": t}), false)?;
+        Ok(())
+    }
+}
+
+/// [`SimGpio`] shared by the lines it hands out.
+#[derive(Clone)]
+pub struct SharedSimGpio(pub Arc<SimGpio>);
+
+impl Gpio for SharedSimGpio {
+    fn input(&self, pin: u8) -> Result<Box<dyn InputLine>, HwError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.0.edge_txs.lock().unwrap_or_else(|p| p.into_inner()).insert(pin, tx);
+        let reply = self.0.claim(json!({"op": "claim_input", "pin": pin}), pin)?;
+        let level = reply["high"].as_bool().unwrap_or(true);
+        Ok(Box::new(SimInput { level: Arc::new(Mutex::new(level)), rx: Some(rx), pin }))
+    }
+
+    fn output(&self, pin: u8, initial_high: bool) -> Result<Box<dyn OutputLine>, HwError> {
+        self.0.claim(json!({"op": "claim_output", "pin": pin, "high": initial_high}), pin)?;
+        Ok(Box::new(SimOutput { gpio: self.0.clone(), pin }))
+    }
+}

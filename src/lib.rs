@@ -1,0 +1,23 @@
+//! Menshen (门神, the door guardian): a gate access controller for residential compounds.
+//!
+//! Cards on Wiegand readers open the door; face recognition is an opt-in extra that no resident
+//! is ever forced to use (SPC 2021 face-recognition provisions, Art. 10). Decisions are made on
+//! the gate, durable events reach the building management system over MQTT.
+//!
+//! Start with `ARCHITECTURE.md`. The pure cores are [`wiegand`], [`policy`] and [`door`]; the
+//! shells are the stages in [`app`]; hardware sits behind the traits in [`hw`].
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod door;
+pub mod events;
+pub mod hw;
+pub mod model;
+pub mod mqtt;
+pub mod policy;
+pub mod stats;
+pub mod store;
+pub mod wiegand;

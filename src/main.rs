@@ -1,0 +1,171 @@
+//! The `menshen` binary: parse the command line, load and validate the config (its own exit code
+//! on a bad one), then hand over to the daemon or the tool asked for.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use menshen::cli::{self, Cli, Command, SimCmd};
+use menshen::config;
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+}
+
+fn fail(e: anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::from(1)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::PrintDefaultConfig => {
+            print!("{}", config::DEFAULT_CONFIG);
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { file } => match config::load(&file) {
+            Ok(cfg) => {
+                println!("{}: ok ({} door(s), {} reader(s))", file.display(), cfg.doors.len(), cfg.readers.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                ExitCode::from(e.exit_code() as u8)
+            }
+        },
+        Command::Run { config: path } => {
+            let cfg = match config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    return ExitCode::from(e.exit_code() as u8);
+                }
+            };
+            cli::init_logging(cfg.log.format, &cfg.log.level);
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => return fail(e.into()),
+            };
+            match rt.block_on(cli::run_daemon(Arc::new(cfg), None)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "menshen failed");
+                    fail(e)
+                }
+            }
+        }
+        Command::Demo { no_script, exit_after_script } => match demo(no_script, exit_after_script) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        Command::Resident(cmd) => match cli::resident_cmd(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        Command::Sim(SimCmd::Serve { config: path }) => {
+            let cfg = match config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    return ExitCode::from(e.exit_code() as u8);
+                }
+            };
+            cli::init_logging(cfg.log.format, &cfg.log.level);
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => return fail(e.into()),
+            };
+            let res = rt.block_on(async move {
+                let tok = tokio_util::sync::CancellationToken::new();
+                let t2 = tok.clone();
+                tokio::spawn(async move {
+                    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                        Ok(t) => t,
+                        Err(_) => return,
+                    };
+                    tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+                    t2.cancel();
+                });
+                menshen::hw::sim::serve(&cfg, &cfg.hardware.sim.socket, tok).await
+            });
+            match res {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Sim(cmd) => match cli::sim_cmd(cmd) {
+            Ok(v) => {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Status { config: path } => {
+            let res = config::load(&path).map_err(anyhow::Error::from).and_then(|c| menshen::app::status(&c));
+            match res {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+fn demo(no_script: bool, exit_after_script: bool) -> anyhow::Result<()> {
+    let dir = std::path::Path::new(cli::DEMO_DIR);
+    std::fs::create_dir_all(dir)?;
+    let cfg_path = dir.join("menshen.toml");
+    std::fs::write(&cfg_path, cli::demo_config(dir)?)?;
+    let cfg = config::load(&cfg_path)?;
+    cli::init_logging(cfg.log.format, &cfg.log.level);
+    cli::seed_demo(&cfg)?;
+    println!("Menshen demo: simulated hardware, config {}", cfg_path.display());
+    println!("Residents: r-1001 card 7:12345 (card) · r-1002 card 7:22222 (face_and_card) · r-1003 card 7:33333 (expired)");
+    println!("Events go to mqtt://{}:{} under {} (kept in the outbox while no broker is there).", cfg.mqtt.host, cfg.mqtt.port, cfg.topic_root());
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let cfg = Arc::new(cfg);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let daemon = tokio::spawn(cli::run_daemon(cfg.clone(), Some(tx)));
+        if rx.await.is_err() {
+            return match daemon.await {
+                Ok(r) => r,
+                Err(e) => Err(e.into()),
+            };
+        }
+        if !no_script {
+            let socket = cfg.hardware.sim.socket.clone();
+            for (what, op) in cli::demo_script() {
+                println!("\n▶ {what}");
+                let s = socket.clone();
+                let r = tokio::task::spawn_blocking(move || menshen::hw::sim::request(&s, &op)).await?;
+                if let Err(e) = r {
+                    println!("  sim error: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(3_200)).await;
+        }
+        println!("\nTry it yourself from another terminal in this directory:");
+        println!("  menshen sim swipe --reader front --card 12345 --facility 7");
+        println!("  menshen sim raw --reader front --bits 10000011100110000001110010");
+        println!("  menshen sim door open ; menshen sim rex ; menshen sim state");
+        println!("  menshen status --config {}", cli::DEMO_DIR.to_string() + "/menshen.toml");
+        if exit_after_script {
+            // Stop the daemon the way systemd would.
+            let pid = std::process::id();
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        } else {
+            println!("Ctrl-C stops the demo.");
+        }
+        match daemon.await {
+            Ok(r) => r,
+            Err(e) => Err(e.into()),
+        }
+    })
+}

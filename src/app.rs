@@ -307,21 +307,37 @@ async fn reader_stage(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<Reade
         outcome,
         at,
     };
+    let mut batch: Vec<WEdge> = Vec::new();
     loop {
-        let result = tokio::select! {
+        let mut results = Vec::new();
+        tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => break,
-            Some(e) = r.d0.recv() => dec.on_edge(WEdge { line: Line::D0, high: e.high, at: e.at }).map(|o| emit(o, e.at)),
-            Some(e) = r.d1.recv() => dec.on_edge(WEdge { line: Line::D1, high: e.high, at: e.at }).map(|o| emit(o, e.at)),
+            Some(e) = r.d0.recv() => batch.push(WEdge { line: Line::D0, high: e.high, at: e.at }),
+            Some(e) = r.d1.recv() => batch.push(WEdge { line: Line::D1, high: e.high, at: e.at }),
             _ = sleep_until_mono(dec.deadline()) => {
                 let now = MonoTime::now();
-                dec.on_deadline(now).map(|o| emit(o, now))
+                results.extend(dec.on_deadline(now).map(|o| emit(o, now)));
             }
-            _ = beat.tick() => { ctx.stats.beat(&ctx.name); None }
-        };
-        if let Some(o) = result {
+            _ = beat.tick() => ctx.stats.beat(&ctx.name),
+        }
+        if !batch.is_empty() {
+            // The two lines arrive on two channels: take everything already delivered on both and
+            // feed it in timestamp order, so an earlier D1 edge is never decoded after a later D0.
+            while let Ok(e) = r.d0.try_recv() {
+                batch.push(WEdge { line: Line::D0, high: e.high, at: e.at });
+            }
+            while let Ok(e) = r.d1.try_recv() {
+                batch.push(WEdge { line: Line::D1, high: e.high, at: e.at });
+            }
+            batch.sort_by_key(|e| e.at);
+            for e in batch.drain(..) {
+                results.extend(dec.on_edge(e).map(|o| emit(o, e.at)));
+            }
+        }
+        for o in results {
             if out.send(o).await.is_err() {
-                break;
+                return;
             }
         }
     }
@@ -520,6 +536,7 @@ async fn admin_stage(cfg: Arc<Config>, store: Arc<Store>, stats: Arc<Stats>, shu
         Ok(l) => l,
         Err(error) => {
             tracing::warn!(%error, path = %path.display(), "admin socket unavailable");
+            shutdown.cancelled().await;
             return;
         }
     };
@@ -564,6 +581,8 @@ async fn admin_stage(cfg: Arc<Config>, store: Arc<Store>, stats: Arc<Stats>, shu
 async fn watchdog_stage(stats: Arc<Stats>, shutdown: CancellationToken) {
     let mut usec = 0u64;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        // Not under a systemd watchdog: nothing to ping, but a stage only ends on shutdown.
+        shutdown.cancelled().await;
         return;
     }
     let period = Duration::from_micros(usec / 2);

@@ -417,7 +417,7 @@ pub fn demo_script() -> Vec<(&'static str, WorldOp)> {
         ("a frame with a parity error -> denied parity_error", WorldOp::Raw { reader: "front".into(), bits: parity, pulse_us: None, interval_us: None }),
         ("resident r-1003's expired card -> denied credential_expired", swipe(7, 33333)),
         ("resident r-1002 (face_and_card) shows only the card -> denied mode_requires_face", swipe(7, 22222)),
-        ("the exit button -> granted exit_request", WorldOp::Rex { door: "front".into(), hold_ms: None }),
+        ("the exit button -> granted exit_request (then we wait for the relock)", WorldOp::Rex { door: "front".into(), hold_ms: None }),
         ("the door opened without a grant -> alarm door_forced", WorldOp::Door { door: "front".into(), open: true }),
         ("the door closes", WorldOp::Door { door: "front".into(), open: false }),
     ]

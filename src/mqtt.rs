@@ -96,19 +96,31 @@ pub async fn run(ctx: LinkCtx) {
         Ok(o) => o,
         Err(error) => {
             tracing::error!(%error, "MQTT disabled: bad options");
+            ctx.shutdown.cancelled().await;
             return;
         }
     };
+    let mut failures: u64 = 0;
     loop {
         if ctx.shutdown.is_cancelled() {
             return;
         }
+        let connects = ctx.stats.mqtt_connects.load(Ordering::Relaxed);
         match session(&ctx, opts.clone(), &mut backoff).await {
             SessionEnd::Shutdown => return,
             SessionEnd::Lost(error) => {
                 ctx.stats.mqtt_online.store(false, Ordering::Relaxed);
+                if ctx.stats.mqtt_connects.load(Ordering::Relaxed) != connects {
+                    failures = 0;
+                }
+                failures += 1;
                 let delay = backoff.next_delay(&mut rand::thread_rng());
-                tracing::warn!(%error, retry_ms = delay.as_millis() as u64, "MQTT connection lost");
+                // Say it loudly once, then every 20th attempt: events wait safely in the outbox.
+                if failures == 1 || failures % 20 == 0 {
+                    tracing::warn!(%error, attempts = failures, retry_ms = delay.as_millis() as u64, "MQTT broker unreachable");
+                } else {
+                    tracing::debug!(%error, retry_ms = delay.as_millis() as u64, "MQTT reconnect failed");
+                }
                 tokio::select! {
                     _ = ctx.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
@@ -150,6 +162,7 @@ async fn session(ctx: &LinkCtx, opts: MqttOptions, backoff: &mut Backoff) -> Ses
     let mut in_flight: HashMap<u16, Pending> = HashMap::new();
     let mut cursor: u64 = 0; // highest seq handed to the client in this session
     let mut queued: usize = 0; // publishes handed over and not yet acknowledged
+    let mut pending_acks: Vec<u64> = Vec::new(); // acknowledged, not yet removed from the outbox
 
     if client
         .try_publish(format!("{root}status"), QoS::AtLeastOnce, true, status_payload("online"))
@@ -192,6 +205,9 @@ async fn session(ctx: &LinkCtx, opts: MqttOptions, backoff: &mut Backoff) -> Ses
             }
         }
         let mut acked: Vec<u64> = Vec::new();
+        if pending_acks.len() >= 64 {
+            acked = std::mem::take(&mut pending_acks);
+        }
         tokio::select! {
             _ = ctx.shutdown.cancelled() => {
                 // Clean goodbye: retained offline status (the will covers the unclean case).
@@ -204,10 +220,15 @@ async fn session(ctx: &LinkCtx, opts: MqttOptions, backoff: &mut Backoff) -> Ses
                     }
                     if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) { break; }
                 }
+                acked.append(&mut pending_acks);
                 ack(ctx, acked).await;
                 return SessionEnd::Shutdown;
             }
             _ = ctx.wake.notified(), if queued < inflight => {}
+            // Batch outbox removals: flush when the event loop has been quiet for a moment.
+            _ = tokio::time::sleep(Duration::from_millis(2)), if !pending_acks.is_empty() => {
+                acked = std::mem::take(&mut pending_acks);
+            }
             ev = el.poll() => match ev {
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     if let Some(p) = awaiting_pkid.pop_front() {
@@ -217,20 +238,14 @@ async fn session(ctx: &LinkCtx, opts: MqttOptions, backoff: &mut Backoff) -> Ses
                 Ok(Event::Incoming(Packet::PubAck(a))) => {
                     if let Some(p) = in_flight.remove(&a.pkid) {
                         queued = queued.saturating_sub(1);
-                        if let Some(seq) = p { acked.push(seq); }
-                    }
-                    // Collect further acks that are already waiting, to batch the store write.
-                    while let Ok(Ok(Event::Incoming(Packet::PubAck(a)))) =
-                        tokio::time::timeout(Duration::ZERO, el.poll()).await
-                    {
-                        if let Some(p) = in_flight.remove(&a.pkid) {
-                            queued = queued.saturating_sub(1);
-                            if let Some(seq) = p { acked.push(seq); }
-                        }
+                        if let Some(seq) = p { pending_acks.push(seq); }
                     }
                 }
                 Ok(_) => {}
-                Err(e) => return SessionEnd::Lost(e.to_string()),
+                Err(e) => {
+                    ack(ctx, pending_acks).await;
+                    return SessionEnd::Lost(e.to_string());
+                }
             }
         }
         ack(ctx, acked).await;

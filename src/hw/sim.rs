@@ -55,9 +55,14 @@ struct Line {
     writes: u64,
 }
 
+/// A simulated reader, like a real one, leaves at least this much silence between frames.
+pub const READER_REARM: Duration = Duration::from_millis(60);
+
 #[derive(Debug, Default)]
 struct Chip {
     lines: HashMap<u8, Line>,
+    /// When each reader (by its D0 pin) may start its next frame.
+    reader_free_at: HashMap<u8, MonoTime>,
     conns: HashMap<u64, mpsc::UnboundedSender<String>>,
     next_conn: u64,
 }
@@ -72,14 +77,17 @@ impl Chip {
         self.lines.entry(pin).or_insert_with(|| Line { level: true, ..Line::default() })
     }
 
-    /// The world drives an input line. Returns the edge time if the level changed.
-    fn drive(&mut self, pin: u8, high: bool) -> Option<MonoTime> {
+    /// The world drives an input line at time `at`. Returns the edge time if the level changed.
+    ///
+    /// `at` is when the edge happens in the simulated world (its scheduled time): a reader is
+    /// timed by its own hardware and the kernel stamps the true edge time, so when this process
+    /// is descheduled the edge is delivered late but never mis-stamped.
+    fn drive(&mut self, pin: u8, high: bool, at: MonoTime) -> Option<MonoTime> {
         let line = self.line(pin);
         if line.output || line.level == high {
             return None;
         }
         line.level = high;
-        let at = MonoTime::now();
         if let Some(owner) = line.owner {
             let msg = json!({"edge": {"pin": pin, "high": high, "t_ns": at.as_nanos()}}).to_string();
             if let Some(tx) = self.conns.get(&owner) {
@@ -330,15 +338,32 @@ fn chip_op(v: &Value, conn: u64, chip: &Arc<Mutex<Chip>>) -> Value {
 /// Run `steps` (pin, level, delay before this step) on a timing thread; returns the time of the
 /// last edge.
 async fn play(chip: &Arc<Mutex<Chip>>, steps: Vec<(u8, bool, Duration)>) -> Result<MonoTime, String> {
+    play_from(chip, steps, MonoTime::now()).await
+}
+
+/// Play a Wiegand frame on a reader, after the reader's previous frame and its re-arm time.
+async fn play_frame(chip: &Arc<Mutex<Chip>>, d0: u8, steps: Vec<(u8, bool, Duration)>) -> Result<MonoTime, String> {
+    let length: Duration = steps.iter().map(|s| s.2).sum();
+    let start = {
+        let mut c = lock(chip);
+        let now = MonoTime::now();
+        let start = c.reader_free_at.get(&d0).copied().filter(|t| *t > now).unwrap_or(now);
+        c.reader_free_at.insert(d0, start + length + READER_REARM);
+        start
+    };
+    play_from(chip, steps, start).await
+}
+
+async fn play_from(chip: &Arc<Mutex<Chip>>, steps: Vec<(u8, bool, Duration)>, start: MonoTime) -> Result<MonoTime, String> {
     let chip = chip.clone();
     let (tx, rx) = oneshot::channel();
     std::thread::spawn(move || {
-        let mut at = MonoTime::now();
+        let mut at = start;
         let mut last = at;
         for (pin, high, delay) in steps {
             at = at + delay;
             wait_until(at);
-            if let Some(t) = lock(&chip).drive(pin, high) {
+            if let Some(t) = lock(&chip).drive(pin, high, at) {
                 last = t;
             }
         }
@@ -411,7 +436,7 @@ async fn world_op(op: WorldOp, chip: &Arc<Mutex<Chip>>, wiring: &Arc<Wiring>) ->
             };
             let bits = wiegand::encode(format, facility, card).map_err(|e| e.to_string())?;
             let steps = wiegand_steps(d0, d1, bits, Duration::from_micros(50), Duration::from_millis(2));
-            let last = play(chip, steps).await?;
+            let last = play_frame(chip, d0, steps).await?;
             Ok(json!({"ok": true, "bits": bits.to_string(), "len": bits.len, "last_edge_ns": last.as_nanos()}))
         }
         WorldOp::Raw { reader: r, bits, pulse_us, interval_us } => {
@@ -422,7 +447,7 @@ async fn world_op(op: WorldOp, chip: &Arc<Mutex<Chip>>, wiring: &Arc<Wiring>) ->
             if pulse >= interval || interval > Duration::from_secs(1) {
                 return Err("pulse_us must be below interval_us, and interval_us at most 1 s".into());
             }
-            let last = play(chip, wiegand_steps(d0, d1, bits, pulse, interval)).await?;
+            let last = play_frame(chip, d0, wiegand_steps(d0, d1, bits, pulse, interval)).await?;
             Ok(json!({"ok": true, "bits": bits.to_string(), "len": bits.len, "last_edge_ns": last.as_nanos()}))
         }
         WorldOp::Door { door: d, open } => {
@@ -445,7 +470,7 @@ async fn world_op(op: WorldOp, chip: &Arc<Mutex<Chip>>, wiring: &Arc<Wiring>) ->
             Ok(json!({"ok": true}))
         }
         WorldOp::Line { pin, high } => {
-            let changed = lock(chip).drive(pin, high).is_some();
+            let changed = lock(chip).drive(pin, high, MonoTime::now()).is_some();
             Ok(json!({"ok": true, "changed": changed}))
         }
         WorldOp::State => {

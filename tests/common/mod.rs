@@ -1,0 +1,290 @@
+//! Whole-daemon test harness: a real mosquitto on a loopback port, the simulated GPIO chip as its
+//! own process (so it outlives the daemon, like real lines), the real `menshen` binary, and an MQTT
+//! subscriber that records everything under `menshen/v1/#`.
+#![allow(dead_code)]
+
+use menshen::hw::sim::{self, WorldOp};
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_menshen");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn mosquitto_bin() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!("mosquitto is not installed: run `apt-get install mosquitto` (scripts/test.sh does it)");
+}
+
+/// A mosquitto broker on a loopback port, stopped when dropped.
+pub struct Broker {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    pub fn start(port: u16) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"),
+        )
+        .unwrap();
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        Broker { port, child, _dir: dir }
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// An MQTT subscriber recording (topic, payload, retain).
+pub struct Subscriber {
+    pub msgs: Arc<Mutex<Vec<(String, Value, bool)>>>,
+    client: rumqttc::Client,
+}
+
+impl Subscriber {
+    pub fn start(port: u16, filter: &str) -> Subscriber {
+        let mut o = rumqttc::MqttOptions::new(format!("test-sub-{}", free_port()), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut conn) = rumqttc::Client::new(o, 1000);
+        client.subscribe(filter, rumqttc::QoS::AtLeastOnce).unwrap();
+        let msgs: Arc<Mutex<Vec<(String, Value, bool)>>> = Arc::default();
+        let subscribed = Arc::new(Mutex::new(false));
+        let (m, s) = (msgs.clone(), subscribed.clone());
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => *s.lock().unwrap() = true,
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let v = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        m.lock().unwrap().push((p.topic.clone(), v, p.retain));
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        assert!(wait_for(Duration::from_secs(10), || *subscribed.lock().unwrap()), "subscriber never got SUBACK");
+        Subscriber { msgs, client }
+    }
+
+    pub fn events(&self, kind: &str) -> Vec<Value> {
+        let suffix = format!("/event/{kind}");
+        self.msgs.lock().unwrap().iter().filter(|(t, _, _)| t.ends_with(&suffix)).map(|(_, v, _)| v.clone()).collect()
+    }
+
+    /// Wait until `pred` holds for the access events, returning them.
+    pub fn wait_events(&self, kind: &str, timeout: Duration, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let mut last = Vec::new();
+        wait_for(timeout, || {
+            last = self.events(kind);
+            pred(&last)
+        });
+        last
+    }
+
+    pub fn all(&self) -> Vec<(String, Value, bool)> {
+        self.msgs.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
+    }
+}
+
+/// A gate under test: its files, the sim chip process and the daemon process.
+pub struct Gate {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    sim: Option<Child>,
+    daemon: Option<Child>,
+}
+
+pub struct GateOpts {
+    pub mqtt_port: u16,
+    pub pulse_ms: u64,
+    /// Adds a second door "side", fail-safe, with its own reader.
+    pub fail_safe_door: bool,
+}
+
+impl Default for GateOpts {
+    fn default() -> Self {
+        GateOpts { mqtt_port: 1, pulse_ms: 500, fail_safe_door: false }
+    }
+}
+
+impl Gate {
+    pub fn new(opts: GateOpts) -> Gate {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("sim.sock");
+        let mut t: toml::Table = toml::from_str(menshen::config::DEFAULT_CONFIG).unwrap();
+        t["gate"].as_table_mut().unwrap().insert("state_dir".into(), dir.path().join("state").display().to_string().into());
+        t["log"].as_table_mut().unwrap().insert("level".into(), "debug".into());
+        let hw = t["hardware"].as_table_mut().unwrap();
+        let sim = hw["sim"].as_table_mut().unwrap();
+        sim.insert("socket".into(), socket.display().to_string().into());
+        sim.insert("embedded".into(), false.into());
+        let doors = t["doors"].as_array_mut().unwrap();
+        doors[0].as_table_mut().unwrap().insert("pulse_ms".into(), (opts.pulse_ms as i64).into());
+        if opts.fail_safe_door {
+            let mut side = toml::Table::new();
+            side.insert("name".into(), "side".into());
+            side.insert("relay_pin".into(), 5.into());
+            side.insert("fail_mode".into(), "safe".into());
+            side.insert("pulse_ms".into(), (opts.pulse_ms as i64).into());
+            doors.push(side.into());
+            let mut r = toml::Table::new();
+            r.insert("name".into(), "side".into());
+            r.insert("door".into(), "side".into());
+            r.insert("formats".into(), toml::Value::Array(vec!["H10301".into()]));
+            r.insert("d0_pin".into(), 6.into());
+            r.insert("d1_pin".into(), 13.into());
+            t["readers"].as_array_mut().unwrap().push(r.into());
+        }
+        let m = t["mqtt"].as_table_mut().unwrap();
+        m.insert("port".into(), (opts.mqtt_port as i64).into());
+        m.insert("backoff_min_ms".into(), 50.into());
+        m.insert("backoff_max_ms".into(), 500.into());
+        let config = dir.path().join("menshen.toml");
+        std::fs::write(&config, toml::to_string(&t).unwrap()).unwrap();
+        Gate { dir, config, socket, sim: None, daemon: None }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN).args(args).output().unwrap()
+    }
+
+    /// `menshen resident ...` on this gate's store.
+    pub fn resident(&self, args: &[&str]) -> std::process::Output {
+        let mut a = vec!["resident", args[0], "--config", self.config.to_str().unwrap()];
+        a.extend_from_slice(&args[1..]);
+        self.cli(&a)
+    }
+
+    pub fn start_sim(&mut self) {
+        let child = Command::new(BIN)
+            .args(["sim", "serve", "--config", self.config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.sim = Some(child);
+        let s = self.socket.clone();
+        assert!(wait_for(Duration::from_secs(10), || s.exists()), "sim chip did not start");
+    }
+
+    pub fn start_daemon(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config", self.config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        let ok = wait_for(Duration::from_secs(15), || self.status().is_some());
+        assert!(ok, "daemon did not come up; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        let out = self.cli(&["status", "--config", self.config.to_str().unwrap()]);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+    }
+
+    pub fn world(&self, op: WorldOp) -> Value {
+        sim::request(&self.socket, &op).unwrap_or_else(|e| panic!("sim request failed: {e}"))
+    }
+
+    pub fn swipe(&self, facility: u64, card: u64) -> Value {
+        self.world(WorldOp::Swipe { reader: "front".into(), facility, card, format: None })
+    }
+
+    /// The H10301 frame of a card, as characters.
+    pub fn swipe_bits(&self, facility: u64, card: u64) -> Vec<char> {
+        menshen::wiegand::encode(menshen::wiegand::Format::H10301, facility, card).unwrap().to_string().chars().collect()
+    }
+
+    pub fn state(&self) -> Value {
+        self.world(WorldOp::State)
+    }
+
+    pub fn relay(&self, door: &str) -> Value {
+        self.state()["doors"][door].clone()
+    }
+
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon.as_ref().unwrap().id()
+    }
+
+    /// Send a signal and wait for the daemon to exit; returns its exit status.
+    pub fn signal_daemon(&mut self, sig: &str) -> std::process::ExitStatus {
+        let mut child = self.daemon.take().unwrap();
+        Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < end, "daemon did not exit after SIG{sig}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        for c in [self.daemon.as_mut(), self.sim.as_mut()].into_iter().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

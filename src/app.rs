@@ -62,8 +62,8 @@ pub struct App {
     shutdown: CancellationToken,
     doors: Vec<DoorParts>,
     readers: Vec<ReaderParts>,
-    // Keeps the embedded simulated chip alive, if any.
-    sim_task: Option<JoinHandle<()>>,
+    // The embedded simulated chip's thread, if any.
+    sim_task: Option<std::thread::JoinHandle<()>>,
     // Keeps the GPIO chip handle alive as long as its lines.
     _gpio: Arc<dyn Gpio>,
 }
@@ -92,7 +92,7 @@ pub struct Running {
     pub store: Arc<Store>,
     shutdown: CancellationToken,
     tasks: Vec<(String, JoinHandle<()>)>,
-    sim_task: Option<JoinHandle<()>>,
+    sim_task: Option<std::thread::JoinHandle<()>>,
     grace: Duration,
 }
 
@@ -114,12 +114,23 @@ impl App {
             Backend::Sim => {
                 let socket = cfg.hardware.sim.socket.clone();
                 if cfg.hardware.sim.embedded {
+                    // The simulated chip is hardware: it gets its own thread and runtime, so the
+                    // daemon's scheduling never delays an edge and a blocking claim cannot stall it.
                     let (c, s, tok) = (cfg.clone(), socket.clone(), shutdown.child_token());
-                    sim_task = Some(tokio::spawn(async move {
-                        if let Err(error) = hw::sim::serve(&c, &s, tok).await {
-                            tracing::error!(%error, "simulated chip stopped");
-                        }
-                    }));
+                    sim_task = Some(
+                        std::thread::Builder::new().name("sim-chip".into()).spawn(move || {
+                            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                                Ok(rt) => rt,
+                                Err(error) => {
+                                    tracing::error!(%error, "simulated chip: no runtime");
+                                    return;
+                                }
+                            };
+                            if let Err(error) = rt.block_on(hw::sim::serve(&c, &s, tok)) {
+                                tracing::error!(%error, "simulated chip stopped");
+                            }
+                        })?,
+                    );
                 }
                 let sock = socket.clone();
                 let g = tokio::task::spawn_blocking(move || hw::sim::SimGpio::connect(&sock, Duration::from_secs(5)))
@@ -258,7 +269,8 @@ impl Running {
             }
         }
         if let Some(t) = self.sim_task {
-            let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
+            // The chip's token is a child of ours: it is stopping too.
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.sync()).await??;

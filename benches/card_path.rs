@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 //! Card path latency: last Wiegand edge → relay command, over ≥ 1,000 swipes on the whole
 //! pipeline (simulated chip → reader stage → store lookup + policy → door stage → relay), with
 //! real Wiegand timing (50 µs pulses, 2 ms ± 10 % intervals) and early completion on.
@@ -56,7 +57,11 @@ fn main() {
         for n in 0..1_000u64 {
             let id = ResidentId::new(&format!("r{n}")).unwrap();
             let card = CardId { format: Format::H10301, facility: 7, number: 10_000 + n };
-            let c = Credential { credential: CredentialKind::Card(card), resident: id.clone(), validity: Validity::default() };
+            let c = Credential {
+                credential: CredentialKind::Card(card),
+                resident: id.clone(),
+                validity: Validity::default(),
+            };
             let r = Resident { id, mode: AccessMode::Card, validity: Validity::default(), schedule: None };
             store.add_resident(&r, &[c], 0).unwrap();
         }
@@ -89,7 +94,12 @@ fn main() {
         let door = i % DOORS;
         let reply = sim::request(
             &socket,
-            &WorldOp::Swipe { reader: format!("r{door}"), facility: 7, card: 10_000 + (i as u64 % 1_000), format: None },
+            &WorldOp::Swipe {
+                reader: format!("r{door}"),
+                facility: 7,
+                card: 10_000 + (i as u64 % 1_000),
+                format: None,
+            },
         )
         .unwrap();
         let edge = reply["last_edge_ns"].as_u64().unwrap();
@@ -121,7 +131,12 @@ fn main() {
     lat_us.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| lat_us[((lat_us.len() as f64 - 1.0) * p).round() as usize];
     let mean = lat_us.iter().sum::<f64>() / lat_us.len() as f64;
-    println!("card path: last Wiegand edge -> relay command ({} swipes, {} doors, early completion, {:.1} s)", lat_us.len(), DOORS, wall.as_secs_f64());
+    println!(
+        "card path: last Wiegand edge -> relay command ({} swipes, {} doors, early completion, {:.1} s)",
+        lat_us.len(),
+        DOORS,
+        wall.as_secs_f64()
+    );
     println!("  p50 {:>8.1} us", pct(0.50));
     println!("  p90 {:>8.1} us", pct(0.90));
     println!("  p99 {:>8.1} us", pct(0.99));

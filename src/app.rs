@@ -96,7 +96,10 @@ pub struct Running {
     grace: Duration,
 }
 
-fn claim_input(gpio: &dyn Gpio, pin: u8) -> anyhow::Result<(Box<dyn hw::InputLine>, bool, mpsc::UnboundedReceiver<Edge>)> {
+fn claim_input(
+    gpio: &dyn Gpio,
+    pin: u8,
+) -> anyhow::Result<(Box<dyn hw::InputLine>, bool, mpsc::UnboundedReceiver<Edge>)> {
     let mut line = gpio.input(pin)?;
     let level = line.level()?;
     let rx = line.edges()?;
@@ -117,20 +120,18 @@ impl App {
                     // The simulated chip is hardware: it gets its own thread and runtime, so the
                     // daemon's scheduling never delays an edge and a blocking claim cannot stall it.
                     let (c, s, tok) = (cfg.clone(), socket.clone(), shutdown.child_token());
-                    sim_task = Some(
-                        std::thread::Builder::new().name("sim-chip".into()).spawn(move || {
-                            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                                Ok(rt) => rt,
-                                Err(error) => {
-                                    tracing::error!(%error, "simulated chip: no runtime");
-                                    return;
-                                }
-                            };
-                            if let Err(error) = rt.block_on(hw::sim::serve(&c, &s, tok)) {
-                                tracing::error!(%error, "simulated chip stopped");
+                    sim_task = Some(std::thread::Builder::new().name("sim-chip".into()).spawn(move || {
+                        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                            Ok(rt) => rt,
+                            Err(error) => {
+                                tracing::error!(%error, "simulated chip: no runtime");
+                                return;
                             }
-                        })?,
-                    );
+                        };
+                        if let Err(error) = rt.block_on(hw::sim::serve(&c, &s, tok)) {
+                            tracing::error!(%error, "simulated chip stopped");
+                        }
+                    })?);
                 }
                 let sock = socket.clone();
                 let g = tokio::task::spawn_blocking(move || hw::sim::SimGpio::connect(&sock, Duration::from_secs(5)))
@@ -155,11 +156,14 @@ impl App {
         let mut door_parts = Vec::new();
         for (d, relay) in doors {
             let mut lines = Vec::new();
-            let mut input = |pin: Option<u8>, level: ActiveLevel| -> anyhow::Result<(Option<bool>, Option<mpsc::UnboundedReceiver<Edge>>)> {
+            let mut input = |pin: Option<u8>,
+                             level: ActiveLevel|
+             -> anyhow::Result<(Option<bool>, Option<mpsc::UnboundedReceiver<Edge>>)> {
                 match pin {
                     None => Ok((None, None)),
                     Some(p) => {
-                        let (line, high, rx) = claim_input(gpio.as_ref(), p).with_context(|| format!("door {}: GPIO {p}", d.name))?;
+                        let (line, high, rx) =
+                            claim_input(gpio.as_ref(), p).with_context(|| format!("door {}: GPIO {p}", d.name))?;
                         lines.push(line);
                         Ok((Some(level.is_active(high)), Some(rx)))
                     }
@@ -199,10 +203,13 @@ impl App {
             let name = format!("door:{}", d.cfg.name);
             let ctx = StageCtx { stats: stats.clone(), shutdown: shutdown.clone(), name: name.clone() };
             let (ev, gpio) = (ev_tx.clone(), _gpio.clone());
-            tasks.push((name, tokio::spawn(async move {
-                door_stage(ctx, d, rx, ev).await;
-                drop(gpio);
-            })));
+            tasks.push((
+                name,
+                tokio::spawn(async move {
+                    door_stage(ctx, d, rx, ev).await;
+                    drop(gpio);
+                }),
+            ));
         }
         for r in readers {
             let name = format!("reader:{}", r.cfg.name);
@@ -392,7 +399,10 @@ async fn gate_stage(
                         let a = Attempt { card: Some(CardPart::Known { credential: cred, resident: res }), face: None };
                         (policy::decide(&a, &now_for(&cfg, wall)), Some(res.id.to_string()))
                     }
-                    Ok(None) => (policy::decide(&Attempt { card: Some(CardPart::Unknown), face: None }, &now_for(&cfg, wall)), None),
+                    Ok(None) => (
+                        policy::decide(&Attempt { card: Some(CardPart::Unknown), face: None }, &now_for(&cfg, wall)),
+                        None,
+                    ),
                     Err(error) => {
                         // Fail secure: a store we cannot read grants nothing.
                         tracing::error!(%error, "store lookup failed");
@@ -415,7 +425,16 @@ async fn gate_stage(
                     decision = if decision.granted { "granted" } else { "denied" },
                     reason = decision.reason.code(), "access"
                 );
-                NewEvent::access_card(wall, decision, &msg.door, &msg.reader, resident.as_deref(), Some(read.card), read.bits, None)
+                NewEvent::access_card(
+                    wall,
+                    decision,
+                    &msg.door,
+                    &msg.reader,
+                    resident.as_deref(),
+                    Some(read.card),
+                    read.bits,
+                    None,
+                )
             }
             Outcome::Rejected { why: Rejection::LineStuckLow, .. } => {
                 ctx.stats.reject(Rejection::LineStuckLow);
@@ -441,7 +460,12 @@ async fn gate_stage(
 }
 
 /// One door: its relay, contact, exit button and fire input, driven by [`DoorCore`].
-async fn door_stage(ctx: StageCtx, mut d: DoorParts, mut cmds: mpsc::Receiver<DoorCmd>, events: mpsc::Sender<NewEvent>) {
+async fn door_stage(
+    ctx: StageCtx,
+    mut d: DoorParts,
+    mut cmds: mpsc::Receiver<DoorCmd>,
+    events: mpsc::Sender<NewEvent>,
+) {
     let name = d.cfg.name.clone();
     let (contact_lvl, rex_lvl, fire_lvl) = (d.cfg.contact_open_level, d.cfg.rex_active_level, d.cfg.fire_active_level);
     let mut beat = tokio::time::interval(Duration::from_secs(1));
@@ -496,7 +520,13 @@ async fn apply(door: &str, relay: &mut Relay, actions: Vec<Action>, events: &mps
 }
 
 /// Store events durably (group commit), then wake the MQTT link.
-async fn outbox_stage(ctx: StageCtx, cfg: Arc<Config>, store: Arc<Store>, mut rx: mpsc::Receiver<NewEvent>, wake: Arc<Notify>) {
+async fn outbox_stage(
+    ctx: StageCtx,
+    cfg: Arc<Config>,
+    store: Arc<Store>,
+    mut rx: mpsc::Receiver<NewEvent>,
+    wake: Arc<Notify>,
+) {
     let mut alarmed = false;
     // Runs until every producer has stopped (channel closed), so shutdown loses nothing.
     while let Some(first) = rx.recv().await {

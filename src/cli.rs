@@ -22,7 +22,11 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/menshen/menshen.toml";
 pub const DEMO_DIR: &str = "menshen-demo";
 
 #[derive(Debug, Parser)]
-#[command(name = "menshen", version, about = "Menshen (门神): a gate access controller where face is optional, never required")]
+#[command(
+    name = "menshen",
+    version,
+    about = "Menshen (门神): a gate access controller where face is optional, never required"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -226,7 +230,9 @@ pub fn parse_time(s: &str) -> anyhow::Result<i64> {
     if let Ok(ms) = s.parse::<i64>() {
         return Ok(ms);
     }
-    Ok(chrono::DateTime::parse_from_rfc3339(s).with_context(|| format!("`{s}` is neither Unix ms nor RFC 3339"))?.timestamp_millis())
+    Ok(chrono::DateTime::parse_from_rfc3339(s)
+        .with_context(|| format!("`{s}` is neither Unix ms nor RFC 3339"))?
+        .timestamp_millis())
 }
 
 fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
@@ -245,11 +251,18 @@ pub fn resident_cmd(cmd: ResidentCmd) -> anyhow::Result<()> {
                 valid_from_ms: valid_from.as_deref().map(parse_time).transpose()?,
                 valid_until_ms: valid_until.as_deref().map(parse_time).transpose()?,
             };
-            let card_validity = Validity { valid_from_ms: None, valid_until_ms: card_valid_until.as_deref().map(parse_time).transpose()? };
+            let card_validity = Validity {
+                valid_from_ms: None,
+                valid_until_ms: card_valid_until.as_deref().map(parse_time).transpose()?,
+            };
             let creds = cards
                 .iter()
                 .map(|c| {
-                    Ok(Credential { credential: CredentialKind::Card(parse_card(c)?), resident: id.clone(), validity: card_validity })
+                    Ok(Credential {
+                        credential: CredentialKind::Card(parse_card(c)?),
+                        resident: id.clone(),
+                        validity: card_validity,
+                    })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let r = Resident { id: id.clone(), mode, validity, schedule: None };
@@ -280,7 +293,11 @@ pub fn resident_cmd(cmd: ResidentCmd) -> anyhow::Result<()> {
         ResidentCmd::AddCard { store, id, card } => {
             let s = open_store(&store)?;
             let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
-            let c = Credential { credential: CredentialKind::Card(parse_card(&card)?), resident: id.clone(), validity: Validity::default() };
+            let c = Credential {
+                credential: CredentialKind::Card(parse_card(&card)?),
+                resident: id.clone(),
+                validity: Validity::default(),
+            };
             s.add_credential(&c, now)?;
             println!("resident {id}: card added");
         }
@@ -322,8 +339,12 @@ pub fn sim_request(t: &SimTarget, op: WorldOp) -> anyhow::Result<serde_json::Val
 pub fn sim_cmd(cmd: SimCmd) -> anyhow::Result<serde_json::Value> {
     let (t, op) = match cmd {
         SimCmd::Serve { .. } => unreachable!("handled by the runtime"),
-        SimCmd::Swipe { target, reader, card, facility, format } => (target, WorldOp::Swipe { reader, facility, card, format }),
-        SimCmd::Raw { target, reader, bits, pulse_us, interval_us } => (target, WorldOp::Raw { reader, bits, pulse_us, interval_us }),
+        SimCmd::Swipe { target, reader, card, facility, format } => {
+            (target, WorldOp::Swipe { reader, facility, card, format })
+        }
+        SimCmd::Raw { target, reader, bits, pulse_us, interval_us } => {
+            (target, WorldOp::Raw { reader, bits, pulse_us, interval_us })
+        }
         SimCmd::Door { target, door, action } => (target, WorldOp::Door { door, open: action == "open" }),
         SimCmd::Rex { target, door } => (target, WorldOp::Rex { door, hold_ms: None }),
         SimCmd::Fire { target, door, action } => (target, WorldOp::Fire { door, active: action == "on" }),
@@ -373,7 +394,10 @@ pub async fn run_daemon(cfg: Arc<Config>, ready: Option<tokio::sync::oneshot::Se
 pub fn demo_config(dir: &Path) -> anyhow::Result<String> {
     let mut t: toml::Table = toml::from_str(config::DEFAULT_CONFIG)?;
     let abs = std::env::current_dir()?.join(dir);
-    t["gate"].as_table_mut().context("gate")?.insert("state_dir".into(), abs.join("state").display().to_string().into());
+    t["gate"]
+        .as_table_mut()
+        .context("gate")?
+        .insert("state_dir".into(), abs.join("state").display().to_string().into());
     let hw = t["hardware"].as_table_mut().context("hardware")?;
     hw.insert("backend".into(), "sim".into());
     hw["sim"].as_table_mut().context("sim")?.insert("socket".into(), abs.join("sim.sock").display().to_string().into());
@@ -399,7 +423,11 @@ pub fn seed_demo(cfg: &Config) -> anyhow::Result<()> {
     };
     add("r-1001", AccessMode::Card, vec![(card(7, 12345), Validity::default())])?;
     add("r-1002", AccessMode::FaceAndCard, vec![(card(7, 22222), Validity::default())])?;
-    add("r-1003", AccessMode::Card, vec![(card(7, 33333), Validity { valid_from_ms: None, valid_until_ms: Some(now - 86_400_000) })])?;
+    add(
+        "r-1003",
+        AccessMode::Card,
+        vec![(card(7, 33333), Validity { valid_from_ms: None, valid_until_ms: Some(now - 86_400_000) })],
+    )?;
     Ok(())
 }
 
@@ -414,10 +442,16 @@ pub fn demo_script() -> Vec<(&'static str, WorldOp)> {
     vec![
         ("resident r-1001 (mode card) swipes card 7:12345 -> granted, relay pulses", swipe(7, 12345)),
         ("an unknown card 7:55555 -> denied unknown_card", swipe(7, 55555)),
-        ("a frame with a parity error -> denied parity_error", WorldOp::Raw { reader: "front".into(), bits: parity, pulse_us: None, interval_us: None }),
+        (
+            "a frame with a parity error -> denied parity_error",
+            WorldOp::Raw { reader: "front".into(), bits: parity, pulse_us: None, interval_us: None },
+        ),
         ("resident r-1003's expired card -> denied credential_expired", swipe(7, 33333)),
         ("resident r-1002 (face_and_card) shows only the card -> denied mode_requires_face", swipe(7, 22222)),
-        ("the exit button -> granted exit_request (then we wait for the relock)", WorldOp::Rex { door: "front".into(), hold_ms: None }),
+        (
+            "the exit button -> granted exit_request (then we wait for the relock)",
+            WorldOp::Rex { door: "front".into(), hold_ms: None },
+        ),
         ("the door opened without a grant -> alarm door_forced", WorldOp::Door { door: "front".into(), open: true }),
         ("the door closes", WorldOp::Door { door: "front".into(), open: false }),
     ]

@@ -378,13 +378,14 @@ fn parse_offset(s: &str) -> Option<i32> {
 }
 
 fn check_id(key: &str, v: &str) -> Result<(), ConfigError> {
-    let ok = !v.is_empty()
-        && v.len() <= 64
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let ok = !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if ok {
         Ok(())
     } else {
-        Err(invalid(key, format!("`{v}` must be 1-64 characters of A-Z, a-z, 0-9, `-`, `_` (it is part of MQTT topics)")))
+        Err(invalid(
+            key,
+            format!("`{v}` must be 1-64 characters of A-Z, a-z, 0-9, `-`, `_` (it is part of MQTT topics)"),
+        ))
     }
 }
 
@@ -400,8 +401,8 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
 
 /// Read, parse and validate a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Unreadable { path: path.to_path_buf(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Unreadable { path: path.to_path_buf(), source })?;
     parse(&text)
 }
 
@@ -420,7 +421,10 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
         return Err(invalid("gate.outbox_alarm_depth", "must be at least 1"));
     }
     if cfg.log.level.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
-        return Err(invalid("log.level", format!("`{}` is not one of off, error, warn, info, debug, trace", cfg.log.level)));
+        return Err(invalid(
+            "log.level",
+            format!("`{}` is not one of off, error, warn, info, debug, trace", cfg.log.level),
+        ));
     }
     if cfg.doors.is_empty() {
         return Err(invalid("doors", "at least one door is needed"));
@@ -559,16 +563,71 @@ mod tests {
 
     #[test]
     fn errors_name_the_key_and_have_distinct_codes() {
-        let cases: Vec<(Box<dyn Fn(&mut toml::Table)>, i32, &str)> = vec![
-            (Box::new(|t| { first(t, "doors").insert("pulse_ms".into(), 0.into()); }), EXIT_INVALID, "doors[0].pulse_ms"),
-            (Box::new(|t| { first(t, "readers").insert("door".into(), "nowhere".into()); }), EXIT_INVALID, "readers[0].door"),
-            (Box::new(|t| { first(t, "readers").insert("d1_pin".into(), 17.into()); }), EXIT_INVALID, "readers[0].d1_pin"),
-            (Box::new(|t| { first(t, "readers").insert("formats".into(), toml::Value::Array(vec!["H99999".into()])); }), EXIT_INVALID, "readers[0].formats[0]"),
-            (Box::new(|t| { first(t, "readers").insert("frame_gap_ms".into(), 5.into()); }), EXIT_INVALID, "readers[0].frame_gap_ms"),
-            (Box::new(|t| { t["gate"].as_table_mut().unwrap().insert("site".into(), "a/b".into()); }), EXIT_INVALID, "gate.site"),
-            (Box::new(|t| { t["gate"].as_table_mut().unwrap().insert("utc_offset".into(), "8".into()); }), EXIT_INVALID, "gate.utc_offset"),
-            (Box::new(|t| { t["mqtt"].as_table_mut().unwrap().insert("inflight".into(), 0.into()); }), EXIT_INVALID, "mqtt.inflight"),
-            (Box::new(|t| { t.remove("readers"); }), EXIT_INVALID, "doors[0]"),
+        type Edit = Box<dyn Fn(&mut toml::Table)>;
+        let cases: Vec<(Edit, i32, &str)> = vec![
+            (
+                Box::new(|t| {
+                    first(t, "doors").insert("pulse_ms".into(), 0.into());
+                }),
+                EXIT_INVALID,
+                "doors[0].pulse_ms",
+            ),
+            (
+                Box::new(|t| {
+                    first(t, "readers").insert("door".into(), "nowhere".into());
+                }),
+                EXIT_INVALID,
+                "readers[0].door",
+            ),
+            (
+                Box::new(|t| {
+                    first(t, "readers").insert("d1_pin".into(), 17.into());
+                }),
+                EXIT_INVALID,
+                "readers[0].d1_pin",
+            ),
+            (
+                Box::new(|t| {
+                    first(t, "readers").insert("formats".into(), toml::Value::Array(vec!["H99999".into()]));
+                }),
+                EXIT_INVALID,
+                "readers[0].formats[0]",
+            ),
+            (
+                Box::new(|t| {
+                    first(t, "readers").insert("frame_gap_ms".into(), 5.into());
+                }),
+                EXIT_INVALID,
+                "readers[0].frame_gap_ms",
+            ),
+            (
+                Box::new(|t| {
+                    t["gate"].as_table_mut().unwrap().insert("site".into(), "a/b".into());
+                }),
+                EXIT_INVALID,
+                "gate.site",
+            ),
+            (
+                Box::new(|t| {
+                    t["gate"].as_table_mut().unwrap().insert("utc_offset".into(), "8".into());
+                }),
+                EXIT_INVALID,
+                "gate.utc_offset",
+            ),
+            (
+                Box::new(|t| {
+                    t["mqtt"].as_table_mut().unwrap().insert("inflight".into(), 0.into());
+                }),
+                EXIT_INVALID,
+                "mqtt.inflight",
+            ),
+            (
+                Box::new(|t| {
+                    t.remove("readers");
+                }),
+                EXIT_INVALID,
+                "doors[0]",
+            ),
         ];
         for (i, (edit, code, key)) in cases.into_iter().enumerate() {
             let err = with(edit).unwrap_err();
@@ -590,13 +649,22 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_wrong_types_are_syntax_errors() {
-        let err = with(|t| { t["gate"].as_table_mut().unwrap().insert("sight".into(), "x".into()); }).unwrap_err();
+        let err = with(|t| {
+            t["gate"].as_table_mut().unwrap().insert("sight".into(), "x".into());
+        })
+        .unwrap_err();
         assert_eq!(err.exit_code(), EXIT_SYNTAX);
         assert!(err.to_string().contains("sight"), "{err}");
-        let err = with(|t| { first(t, "doors").insert("pulse_ms".into(), "long".into()); }).unwrap_err();
+        let err = with(|t| {
+            first(t, "doors").insert("pulse_ms".into(), "long".into());
+        })
+        .unwrap_err();
         assert_eq!(err.exit_code(), EXIT_SYNTAX);
         assert!(err.to_string().contains("pulse_ms"), "{err}");
-        let err = with(|t| { first(t, "doors").insert("fail_mode".into(), "sometimes".into()); }).unwrap_err();
+        let err = with(|t| {
+            first(t, "doors").insert("fail_mode".into(), "sometimes".into());
+        })
+        .unwrap_err();
         assert_eq!(err.exit_code(), EXIT_SYNTAX);
         assert!(parse("not toml [").unwrap_err().exit_code() == EXIT_SYNTAX);
     }

@@ -341,8 +341,8 @@ impl DoorCore {
                 out.push(Action::Event(DoorEvent::HeldOpen));
             }
         }
-        let was_unlocked_event = out.iter().any(|a| *a == Action::Event(DoorEvent::FireCleared));
-        if was_unlocked_event && !self.is_unlocked() {
+        let fire_cleared = out.contains(&Action::Event(DoorEvent::FireCleared));
+        if fire_cleared && !self.is_unlocked() {
             out.push(Action::Event(DoorEvent::Locked));
         }
         self.sync_relay(out);

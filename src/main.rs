@@ -125,8 +125,15 @@ fn demo(no_script: bool, exit_after_script: bool) -> anyhow::Result<()> {
     cli::init_logging(cfg.log.format, &cfg.log.level);
     cli::seed_demo(&cfg)?;
     println!("Menshen demo: simulated hardware, config {}", cfg_path.display());
-    println!("Residents: r-1001 card 7:12345 (card) · r-1002 card 7:22222 (face_and_card) · r-1003 card 7:33333 (expired)");
-    println!("Events go to mqtt://{}:{} under {} (kept in the outbox while no broker is there).", cfg.mqtt.host, cfg.mqtt.port, cfg.topic_root());
+    println!(
+        "Residents: r-1001 card 7:12345 (card) · r-1002 card 7:22222 (face_and_card) · r-1003 card 7:33333 (expired)"
+    );
+    println!(
+        "Events go to mqtt://{}:{} under {} (kept in the outbox while no broker is there).",
+        cfg.mqtt.host,
+        cfg.mqtt.port,
+        cfg.topic_root()
+    );
     let rt = runtime()?;
     rt.block_on(async move {
         let cfg = Arc::new(cfg);

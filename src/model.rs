@@ -17,9 +17,7 @@ pub struct ResidentId(String);
 
 impl ResidentId {
     pub fn new(s: &str) -> Result<ResidentId, String> {
-        let ok = !s.is_empty()
-            && s.len() <= 64
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+        let ok = !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
         if ok {
             Ok(ResidentId(s.to_string()))
         } else {
@@ -213,9 +211,7 @@ impl Schedule {
     }
 
     pub fn allows(&self, day: Day, minute: u16) -> bool {
-        self.windows
-            .iter()
-            .any(|w| w.days.contains(&day) && w.start.0 <= minute && minute < w.end.0)
+        self.windows.iter().any(|w| w.days.contains(&day) && w.start.0 <= minute && minute < w.end.0)
     }
 }
 

@@ -164,10 +164,7 @@ async fn session(ctx: &LinkCtx, opts: MqttOptions, backoff: &mut Backoff) -> Ses
     let mut queued: usize = 0; // publishes handed over and not yet acknowledged
     let mut pending_acks: Vec<u64> = Vec::new(); // acknowledged, not yet removed from the outbox
 
-    if client
-        .try_publish(format!("{root}status"), QoS::AtLeastOnce, true, status_payload("online"))
-        .is_err()
-    {
+    if client.try_publish(format!("{root}status"), QoS::AtLeastOnce, true, status_payload("online")).is_err() {
         return SessionEnd::Lost("client queue full".into());
     }
     awaiting_pkid.push_back(None);

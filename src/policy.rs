@@ -88,7 +88,10 @@ pub struct Now {
 pub enum CardPart<'a> {
     /// A frame that decoded, for a card nobody holds.
     Unknown,
-    Known { credential: &'a Credential, resident: &'a Resident },
+    Known {
+        credential: &'a Credential,
+        resident: &'a Resident,
+    },
 }
 
 /// What the face path contributed to an attempt.
@@ -138,9 +141,7 @@ pub fn decide(attempt: &Attempt<'_>, now: &Now) -> Decision {
             match (resident.mode, face) {
                 (AccessMode::Card | AccessMode::FaceOrCard, _) => Decision::grant(),
                 (AccessMode::FaceAndCard, None) => Decision::deny(Reason::ModeRequiresFace),
-                (AccessMode::FaceAndCard, Some(FacePart::NotRecognized)) => {
-                    Decision::deny(Reason::FaceNotRecognized)
-                }
+                (AccessMode::FaceAndCard, Some(FacePart::NotRecognized)) => Decision::deny(Reason::FaceNotRecognized),
                 (AccessMode::FaceAndCard, Some(FacePart::Spoof)) => Decision::deny(Reason::SpoofSuspected),
                 (AccessMode::FaceAndCard, Some(FacePart::Matched { resident: f })) => {
                     if f.id == resident.id {
@@ -183,9 +184,7 @@ pub fn guard(resident: &Resident, credentials: &[Credential], now_ms: i64) -> Re
         return Ok(());
     }
     let has_way_in = credentials.iter().any(|c| {
-        c.resident == resident.id
-            && c.credential.is_non_face()
-            && c.validity.check(now_ms) != ValidityState::Expired
+        c.resident == resident.id && c.credential.is_non_face() && c.validity.check(now_ms) != ValidityState::Expired
     });
     if has_way_in {
         Ok(())

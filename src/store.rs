@@ -189,7 +189,10 @@ impl Store {
     fn mutate<T>(
         &self,
         now_ms: i64,
-        f: impl FnOnce(&mut redb::Table<&str, &[u8]>, &mut redb::Table<&str, &[u8]>) -> Result<(T, Vec<ResidentId>), StoreError>,
+        f: impl FnOnce(
+            &mut redb::Table<&str, &[u8]>,
+            &mut redb::Table<&str, &[u8]>,
+        ) -> Result<(T, Vec<ResidentId>), StoreError>,
     ) -> Result<T, StoreError> {
         let tx = self.db.begin_write()?;
         let out = {
@@ -378,11 +381,7 @@ impl Store {
     }
 }
 
-fn put_credential(
-    creds: &mut redb::Table<&str, &[u8]>,
-    holder: &Resident,
-    c: &Credential,
-) -> Result<(), StoreError> {
+fn put_credential(creds: &mut redb::Table<&str, &[u8]>, holder: &Resident, c: &Credential) -> Result<(), StoreError> {
     if c.resident != holder.id {
         return Err(StoreError::InvalidResident("credential names another resident".into()));
     }
@@ -486,7 +485,9 @@ mod tests {
     fn outbox_assigns_sequence_numbers_and_acks_remove() {
         let (dir, s) = open();
         let stored = s
-            .append_events((0..5).map(|i| move |seq: u64| format!("{{\"i\":{i},\"seq\":{seq}}}").into_bytes()).collect())
+            .append_events(
+                (0..5).map(|i| move |seq: u64| format!("{{\"i\":{i},\"seq\":{seq}}}").into_bytes()).collect(),
+            )
             .unwrap();
         assert_eq!(stored.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
         assert_eq!(s.outbox_depth().unwrap(), 5);

@@ -38,13 +38,7 @@ pub enum Format {
 pub const RAW_MIN_BITS: u8 = 4;
 
 impl Format {
-    pub const ALL: [Format; 5] = [
-        Format::H10301,
-        Format::H10306,
-        Format::C1k35s,
-        Format::H10304,
-        Format::Raw,
-    ];
+    pub const ALL: [Format; 5] = [Format::H10301, Format::H10306, Format::C1k35s, Format::H10304, Format::Raw];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -153,12 +147,8 @@ static H10306: FormatSpec = FormatSpec {
 // Corporate 1000 35-bit: position 1 is even parity over every position p in 2..=33 with
 // p % 3 != 1, position 34 odd parity over every p in 1..=32 with p % 3 != 0, and position 0
 // odd parity over the whole frame 1..=34 (so it is computed last).
-static C1K35S_EVEN: [u8; 22] = [
-    2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18, 20, 21, 23, 24, 26, 27, 29, 30, 32, 33,
-];
-static C1K35S_ODD: [u8; 22] = [
-    1, 2, 4, 5, 7, 8, 10, 11, 13, 14, 16, 17, 19, 20, 22, 23, 25, 26, 28, 29, 31, 32,
-];
+static C1K35S_EVEN: [u8; 22] = [2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18, 20, 21, 23, 24, 26, 27, 29, 30, 32, 33];
+static C1K35S_ODD: [u8; 22] = [1, 2, 4, 5, 7, 8, 10, 11, 13, 14, 16, 17, 19, 20, 22, 23, 25, 26, 28, 29, 31, 32];
 static C1K35S_ALL: [u8; 34] = range::<34>(1);
 static C1K35S: FormatSpec = FormatSpec {
     len: 35,
@@ -614,11 +604,7 @@ impl Decoder {
 
     /// Call when the deadline has passed: ends a frame after the gap, or reports a stuck line.
     pub fn on_deadline(&mut self, now: MonoTime) -> Option<Outcome> {
-        let stuck = self
-            .low_since
-            .iter()
-            .flatten()
-            .any(|t| now.saturating_sub(*t) >= self.timing.frame_gap);
+        let stuck = self.low_since.iter().flatten().any(|t| now.saturating_sub(*t) >= self.timing.frame_gap);
         if stuck && self.phase != Phase::Stuck {
             let bits = self.bits;
             self.phase = Phase::Stuck;
@@ -626,9 +612,7 @@ impl Decoder {
             self.fault = None;
             return Some(Outcome::Rejected { why: Rejection::LineStuckLow, bits });
         }
-        let gap_over = self
-            .last_edge
-            .is_some_and(|t| now.saturating_sub(t) >= self.timing.frame_gap);
+        let gap_over = self.last_edge.is_some_and(|t| now.saturating_sub(t) >= self.timing.frame_gap);
         if !gap_over || self.is_idle() || self.phase == Phase::Stuck {
             return None;
         }
@@ -826,7 +810,11 @@ mod tests {
         let outs = run(&mut d, &std_edges(Bits::parse("0101").unwrap()));
         assert!(matches!(outs[..], [Outcome::Rejected { why: Rejection::ShortFrame, .. }]));
         let outs = run(&mut d, &std_edges(Bits::parse(&"1".repeat(30)).unwrap()));
-        assert!(matches!(outs[..], [Outcome::Card(_), Outcome::Rejected { why: Rejection::Overlong, .. }]) || matches!(outs[..], [Outcome::Rejected { .. }, Outcome::Rejected { why: Rejection::Overlong, .. }]), "{outs:?}");
+        assert!(
+            matches!(outs[..], [Outcome::Card(_), Outcome::Rejected { why: Rejection::Overlong, .. }])
+                || matches!(outs[..], [Outcome::Rejected { .. }, Outcome::Rejected { why: Rejection::Overlong, .. }]),
+            "{outs:?}"
+        );
         let mut d = Decoder::new(&[Format::H10301], Timing::default(), false);
         let outs = run(&mut d, &std_edges(Bits::parse(&"1".repeat(30)).unwrap()));
         assert!(matches!(outs[..], [Outcome::Rejected { why: Rejection::WrongLength, .. }]));
@@ -909,7 +897,13 @@ mod tests {
         // The line comes back: a clean frame decodes again.
         d.on_edge(WEdge { line: Line::D0, high: true, at: t + Duration::from_millis(200) });
         let bits = encode(Format::H10301, 7, 12345).unwrap();
-        let edges = edges_for(bits, t + Duration::from_millis(300), Duration::from_micros(50), Duration::from_millis(2), |_| Duration::ZERO);
+        let edges = edges_for(
+            bits,
+            t + Duration::from_millis(300),
+            Duration::from_micros(50),
+            Duration::from_millis(2),
+            |_| Duration::ZERO,
+        );
         let outs = run(&mut d, &edges);
         assert!(matches!(outs[..], [Outcome::Card(_)]), "{outs:?}");
     }

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 //! The card gate end to end: the real daemon on the simulated chip (its own process), a real
 //! mosquitto, real redb files, real signals.
 
@@ -86,13 +87,24 @@ fn card_swipes_open_the_door_or_are_denied_with_the_right_reason() {
     let mut bits: Vec<char> = gate.swipe_bits(7, 12345);
     let last = bits.len() - 1;
     bits[last] = if bits[last] == '1' { '0' } else { '1' };
-    gate.world(WorldOp::Raw { reader: "front".into(), bits: bits.into_iter().collect(), pulse_us: None, interval_us: None });
+    gate.world(WorldOp::Raw {
+        reader: "front".into(),
+        bits: bits.into_iter().collect(),
+        pulse_us: None,
+        interval_us: None,
+    });
     gate.swipe(7, 33333);
     let ev = sub.wait_events("access", Duration::from_secs(10), |e| e.len() >= 4);
-    let reasons: Vec<(&str, &str)> = ev.iter().map(|e| (e["decision"].as_str().unwrap(), e["reason"].as_str().unwrap())).collect();
+    let reasons: Vec<(&str, &str)> =
+        ev.iter().map(|e| (e["decision"].as_str().unwrap(), e["reason"].as_str().unwrap())).collect();
     assert_eq!(
         reasons,
-        vec![("granted", "granted"), ("denied", "unknown_card"), ("denied", "parity_error"), ("denied", "credential_expired")],
+        vec![
+            ("granted", "granted"),
+            ("denied", "unknown_card"),
+            ("denied", "parity_error"),
+            ("denied", "credential_expired")
+        ],
         "log:\n{}",
         gate.log()
     );
@@ -112,7 +124,8 @@ fn card_swipes_open_the_door_or_are_denied_with_the_right_reason() {
 
     // 3. A D0 line stuck low: an alarm, counted, and a good swipe still works after it recovers.
     gate.world(WorldOp::Line { pin: 17, high: false });
-    let alarms = sub.wait_events("alarm", Duration::from_secs(10), |e| e.iter().any(|a| a["alarm"] == "reader_line_stuck"));
+    let alarms =
+        sub.wait_events("alarm", Duration::from_secs(10), |e| e.iter().any(|a| a["alarm"] == "reader_line_stuck"));
     assert!(alarms.iter().any(|a| a["alarm"] == "reader_line_stuck" && a["reader"] == "front"), "{alarms:?}");
     gate.world(WorldOp::Line { pin: 17, high: true });
     std::thread::sleep(Duration::from_millis(100));

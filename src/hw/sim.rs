@@ -117,11 +117,7 @@ struct DoorWiring {
 
 impl Wiring {
     fn from_config(cfg: &Config) -> Wiring {
-        let readers = cfg
-            .readers
-            .iter()
-            .map(|r| (r.name.clone(), (r.d0_pin, r.d1_pin, r.parsed_formats())))
-            .collect();
+        let readers = cfg.readers.iter().map(|r| (r.name.clone(), (r.d0_pin, r.d1_pin, r.parsed_formats()))).collect();
         let active_high = |l: crate::config::ActiveLevel| l == crate::config::ActiveLevel::High;
         let doors = cfg
             .doors
@@ -354,7 +350,11 @@ async fn play_frame(chip: &Arc<Mutex<Chip>>, d0: u8, steps: Vec<(u8, bool, Durat
     play_from(chip, steps, start).await
 }
 
-async fn play_from(chip: &Arc<Mutex<Chip>>, steps: Vec<(u8, bool, Duration)>, start: MonoTime) -> Result<MonoTime, String> {
+async fn play_from(
+    chip: &Arc<Mutex<Chip>>,
+    steps: Vec<(u8, bool, Duration)>,
+    start: MonoTime,
+) -> Result<MonoTime, String> {
     let chip = chip.clone();
     let (tx, rx) = oneshot::channel();
     std::thread::spawn(move || {
@@ -480,10 +480,7 @@ async fn world_op(op: WorldOp, chip: &Arc<Mutex<Chip>>, wiring: &Arc<Wiring>) ->
             pins.sort_unstable();
             for p in pins {
                 let l = &c.lines[&p];
-                lines.insert(
-                    p.to_string(),
-                    json!({"high": l.level, "output": l.output, "claimed": l.owner.is_some()}),
-                );
+                lines.insert(p.to_string(), json!({"high": l.level, "output": l.output, "claimed": l.owner.is_some()}));
             }
             let mut doors = serde_json::Map::new();
             for (name, d) in wiring.doors.iter() {
@@ -508,8 +505,12 @@ async fn world_op(op: WorldOp, chip: &Arc<Mutex<Chip>>, wiring: &Arc<Wiring>) ->
 
 /// Send one world request and wait for its reply (used by `menshen sim ...` and tests).
 pub fn request(socket: &Path, op: &WorldOp) -> Result<Value, String> {
-    let mut s = StdUnixStream::connect(socket)
-        .map_err(|e| format!("cannot reach the simulated chip at {}: {e} (is the daemon or `menshen sim serve` running?)", socket.display()))?;
+    let mut s = StdUnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot reach the simulated chip at {}: {e} (is the daemon or `menshen sim serve` running?)",
+            socket.display()
+        )
+    })?;
     s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
     let mut line = serde_json::to_string(op).map_err(|e| e.to_string())?;
     line.push('\n');
@@ -618,9 +619,7 @@ impl InputLine for SimInput {
     }
 
     fn edges(&mut self) -> Result<mpsc::UnboundedReceiver<Edge>, HwError> {
-        self.rx
-            .take()
-            .ok_or(HwError::Line { pin: self.pin, message: "edges already taken".into() })
+        self.rx.take().ok_or(HwError::Line { pin: self.pin, message: "edges already taken".into() })
     }
 }
 

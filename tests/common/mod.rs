@@ -1,7 +1,7 @@
 //! Whole-daemon test harness: a real mosquitto on a loopback port, the simulated GPIO chip as its
 //! own process (so it outlives the daemon, like real lines), the real `menshen` binary, and an MQTT
 //! subscriber that records everything under `menshen/v1/#`.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use menshen::hw::sim::{self, WorldOp};
 use serde_json::Value;
@@ -163,7 +163,10 @@ impl Gate {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("sim.sock");
         let mut t: toml::Table = toml::from_str(menshen::config::DEFAULT_CONFIG).unwrap();
-        t["gate"].as_table_mut().unwrap().insert("state_dir".into(), dir.path().join("state").display().to_string().into());
+        t["gate"]
+            .as_table_mut()
+            .unwrap()
+            .insert("state_dir".into(), dir.path().join("state").display().to_string().into());
         t["log"].as_table_mut().unwrap().insert("level".into(), "debug".into());
         let hw = t["hardware"].as_table_mut().unwrap();
         let sim = hw["sim"].as_table_mut().unwrap();
@@ -219,7 +222,8 @@ impl Gate {
     }
 
     pub fn start_daemon(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
         let child = Command::new(BIN)
             .args(["run", "--config", self.config.to_str().unwrap()])
             .stdout(Stdio::null())
@@ -250,7 +254,11 @@ impl Gate {
 
     /// The H10301 frame of a card, as characters.
     pub fn swipe_bits(&self, facility: u64, card: u64) -> Vec<char> {
-        menshen::wiegand::encode(menshen::wiegand::Format::H10301, facility, card).unwrap().to_string().chars().collect()
+        menshen::wiegand::encode(menshen::wiegand::Format::H10301, facility, card)
+            .unwrap()
+            .to_string()
+            .chars()
+            .collect()
     }
 
     pub fn state(&self) -> Value {

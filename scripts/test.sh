@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command (README): dependencies, formatting, lints, every test, the systemd unit check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup-deps.sh
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+# Benches are built (so they cannot rot) but not run here: they are timed, see README.
+cargo build --release --benches
+cargo test --lib --bins --tests
+scripts/check-systemd.sh

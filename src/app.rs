@@ -34,7 +34,7 @@ use crate::events::NewEvent;
 use crate::hw::{self, Edge, Gpio, Relay};
 use crate::model::Day;
 use crate::policy::{self, Attempt, CardPart, Decision, Now, Reason};
-use crate::stats::Stats;
+use crate::stats::{GrantTrace, Stats};
 use crate::store::Store;
 use crate::wiegand::{Decoder, Line, Outcome, Rejection, WEdge};
 
@@ -46,12 +46,14 @@ pub struct ReaderOutput {
     pub outcome: Outcome,
     /// Kernel timestamp of the edge that completed the frame (or of the deadline).
     pub at: MonoTime,
+    /// When the reader stage had that edge.
+    pub received: MonoTime,
 }
 
 /// Commands to a door stage.
 #[derive(Debug, Clone, Copy)]
 pub enum DoorCmd {
-    Grant,
+    Grant(GrantTrace),
 }
 
 /// Claimed hardware and shared state, before any task runs.
@@ -117,9 +119,11 @@ impl App {
             Backend::Sim => {
                 let socket = cfg.hardware.sim.socket.clone();
                 if cfg.hardware.sim.embedded {
-                    // The simulated chip is hardware: it gets its own thread and runtime, so the
-                    // daemon's scheduling never delays an edge and a blocking claim cannot stall it.
-                    let (c, s, tok) = (cfg.clone(), socket.clone(), shutdown.child_token());
+                    // The simulated chip lives in this process: the daemon uses it directly (one
+                    // hop per edge, as with the kernel), and it is served on its socket, on its own
+                    // thread and runtime, for `menshen sim ...`.
+                    let chip = hw::sim::SimChip::new(&cfg);
+                    let (c, s, tok) = (chip.clone(), socket.clone(), shutdown.child_token());
                     sim_task = Some(std::thread::Builder::new().name("sim-chip".into()).spawn(move || {
                         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                             Ok(rt) => rt,
@@ -128,16 +132,21 @@ impl App {
                                 return;
                             }
                         };
-                        if let Err(error) = rt.block_on(hw::sim::serve(&c, &s, tok)) {
+                        if let Err(error) = rt.block_on(c.serve(&s, tok)) {
                             tracing::error!(%error, "simulated chip stopped");
                         }
                     })?);
+                    Arc::new(chip.local_gpio())
+                } else {
+                    let sock = socket.clone();
+                    let g =
+                        tokio::task::spawn_blocking(move || hw::sim::SimGpio::connect(&sock, Duration::from_secs(5)))
+                            .await?
+                            .with_context(|| {
+                                format!("connecting to the simulated GPIO chip at {}", socket.display())
+                            })?;
+                    Arc::new(hw::sim::SharedSimGpio(Arc::new(g)))
                 }
-                let sock = socket.clone();
-                let g = tokio::task::spawn_blocking(move || hw::sim::SimGpio::connect(&sock, Duration::from_secs(5)))
-                    .await?
-                    .with_context(|| format!("connecting to the simulated GPIO chip at {}", socket.display()))?;
-                Arc::new(hw::sim::SharedSimGpio(Arc::new(g)))
             }
         };
         // Relays first: the safe state must not wait for anything else.
@@ -325,6 +334,7 @@ async fn reader_stage(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<Reade
         door: r.cfg.door.clone(),
         outcome,
         at,
+        received: MonoTime::now(),
     };
     let mut batch: Vec<WEdge> = Vec::new();
     loop {
@@ -411,7 +421,8 @@ async fn gate_stage(
                     }
                 };
                 if decision.granted {
-                    match doors.get(&msg.door).map(|d| d.try_send(DoorCmd::Grant)) {
+                    let trace = GrantTrace { edge: msg.at, received: msg.received, decided: MonoTime::now() };
+                    match doors.get(&msg.door).map(|d| d.try_send(DoorCmd::Grant(trace))) {
                         Some(Ok(())) => {}
                         _ => tracing::error!(door = %msg.door, "door stage not accepting grants"),
                     }
@@ -476,7 +487,16 @@ async fn door_stage(
             biased;
             _ = ctx.shutdown.cancelled() => break,
             Some(cmd) = cmds.recv() => match cmd {
-                DoorCmd::Grant => d.core.grant(MonoTime::now()),
+                DoorCmd::Grant(trace) => {
+                    let actions = d.core.grant(MonoTime::now());
+                    let moves = actions.iter().any(|a| matches!(a, Action::Relay { .. }));
+                    apply(&name, &mut d.relay, actions, &events).await;
+                    if moves {
+                        // Measured after the relay command went out (events are queued after it).
+                        ctx.stats.record_grant(trace, d.relay.last_command());
+                    }
+                    Vec::new()
+                }
             },
             Some(e) = recv_opt(&mut d.contact) => d.core.input(Input::Contact(contact_lvl.is_active(e.high)), e.at),
             Some(e) = recv_opt(&mut d.rex) => d.core.input(Input::Rex(rex_lvl.is_active(e.high)), e.at),

@@ -20,6 +20,54 @@ pub struct Stats {
     pub mqtt_online: AtomicBool,
     rejections: Mutex<BTreeMap<&'static str, u64>>,
     heartbeats: Mutex<BTreeMap<String, u64>>,
+    latency: Mutex<LatencyRings>,
+}
+
+/// The last [`RING`] granted card decisions, split by hop, in nanoseconds.
+pub const RING: usize = 4096;
+
+#[derive(Debug, Default, Clone)]
+pub struct LatencyRings {
+    /// Last Wiegand edge (kernel timestamp) → the reader stage has it.
+    pub delivery: Vec<u64>,
+    /// Reader stage → decision made (decode, store lookup, policy).
+    pub decide: Vec<u64>,
+    /// Decision → relay command issued by the door stage.
+    pub actuate: Vec<u64>,
+    /// Reader stage has the edge → relay command: the daemon's own processing.
+    pub processing: Vec<u64>,
+    /// Last edge → relay command, end to end.
+    pub total: Vec<u64>,
+    next: usize,
+}
+
+/// Timestamps of one granted card decision on its way to the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantTrace {
+    pub edge: MonoTime,
+    pub received: MonoTime,
+    pub decided: MonoTime,
+}
+
+/// p50/p99/max of a set of nanosecond samples, in microseconds.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct Percentiles {
+    pub n: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+impl Percentiles {
+    pub fn of(samples: &[u64]) -> Percentiles {
+        if samples.is_empty() {
+            return Percentiles::default();
+        }
+        let mut v = samples.to_vec();
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize] as f64 / 1_000.0;
+        Percentiles { n: v.len(), p50_us: at(0.5), p99_us: at(0.99), max_us: at(1.0) }
+    }
 }
 
 impl Stats {
@@ -55,7 +103,35 @@ impl Stats {
             .collect()
     }
 
+    /// Record a granted decision's path once its relay command is issued at `relay`.
+    pub fn record_grant(&self, t: GrantTrace, relay: MonoTime) {
+        let mut guard = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let r = &mut *guard;
+        let vals = [
+            t.received.saturating_sub(t.edge),
+            t.decided.saturating_sub(t.received),
+            relay.saturating_sub(t.decided),
+            relay.saturating_sub(t.received),
+            relay.saturating_sub(t.edge),
+        ]
+        .map(|d| d.as_nanos() as u64);
+        let i = r.next;
+        for (ring, v) in [&mut r.delivery, &mut r.decide, &mut r.actuate, &mut r.processing, &mut r.total].into_iter().zip(vals) {
+            if ring.len() < RING {
+                ring.push(v);
+            } else {
+                ring[i] = v;
+            }
+        }
+        r.next = (i + 1) % RING;
+    }
+
+    pub fn latency(&self) -> LatencyRings {
+        self.latency.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
+        let l = self.latency();
         StatsSnapshot {
             granted: self.granted.load(Ordering::Relaxed),
             denied: self.denied.load(Ordering::Relaxed),
@@ -65,6 +141,13 @@ impl Stats {
             mqtt_connects: self.mqtt_connects.load(Ordering::Relaxed),
             mqtt_online: self.mqtt_online.load(Ordering::Relaxed),
             wiegand_rejections: self.rejections(),
+            card_latency: LatencySnapshot {
+                delivery: Percentiles::of(&l.delivery),
+                decide: Percentiles::of(&l.decide),
+                actuate: Percentiles::of(&l.actuate),
+                processing: Percentiles::of(&l.processing),
+                total: Percentiles::of(&l.total),
+            },
         }
     }
 }
@@ -79,4 +162,15 @@ pub struct StatsSnapshot {
     pub mqtt_connects: u64,
     pub mqtt_online: bool,
     pub wiegand_rejections: BTreeMap<&'static str, u64>,
+    /// Granted card decisions, last edge → relay command, split by hop.
+    pub card_latency: LatencySnapshot,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencySnapshot {
+    pub delivery: Percentiles,
+    pub decide: Percentiles,
+    pub actuate: Percentiles,
+    pub processing: Percentiles,
+    pub total: Percentiles,
 }

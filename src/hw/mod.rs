@@ -52,19 +52,26 @@ pub struct Relay {
     line: Box<dyn OutputLine>,
     active_high: bool,
     energized: bool,
+    last_command: MonoTime,
 }
 
 impl Relay {
     /// Claim the line already in the safe (de-energized) state.
     pub fn open(gpio: &dyn Gpio, pin: u8, active_high: bool) -> Result<Relay, HwError> {
         let line = gpio.output(pin, !active_high)?;
-        Ok(Relay { line, active_high, energized: false })
+        Ok(Relay { line, active_high, energized: false, last_command: MonoTime::now() })
     }
 
     pub fn set(&mut self, energized: bool) -> Result<(), HwError> {
+        self.last_command = MonoTime::now();
         self.line.set(energized == self.active_high)?;
         self.energized = energized;
         Ok(())
+    }
+
+    /// When the last command was issued.
+    pub fn last_command(&self) -> MonoTime {
+        self.last_command
     }
 
     pub fn energized(&self) -> bool {

@@ -55,6 +55,9 @@ struct Line {
     writes: u64,
 }
 
+/// The connection id of the in-process client (socket connections count from 1).
+const LOCAL: u64 = 0;
+
 /// A simulated reader, like a real one, leaves at least this much silence between frames.
 pub const READER_REARM: Duration = Duration::from_millis(60);
 
@@ -63,6 +66,8 @@ struct Chip {
     lines: HashMap<u8, Line>,
     /// When each reader (by its D0 pin) may start its next frame.
     reader_free_at: HashMap<u8, MonoTime>,
+    /// Edge channels of the in-process client (connection id [`LOCAL`]).
+    local_edges: HashMap<u8, mpsc::UnboundedSender<Edge>>,
     conns: HashMap<u64, mpsc::UnboundedSender<String>>,
     next_conn: u64,
 }
@@ -88,7 +93,11 @@ impl Chip {
             return None;
         }
         line.level = high;
-        if let Some(owner) = line.owner {
+        if line.owner == Some(LOCAL) {
+            if let Some(tx) = self.local_edges.get(&pin) {
+                let _ = tx.send(Edge { high, at });
+            }
+        } else if let Some(owner) = line.owner {
             let msg = json!({"edge": {"pin": pin, "high": high, "t_ns": at.as_nanos()}}).to_string();
             if let Some(tx) = self.conns.get(&owner) {
                 // A closed connection is cleaned up by its handler.
@@ -176,46 +185,114 @@ pub enum WorldOp {
     State,
 }
 
-/// Serve the simulated chip on `socket` until `shutdown`.
+/// Serve a simulated chip for `cfg` on `socket` until `shutdown` (`menshen sim serve`).
 pub async fn serve(cfg: &Config, socket: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let wiring = Arc::new(Wiring::from_config(cfg));
-    let chip = Arc::new(Mutex::new(Chip::default()));
-    {
-        // Idle levels: Wiegand lines high, doors closed, buttons released, fire inactive.
-        let mut c = lock(&chip);
-        for (d0, d1, _) in wiring.readers.values() {
-            c.line(*d0).level = true;
-            c.line(*d1).level = true;
-        }
-        for d in wiring.doors.values() {
-            for (pin, active_high) in [d.contact, d.rex, d.fire].into_iter().flatten() {
-                c.line(pin).level = !active_high;
+    SimChip::new(cfg).serve(socket, shutdown).await
+}
+
+/// A simulated chip: its lines and the configured wiring.
+#[derive(Clone)]
+pub struct SimChip {
+    chip: Arc<Mutex<Chip>>,
+    wiring: Arc<Wiring>,
+}
+
+impl SimChip {
+    /// A chip with every line idle: Wiegand lines high, doors closed, buttons released.
+    pub fn new(cfg: &Config) -> SimChip {
+        let wiring = Arc::new(Wiring::from_config(cfg));
+        let chip = Arc::new(Mutex::new(Chip { next_conn: LOCAL, ..Chip::default() }));
+        {
+            // Idle levels: Wiegand lines high, doors closed, buttons released, fire inactive.
+            let mut c = lock(&chip);
+            for (d0, d1, _) in wiring.readers.values() {
+                c.line(*d0).level = true;
+                c.line(*d1).level = true;
             }
-            // An unclaimed relay line reads as not energized.
-            c.line(d.relay).level = !d.relay_active_high;
-        }
-    }
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)?;
-    tracing::info!(socket = %socket.display(), "simulated GPIO chip serving");
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            acc = listener.accept() => {
-                let (stream, _) = match acc {
-                    Ok(s) => s,
-                    Err(error) => { tracing::warn!(%error, "sim accept failed"); continue; }
-                };
-                let (chip, wiring) = (chip.clone(), wiring.clone());
-                tokio::spawn(async move { handle_conn(stream, chip, wiring).await });
+            for d in wiring.doors.values() {
+                for (pin, active_high) in [d.contact, d.rex, d.fire].into_iter().flatten() {
+                    c.line(pin).level = !active_high;
+                }
+                // An unclaimed relay line reads as not energized.
+                c.line(d.relay).level = !d.relay_active_high;
             }
         }
+        SimChip { chip, wiring }
     }
-    let _ = std::fs::remove_file(socket);
-    Ok(())
+
+    /// An in-process client: edges go straight from the chip into the reader's channel, one
+    /// hop, as the kernel hands a GPIO event to rppal's thread (the socket adds two more).
+    pub fn local_gpio(&self) -> LocalSimGpio {
+        LocalSimGpio { chip: self.chip.clone() }
+    }
+
+    /// Serve the chip on `socket` until `shutdown`.
+    pub async fn serve(&self, socket: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let (chip, wiring) = (self.chip.clone(), self.wiring.clone());
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket)?;
+        tracing::info!(socket = %socket.display(), "simulated GPIO chip serving");
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                acc = listener.accept() => {
+                    let (stream, _) = match acc {
+                        Ok(s) => s,
+                        Err(error) => { tracing::warn!(%error, "sim accept failed"); continue; }
+                    };
+                    let (chip, wiring) = (chip.clone(), wiring.clone());
+                    tokio::spawn(async move { handle_conn(stream, chip, wiring).await });
+                }
+            }
+        }
+        let _ = std::fs::remove_file(socket);
+        Ok(())
+    }
+}
+
+/// The daemon's in-process handle on an embedded [`SimChip`].
+#[derive(Clone)]
+pub struct LocalSimGpio {
+    chip: Arc<Mutex<Chip>>,
+}
+
+fn local_claim(chip: &Arc<Mutex<Chip>>, v: Value, pin: u8) -> Result<Value, HwError> {
+    let reply = chip_op(&v, LOCAL, chip);
+    if reply["ok"] == json!(true) {
+        Ok(reply)
+    } else {
+        Err(HwError::Line { pin, message: reply["error"].as_str().unwrap_or("refused").to_string() })
+    }
+}
+
+struct LocalOutput {
+    chip: Arc<Mutex<Chip>>,
+    pin: u8,
+}
+
+impl OutputLine for LocalOutput {
+    fn set(&mut self, high: bool) -> Result<(), HwError> {
+        let t = MonoTime::now().as_nanos();
+        local_claim(&self.chip, json!({"op": "set", "pin": self.pin, "high": high, "t_ns": t}), self.pin).map(|_| ())
+    }
+}
+
+impl Gpio for LocalSimGpio {
+    fn input(&self, pin: u8) -> Result<Box<dyn InputLine>, HwError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.chip).local_edges.insert(pin, tx);
+        let reply = local_claim(&self.chip, json!({"op": "claim_input", "pin": pin}), pin)?;
+        let level = reply["high"].as_bool().unwrap_or(true);
+        Ok(Box::new(SimInput { level: Arc::new(Mutex::new(level)), rx: Some(rx), pin }))
+    }
+
+    fn output(&self, pin: u8, initial_high: bool) -> Result<Box<dyn OutputLine>, HwError> {
+        local_claim(&self.chip, json!({"op": "claim_output", "pin": pin, "high": initial_high}), pin)?;
+        Ok(Box::new(LocalOutput { chip: self.chip.clone(), pin }))
+    }
 }
 
 async fn handle_conn(stream: tokio::net::UnixStream, chip: Arc<Mutex<Chip>>, wiring: Arc<Wiring>) {
@@ -372,7 +449,8 @@ async fn play_from(
     rx.await.map_err(|_| "timing thread failed".to_string())
 }
 
-/// Sleep most of the way, then spin: std sleep alone overshoots by ~60 µs, more than a pulse.
+/// Sleep most of the way, then spin the last stretch: std sleep alone overshoots by ~60 µs, more
+/// than a pulse. The spin is kept short so the simulator does not steal a core from the daemon.
 fn wait_until(t: MonoTime) {
     loop {
         let now = MonoTime::now();
@@ -380,8 +458,8 @@ fn wait_until(t: MonoTime) {
             return;
         }
         let left = t.saturating_sub(now);
-        if left > Duration::from_micros(300) {
-            std::thread::sleep(left - Duration::from_micros(200));
+        if left > Duration::from_micros(150) {
+            std::thread::sleep(left - Duration::from_micros(100));
         } else {
             std::hint::spin_loop();
         }

@@ -154,8 +154,8 @@ fn demo(no_script: bool, exit_after_script: bool) -> anyhow::Result<()> {
                 if let Err(e) = r {
                     println!("  sim error: {e}");
                 }
-                // Let the 3 s unlock from the exit button run out before the forced-door step.
-                let pause = if what.starts_with("the exit button") { 3_500 } else { 400 };
+                // Let the 3 s unlock and the 2 s shunt grace after it run out before the forced-door step.
+                let pause = if what.starts_with("the exit button") { 5_500 } else { 400 };
                 tokio::time::sleep(Duration::from_millis(pause)).await;
             }
             tokio::time::sleep(Duration::from_millis(3_200)).await;

@@ -145,11 +145,15 @@ fn main() {
     println!("  max {:>8.1} us", pct(1.0));
     println!("  mean {:>7.1} us", mean);
     println!("  inside the daemon (last edge -> relay, as recorded by its stages):");
-    for (name, p) in
-        [("delivery", split.delivery), ("decide", split.decide), ("actuate", split.actuate), ("processing", split.processing), ("total", split.total)]
-    {
+    for (name, p) in [
+        ("delivery", split.delivery),
+        ("decide", split.decide),
+        ("actuate", split.actuate),
+        ("processing", split.processing),
+        ("total", split.total),
+    ] {
         println!(
-            "    {name:<9} p50 {:>7.1} us  p99 {:>7.1} us  max {:>8.1} us  (n={})",
+            "    {name:<10} p50 {:>7.1} us  p99 {:>7.1} us  max {:>8.1} us  (n={})",
             p.p50_us, p.p99_us, p.max_us, p.n
         );
     }

@@ -116,7 +116,9 @@ impl Stats {
         ]
         .map(|d| d.as_nanos() as u64);
         let i = r.next;
-        for (ring, v) in [&mut r.delivery, &mut r.decide, &mut r.actuate, &mut r.processing, &mut r.total].into_iter().zip(vals) {
+        for (ring, v) in
+            [&mut r.delivery, &mut r.decide, &mut r.actuate, &mut r.processing, &mut r.total].into_iter().zip(vals)
+        {
             if ring.len() < RING {
                 ring.push(v);
             } else {

@@ -582,8 +582,19 @@ async fn outbox_stage(
         ctx.stats.beat(&ctx.name);
         let depth = store.outbox_depth().unwrap_or(0);
         if depth >= cfg.gate.outbox_alarm_depth && !alarmed {
+            // D2: the backlog is bounded by disk; past the configured depth, raise an alarm that
+            // itself waits in the outbox and reaches the BMS first thing after the outage.
             alarmed = true;
             tracing::error!(depth, "outbox over its alarm depth: the broker has been unreachable for long");
+            let alarm =
+                NewEvent::alarm(wall_ms(), "outbox_over_capacity", None, Some(format!("{depth} undelivered events")));
+            let (site, gate) = (cfg.gate.site.clone(), cfg.gate.gate.clone());
+            let st = store.clone();
+            let b = vec![move |seq: u64| alarm.to_json(seq, &site, &gate, backfill)];
+            if let Ok(Ok(_)) = tokio::task::spawn_blocking(move || st.append_events(b)).await {
+                ctx.stats.events_stored.fetch_add(1, Ordering::Relaxed);
+                wake.notify_one();
+            }
         } else if depth < cfg.gate.outbox_alarm_depth / 2 {
             alarmed = false;
         }

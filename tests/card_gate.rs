@@ -228,3 +228,31 @@ fn sigkill_then_restart_publishes_every_stored_event_and_starts_safe() {
         gate.log()
     );
 }
+
+#[test]
+fn an_outbox_over_its_cap_raises_an_alarm_that_is_delivered_later() {
+    let port = common::free_port();
+    let gate = Gate::new(GateOpts { mqtt_port: port, pulse_ms: 200, ..Default::default() });
+    // A tiny cap, so a few swipes during the outage cross it.
+    let text = std::fs::read_to_string(&gate.config)
+        .unwrap()
+        .replace("outbox_alarm_depth = 1000000", "outbox_alarm_depth = 3");
+    std::fs::write(&gate.config, text).unwrap();
+    let mut gate = gate;
+    gate.start_sim();
+    gate.start_daemon();
+    for n in 0..4 {
+        gate.swipe(7, 60_000 + n);
+    }
+    assert!(wait_for(Duration::from_secs(10), || gate.status().unwrap_or_default()["stats"]["denied"] == 4));
+    assert!(wait_for(Duration::from_secs(5), || gate.log().contains("outbox over its alarm depth")));
+    // Stop, bring the broker and a subscriber up, restart: the stored alarm goes out.
+    assert!(gate.signal_daemon("TERM").success());
+    let broker = Broker::start(port);
+    let sub = Subscriber::start(broker.port, "menshen/v1/#");
+    gate.start_daemon();
+    let alarms =
+        sub.wait_events("alarm", Duration::from_secs(20), |a| a.iter().any(|e| e["alarm"] == "outbox_over_capacity"));
+    let a = alarms.iter().find(|e| e["alarm"] == "outbox_over_capacity").expect("no outbox alarm");
+    assert_eq!(a["backfill"], true);
+}

@@ -9,3 +9,4 @@ cargo clippy --all-targets -- -D warnings
 cargo build --release --benches
 cargo test --lib --bins --tests
 scripts/check-systemd.sh
+scripts/check-setup-runtime.sh

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{wall_ms, MonoTime};
-use crate::config::{ActiveLevel, Backend, Config, DoorConfig, ReaderConfig};
+use crate::config::{ActiveLevel, Config, DoorConfig, ReaderConfig};
 use crate::door::{Action, DoorCore, DoorEvent, Input};
 use crate::events::NewEvent;
 use crate::hw::{self, Edge, Gpio, Relay};
@@ -113,42 +113,7 @@ impl App {
     /// after a crash puts the door in its fail mode before anything else happens.
     pub async fn build(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<App> {
         let stats = Arc::new(Stats::default());
-        let mut sim_task = None;
-        let gpio: Arc<dyn Gpio> = match cfg.hardware.backend {
-            Backend::Rpi => Arc::new(hw::rpi::RpiGpio::new().context("opening the GPIO chip")?),
-            Backend::Sim => {
-                let socket = cfg.hardware.sim.socket.clone();
-                if cfg.hardware.sim.embedded {
-                    // The simulated chip lives in this process: the daemon uses it directly (one
-                    // hop per edge, as with the kernel), and it is served on its socket, on its own
-                    // thread and runtime, for `menshen sim ...`.
-                    let chip = hw::sim::SimChip::new(&cfg);
-                    let (c, s, tok) = (chip.clone(), socket.clone(), shutdown.child_token());
-                    sim_task = Some(std::thread::Builder::new().name("sim-chip".into()).spawn(move || {
-                        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                            Ok(rt) => rt,
-                            Err(error) => {
-                                tracing::error!(%error, "simulated chip: no runtime");
-                                return;
-                            }
-                        };
-                        if let Err(error) = rt.block_on(c.serve(&s, tok)) {
-                            tracing::error!(%error, "simulated chip stopped");
-                        }
-                    })?);
-                    Arc::new(chip.local_gpio())
-                } else {
-                    let sock = socket.clone();
-                    let g =
-                        tokio::task::spawn_blocking(move || hw::sim::SimGpio::connect(&sock, Duration::from_secs(5)))
-                            .await?
-                            .with_context(|| {
-                                format!("connecting to the simulated GPIO chip at {}", socket.display())
-                            })?;
-                    Arc::new(hw::sim::SharedSimGpio(Arc::new(g)))
-                }
-            }
-        };
+        let (gpio, sim_task) = hw::open_gpio(&cfg, &shutdown).await?;
         // Relays first: the safe state must not wait for anything else.
         let mut doors = Vec::new();
         for d in &cfg.doors {

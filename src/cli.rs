@@ -60,10 +60,50 @@ pub enum Command {
     /// Drive the simulated hardware (cards, door, exit button, fire input) and read its state.
     #[command(subcommand)]
     Sim(SimCmd),
+    /// Wiring checks for installers (stop the daemon first: they claim the same lines).
+    #[command(subcommand)]
+    Test(TestCmd),
     /// Show a running daemon's counters and outbox depth.
     Status {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TestCmd {
+    /// Print every frame a reader sends (bits, length, format, parity) and diagnose swapped D0/D1,
+    /// a missing common ground or a stuck line.
+    Reader {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long, default_value = "front")]
+        reader: String,
+        /// Stop after this many frames.
+        #[arg(long, default_value_t = usize::MAX)]
+        count: usize,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        seconds: u64,
+        /// One JSON object per frame.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pulse a door's relay once for its configured time.
+    Relay {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long, default_value = "front")]
+        door: String,
+    },
+    /// Show every door contact, exit button and fire input, and each change.
+    Inputs {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 3600)]
+        seconds: u64,
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -21,3 +21,4 @@ pub mod policy;
 pub mod stats;
 pub mod store;
 pub mod wiegand;
+pub mod wiring;

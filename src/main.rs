@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use menshen::cli::{self, Cli, Command, SimCmd};
+use menshen::cli::{self, Cli, Command, SimCmd, TestCmd};
 use menshen::config;
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -103,6 +103,39 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
+        Command::Test(cmd) => {
+            let path = match &cmd {
+                TestCmd::Reader { config, .. } | TestCmd::Relay { config, .. } | TestCmd::Inputs { config, .. } => {
+                    config.clone()
+                }
+            };
+            let cfg = match config::load(&path) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    return ExitCode::from(e.exit_code() as u8);
+                }
+            };
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => return fail(e.into()),
+            };
+            let res = rt.block_on(async move {
+                match cmd {
+                    TestCmd::Reader { reader, count, seconds, json, .. } => {
+                        menshen::wiring::test_reader(cfg, &reader, count, seconds, json).await.map(|_| ())
+                    }
+                    TestCmd::Relay { door, .. } => menshen::wiring::test_relay(cfg, &door).await,
+                    TestCmd::Inputs { seconds, json, .. } => {
+                        menshen::wiring::test_inputs(cfg, seconds, json).await.map(|_| ())
+                    }
+                }
+            });
+            match res {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
         Command::Status { config: path } => {
             let res = config::load(&path).map_err(anyhow::Error::from).and_then(|c| menshen::app::status(&c));
             match res {

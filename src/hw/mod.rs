@@ -6,9 +6,14 @@
 pub mod rpi;
 pub mod sim;
 
+use anyhow::Context;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::clock::MonoTime;
+use crate::config::{Backend, Config};
 
 /// One edge on an input line: the level after it and when it happened (CLOCK_MONOTONIC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +89,44 @@ impl Drop for Relay {
         if self.energized {
             // Best effort on the way out: the line may already be gone with the chip.
             let _ = self.line.set(!self.active_high);
+        }
+    }
+}
+
+/// Open the configured GPIO chip. For an embedded simulated chip this also starts it, on its own
+/// thread and runtime, served on its socket for `menshen sim ...`; the thread is returned.
+pub async fn open_gpio(
+    cfg: &Arc<Config>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Arc<dyn Gpio>, Option<std::thread::JoinHandle<()>>)> {
+    match cfg.hardware.backend {
+        Backend::Rpi => Ok((Arc::new(rpi::RpiGpio::new().context("opening the GPIO chip")?), None)),
+        Backend::Sim => {
+            let socket = cfg.hardware.sim.socket.clone();
+            if cfg.hardware.sim.embedded {
+                // The daemon uses the chip directly (one hop per edge, as with the kernel).
+                let chip = sim::SimChip::new(cfg);
+                let (c, s, tok) = (chip.clone(), socket.clone(), shutdown.child_token());
+                let thread = std::thread::Builder::new().name("sim-chip".into()).spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt,
+                        Err(error) => {
+                            tracing::error!(%error, "simulated chip: no runtime");
+                            return;
+                        }
+                    };
+                    if let Err(error) = rt.block_on(c.serve(&s, tok)) {
+                        tracing::error!(%error, "simulated chip stopped");
+                    }
+                })?;
+                Ok((Arc::new(chip.local_gpio()), Some(thread)))
+            } else {
+                let sock = socket.clone();
+                let g = tokio::task::spawn_blocking(move || sim::SimGpio::connect(&sock, Duration::from_secs(5)))
+                    .await?
+                    .with_context(|| format!("connecting to the simulated GPIO chip at {}", socket.display()))?;
+                Ok((Arc::new(sim::SharedSimGpio(Arc::new(g))), None))
+            }
         }
     }
 }

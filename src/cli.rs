@@ -60,6 +60,20 @@ pub enum Command {
     /// Drive the simulated hardware (cards, door, exit button, fire input) and read its state.
     #[command(subcommand)]
     Sim(SimCmd),
+    /// Check the installation: config, GPIO lines, broker, clock, disk, store, watchdog. One line
+    /// per check with a fix hint; exit 1 if any check fails.
+    Doctor {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Minimum free space for the state directory.
+        #[arg(long, default_value_t = 100)]
+        min_free_mb: u64,
+        /// Look for the systemd unit here instead of the standard places (repeatable).
+        #[arg(long = "unit")]
+        units: Vec<PathBuf>,
+    },
     /// Wiring checks for installers (stop the daemon first: they claim the same lines).
     #[command(subcommand)]
     Test(TestCmd),

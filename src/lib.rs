@@ -12,6 +12,7 @@ pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod doctor;
 pub mod door;
 pub mod events;
 pub mod hw;

@@ -103,6 +103,22 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
+        Command::Doctor { config: path, json, min_free_mb, units } => {
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => return fail(e.into()),
+            };
+            let mut opts = menshen::doctor::DoctorOpts { min_free_mb, ..Default::default() };
+            if !units.is_empty() {
+                opts.unit_paths = units;
+            }
+            let checks = rt.block_on(menshen::doctor::run(&path, &opts));
+            if menshen::doctor::print(&checks, json) {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
         Command::Test(cmd) => {
             let path = match &cmd {
                 TestCmd::Reader { config, .. } | TestCmd::Relay { config, .. } | TestCmd::Inputs { config, .. } => {

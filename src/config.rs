@@ -551,6 +551,17 @@ mod tests {
         assert!(cfg.mqtt.username.is_none() && cfg.mqtt.password_file.is_none(), "no default credentials");
     }
 
+    #[test]
+    fn the_packaged_board_config_is_the_default_on_rpi_hardware() {
+        let board = include_str!("../config/menshen.rpi.toml");
+        let cfg = parse(board).unwrap();
+        assert_eq!(cfg.hardware.backend, Backend::Rpi);
+        // Only the backend line differs, so the two files cannot drift apart.
+        let differing: Vec<_> = DEFAULT_CONFIG.lines().zip(board.lines()).filter(|(a, b)| a != b).collect();
+        assert_eq!(differing.len(), 1, "{differing:?}");
+        assert_eq!(DEFAULT_CONFIG.lines().count(), board.lines().count());
+    }
+
     fn with(edit: impl Fn(&mut toml::Table)) -> Result<Config, ConfigError> {
         let mut t: toml::Table = toml::from_str(DEFAULT_CONFIG).unwrap();
         edit(&mut t);

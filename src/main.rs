@@ -209,11 +209,14 @@ fn demo(no_script: bool, exit_after_script: bool) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(3_200)).await;
         }
+        // Name the binary as it was started (e.g. target/release/menshen from `cargo run`), so
+        // the commands can be pasted as they are: a fresh clone has no `menshen` on its PATH.
+        let me = std::env::args().next().unwrap_or_else(|| "menshen".into());
         println!("\nTry it yourself from another terminal in this directory:");
-        println!("  menshen sim swipe --reader front --card 12345 --facility 7");
-        println!("  menshen sim raw --reader front --bits 10000011100110000001110010");
-        println!("  menshen sim door open ; menshen sim rex ; menshen sim state");
-        println!("  menshen status --config {}", cli::DEMO_DIR.to_string() + "/menshen.toml");
+        println!("  {me} sim swipe --reader front --card 12345 --facility 7");
+        println!("  {me} sim raw --reader front --bits 10000011100110000001110010");
+        println!("  {me} sim door open ; {me} sim rex ; {me} sim state");
+        println!("  {me} status --config {}/menshen.toml", cli::DEMO_DIR);
         if exit_after_script {
             // Stop the daemon the way systemd would.
             let pid = std::process::id();

@@ -2,13 +2,15 @@
 # Packages and cross-builds, as CI checks them every run:
 #  - amd64: build the .deb, install it, check the installed binary, config and systemd unit, purge it;
 #  - aarch64: cross-build the release binary (default features) and its .deb without Docker, check it is
-#    an aarch64 ELF and run `--version` and `check-config` under qemu-user.
+#    an aarch64 ELF and run `--version`, `check-config` and a store round-trip under qemu-user;
+#  - armv7 (32-bit boards): the same for the binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 need=()
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
 command -v qemu-aarch64-static >/dev/null 2>&1 || need+=(qemu-user-static)
 command -v file >/dev/null 2>&1 || need+=(file)
 command -v adduser >/dev/null 2>&1 || need+=(adduser)
@@ -16,7 +18,20 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-rustup target list --installed | grep -q '^aarch64-unknown-linux-gnu$' || rustup target add aarch64-unknown-linux-gnu
+for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
+  rustup target list --installed | grep -q "^$t\$" || rustup target add "$t"
+done
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+# Run a cross-built binary under qemu-user: --version, check-config, and a real store round-trip.
+under_qemu() {
+  local qemu=$1 sysroot=$2 bin=$3 name=$4
+  "$qemu" -L "$sysroot" "$bin" --version
+  "$qemu" -L "$sysroot" "$bin" check-config config/menshen.rpi.toml
+  sed "s#/var/lib/menshen#$tmp/$name-state#" config/menshen.rpi.toml > "$tmp/$name.toml"
+  "$qemu" -L "$sysroot" "$bin" resident add r-1 --card H10301:7:12345 --config "$tmp/$name.toml"
+  "$qemu" -L "$sysroot" "$bin" resident list --config "$tmp/$name.toml" | grep -q 'r-1.*H10301:\*:\*45'
+}
 command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked
 
 echo "== amd64 package"
@@ -39,8 +54,15 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 cargo deb --target aarch64-unknown-linux-gnu
 bin=target/aarch64-unknown-linux-gnu/release/menshen
 file "$bin" | tee /dev/stderr | grep -q 'ELF 64-bit LSB .* ARM aarch64'
-qemu-aarch64-static -L /usr/aarch64-linux-gnu "$bin" --version
-qemu-aarch64-static -L /usr/aarch64-linux-gnu "$bin" check-config config/menshen.rpi.toml
+under_qemu qemu-aarch64-static /usr/aarch64-linux-gnu "$bin" aarch64
 adeb=$(ls -t target/debian/menshen_*_arm64.deb | head -n 1)
 dpkg-deb -f "$adeb" Architecture | grep -qx arm64
-echo "aarch64: $bin is an aarch64 ELF, runs under qemu; $(basename "$adeb") built"
+echo "aarch64: $bin is an aarch64 ELF, runs under qemu (store round-trip ok); $(basename "$adeb") built"
+
+echo "== armv7 cross-build (32-bit boards)"
+export CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_LINKER=arm-linux-gnueabihf-gcc
+cargo build --release --target armv7-unknown-linux-gnueabihf
+bin=target/armv7-unknown-linux-gnueabihf/release/menshen
+file "$bin" | tee /dev/stderr | grep -q 'ELF 32-bit LSB .* ARM, EABI5'
+under_qemu qemu-arm-static /usr/arm-linux-gnueabihf "$bin" armv7
+echo "armv7: $bin is a 32-bit ARM ELF, runs under qemu (store round-trip ok)"

@@ -82,3 +82,28 @@ fn each_broken_part_fails_its_own_check() {
     assert_eq!(status(&c, "config"), "fail");
     assert_eq!(c.len(), 1);
 }
+
+#[test]
+fn the_broker_check_uses_the_configured_credentials() {
+    let broker = Broker::start_with_login(common::free_port(), "gate1", "s3cret-for-test");
+    let gate = Gate::new(GateOpts { mqtt_port: broker.port, ..Default::default() });
+    let pw = gate.dir.path().join("mqtt-password");
+    let text = std::fs::read_to_string(&gate.config).unwrap();
+    let with_login = |password: &str| {
+        std::fs::write(&pw, format!("{password}\n")).unwrap();
+        let t = text.replace(
+            "[mqtt]\n",
+            &format!("[mqtt]\nusername = \"gate1\"\npassword_file = \"{}\"\n", pw.display()),
+        );
+        std::fs::write(&gate.config, t).unwrap();
+    };
+    with_login("s3cret-for-test");
+    let (_, c) = doctor(&gate, &[]);
+    assert_eq!(status(&c, "broker"), "ok", "{:?}", c["broker"]);
+    with_login("wrong");
+    let (code, c) = doctor(&gate, &[]);
+    assert_eq!(code, 1);
+    assert_eq!(status(&c, "broker"), "fail");
+    assert!(c["broker"]["message"].as_str().unwrap().contains("refused the login"), "{:?}", c["broker"]);
+    assert!(c["broker"]["fix"].as_str().unwrap().contains("password_file"));
+}

@@ -35,13 +35,28 @@ pub struct Broker {
 
 impl Broker {
     pub fn start(port: u16) -> Broker {
+        Broker::start_with(port, None)
+    }
+
+    /// A broker that requires this username and password (no anonymous access).
+    pub fn start_with_login(port: u16, user: &str, password: &str) -> Broker {
+        Broker::start_with(port, Some((user, password)))
+    }
+
+    fn start_with(port: u16, login: Option<(&str, &str)>) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"),
-        )
-        .unwrap();
+        let mut text = format!("listener {port} 127.0.0.1\npersistence false\nmax_queued_messages 100000\n");
+        match login {
+            None => text.push_str("allow_anonymous true\n"),
+            Some((user, password)) => {
+                let pw = dir.path().join("passwd");
+                let st = Command::new("mosquitto_passwd").args(["-c", "-b"]).arg(&pw).args([user, password]).status().unwrap();
+                assert!(st.success(), "mosquitto_passwd failed");
+                text.push_str(&format!("allow_anonymous false\npassword_file {}\n", pw.display()));
+            }
+        }
+        std::fs::write(&conf, text).unwrap();
         let child = Command::new(mosquitto_bin())
             .arg("-c")
             .arg(&conf)

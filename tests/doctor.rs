@@ -91,10 +91,8 @@ fn the_broker_check_uses_the_configured_credentials() {
     let text = std::fs::read_to_string(&gate.config).unwrap();
     let with_login = |password: &str| {
         std::fs::write(&pw, format!("{password}\n")).unwrap();
-        let t = text.replace(
-            "[mqtt]\n",
-            &format!("[mqtt]\nusername = \"gate1\"\npassword_file = \"{}\"\n", pw.display()),
-        );
+        let t =
+            text.replace("[mqtt]\n", &format!("[mqtt]\nusername = \"gate1\"\npassword_file = \"{}\"\n", pw.display()));
         std::fs::write(&gate.config, t).unwrap();
     };
     with_login("s3cret-for-test");

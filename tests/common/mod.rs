@@ -51,7 +51,12 @@ impl Broker {
             None => text.push_str("allow_anonymous true\n"),
             Some((user, password)) => {
                 let pw = dir.path().join("passwd");
-                let st = Command::new("mosquitto_passwd").args(["-c", "-b"]).arg(&pw).args([user, password]).status().unwrap();
+                let st = Command::new("mosquitto_passwd")
+                    .args(["-c", "-b"])
+                    .arg(&pw)
+                    .args([user, password])
+                    .status()
+                    .unwrap();
                 assert!(st.success(), "mosquitto_passwd failed");
                 text.push_str(&format!("allow_anonymous false\npassword_file {}\n", pw.display()));
             }

@@ -14,6 +14,14 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
 }
 
+/// Load and validate a config, or say why on stderr and give the exit code for it.
+fn load_config(path: &std::path::Path) -> Result<config::Config, ExitCode> {
+    config::load(path).map_err(|e| {
+        eprintln!("{}: {e}", path.display());
+        ExitCode::from(e.exit_code() as u8)
+    })
+}
+
 fn fail(e: anyhow::Error) -> ExitCode {
     eprintln!("error: {e:#}");
     ExitCode::from(1)
@@ -37,12 +45,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config: path } => {
-            let cfg = match config::load(&path) {
+            let cfg = match load_config(&path) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{}: {e}", path.display());
-                    return ExitCode::from(e.exit_code() as u8);
-                }
+                Err(code) => return code,
             };
             cli::init_logging(cfg.log.format, &cfg.log.level);
             let rt = match runtime() {
@@ -66,12 +71,9 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Command::Sim(SimCmd::Serve { config: path }) => {
-            let cfg = match config::load(&path) {
+            let cfg = match load_config(&path) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{}: {e}", path.display());
-                    return ExitCode::from(e.exit_code() as u8);
-                }
+                Err(code) => return code,
             };
             cli::init_logging(cfg.log.format, &cfg.log.level);
             let rt = match runtime() {
@@ -125,12 +127,9 @@ fn main() -> ExitCode {
                     config.clone()
                 }
             };
-            let cfg = match config::load(&path) {
+            let cfg = match load_config(&path) {
                 Ok(c) => Arc::new(c),
-                Err(e) => {
-                    eprintln!("{}: {e}", path.display());
-                    return ExitCode::from(e.exit_code() as u8);
-                }
+                Err(code) => return code,
             };
             let rt = match runtime() {
                 Ok(rt) => rt,

@@ -284,9 +284,8 @@ impl Gpio for LocalSimGpio {
     fn input(&self, pin: u8) -> Result<Box<dyn InputLine>, HwError> {
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.chip).local_edges.insert(pin, tx);
-        let reply = local_claim(&self.chip, json!({"op": "claim_input", "pin": pin}), pin)?;
-        let level = reply["high"].as_bool().unwrap_or(true);
-        Ok(Box::new(SimInput { level: Arc::new(Mutex::new(level)), rx: Some(rx), pin }))
+        local_claim(&self.chip, json!({"op": "claim_input", "pin": pin}), pin)?;
+        Ok(Box::new(SimInput { level: LevelSource::Chip(self.chip.clone()), rx: Some(rx), pin }))
     }
 
     fn output(&self, pin: u8, initial_high: bool) -> Result<Box<dyn OutputLine>, HwError> {
@@ -606,12 +605,14 @@ pub fn request(socket: &Path, op: &WorldOp) -> Result<Value, String> {
 // ---- the daemon's side -----------------------------------------------------------------------
 
 type Waiters = Arc<Mutex<VecDeque<std::sync::mpsc::Sender<Value>>>>;
+/// Where the socket client delivers a claimed input's edges, and the level it keeps for it.
+type EdgeSlot = (mpsc::UnboundedSender<Edge>, Arc<Mutex<bool>>);
 
 /// The daemon's handle on the simulated chip.
 pub struct SimGpio {
     writer: Mutex<StdUnixStream>,
     waiters: Waiters,
-    edge_txs: Arc<Mutex<HashMap<u8, mpsc::UnboundedSender<Edge>>>>,
+    edge_txs: Arc<Mutex<HashMap<u8, EdgeSlot>>>,
     socket: PathBuf,
 }
 
@@ -630,7 +631,7 @@ impl SimGpio {
         };
         let reader = stream.try_clone().map_err(|e| HwError::Chip(e.to_string()))?;
         let waiters: Waiters = Arc::default();
-        let edge_txs: Arc<Mutex<HashMap<u8, mpsc::UnboundedSender<Edge>>>> = Arc::default();
+        let edge_txs: Arc<Mutex<HashMap<u8, EdgeSlot>>> = Arc::default();
         let (w, e) = (waiters.clone(), edge_txs.clone());
         std::thread::Builder::new()
             .name("sim-gpio-rx".into())
@@ -643,7 +644,8 @@ impl SimGpio {
                         let high = edge["high"].as_bool();
                         let t = edge["t_ns"].as_u64();
                         if let (Some(pin), Some(high), Some(t)) = (pin, high, t) {
-                            if let Some(tx) = e.lock().unwrap_or_else(|p| p.into_inner()).get(&pin) {
+                            if let Some((tx, level)) = e.lock().unwrap_or_else(|p| p.into_inner()).get(&pin) {
+                                *level.lock().unwrap_or_else(|p| p.into_inner()) = high;
                                 let _ = tx.send(Edge { high, at: MonoTime::from_nanos(t) });
                             }
                         }
@@ -685,15 +687,26 @@ impl SimGpio {
     }
 }
 
+/// Where an input line's current level comes from.
+enum LevelSource {
+    /// Kept up to date from the edges the socket client receives.
+    Tracked(Arc<Mutex<bool>>),
+    /// Read from the in-process chip itself.
+    Chip(Arc<Mutex<Chip>>),
+}
+
 struct SimInput {
-    level: Arc<Mutex<bool>>,
+    level: LevelSource,
     rx: Option<mpsc::UnboundedReceiver<Edge>>,
     pin: u8,
 }
 
 impl InputLine for SimInput {
     fn level(&self) -> Result<bool, HwError> {
-        Ok(*self.level.lock().unwrap_or_else(|p| p.into_inner()))
+        Ok(match &self.level {
+            LevelSource::Tracked(l) => *l.lock().unwrap_or_else(|p| p.into_inner()),
+            LevelSource::Chip(c) => lock(c).lines.get(&self.pin).is_none_or(|l| l.level),
+        })
     }
 
     fn edges(&mut self) -> Result<mpsc::UnboundedReceiver<Edge>, HwError> {
@@ -721,14 +734,43 @@ pub struct SharedSimGpio(pub Arc<SimGpio>);
 impl Gpio for SharedSimGpio {
     fn input(&self, pin: u8) -> Result<Box<dyn InputLine>, HwError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.0.edge_txs.lock().unwrap_or_else(|p| p.into_inner()).insert(pin, tx);
+        let level = Arc::new(Mutex::new(true));
+        self.0.edge_txs.lock().unwrap_or_else(|p| p.into_inner()).insert(pin, (tx, level.clone()));
         let reply = self.0.claim(json!({"op": "claim_input", "pin": pin}), pin)?;
-        let level = reply["high"].as_bool().unwrap_or(true);
-        Ok(Box::new(SimInput { level: Arc::new(Mutex::new(level)), rx: Some(rx), pin }))
+        *level.lock().unwrap_or_else(|p| p.into_inner()) = reply["high"].as_bool().unwrap_or(true);
+        Ok(Box::new(SimInput { level: LevelSource::Tracked(level), rx: Some(rx), pin }))
     }
 
     fn output(&self, pin: u8, initial_high: bool) -> Result<Box<dyn OutputLine>, HwError> {
         self.0.claim(json!({"op": "claim_output", "pin": pin, "high": initial_high}), pin)?;
         Ok(Box::new(SimOutput { gpio: self.0.clone(), pin }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_input_reports_its_current_level_and_delivers_stamped_edges() {
+        let cfg = crate::config::parse(crate::config::DEFAULT_CONFIG).unwrap();
+        let chip = SimChip::new(&cfg);
+        let gpio = chip.local_gpio();
+        let mut d0 = gpio.input(17).unwrap();
+        let mut edges = d0.edges().unwrap();
+        assert!(d0.level().unwrap(), "Wiegand lines idle high");
+        let at = MonoTime::from_nanos(42);
+        assert_eq!(lock(&chip.chip).drive(17, false, at), Some(at));
+        assert!(!d0.level().unwrap(), "the level follows the line");
+        assert_eq!(edges.try_recv().unwrap(), Edge { high: false, at });
+        // A second claim of a claimed line is refused, as the kernel refuses it.
+        assert!(gpio.input(17).is_err());
+        // An output records its transitions and refuses claims by others.
+        let mut relay = gpio.output(22, false).unwrap();
+        relay.set(true).unwrap();
+        let c = lock(&chip.chip);
+        let line = &c.lines[&22];
+        assert!(line.level && line.output);
+        assert_eq!(line.history.back().map(|t| t.high), Some(true));
     }
 }

@@ -11,6 +11,7 @@
 pub mod app;
 pub mod cli;
 pub mod clock;
+pub mod command;
 pub mod config;
 pub mod doctor;
 pub mod door;

@@ -25,6 +25,11 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const RESIDENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("residents");
 const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// Delivered events, kept (newest `journal_keep`) so the BMS can ask for them again.
+const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
+/// Command request ids already seen (id → wall ms), and their arrival order for pruning.
+const REQUESTS: TableDefinition<&str, i64> = TableDefinition::new("requests");
+const REQUEST_LOG: TableDefinition<u64, &str> = TableDefinition::new("request_log");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,6 +53,51 @@ pub enum StoreError {
     ResidentExists(String),
     #[error("invalid resident: {0}")]
     InvalidResident(String),
+    #[error("request id `{0}` was seen before: a command is carried out once")]
+    DuplicateRequest(String),
+    #[error("roster version {offered} is older than the applied version {applied}")]
+    StaleVersion { offered: u64, applied: u64 },
+    #[error("roster version {0} was applied with different content: a new snapshot needs a new version")]
+    VersionConflict(u64),
+}
+
+/// A change to the roster: the one unit of change for the CLI and the MQTT commands alike.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RosterOp {
+    /// Insert or replace a resident; with `credentials`, their cards become exactly those.
+    Upsert { resident: Resident, credentials: Option<Vec<Credential>> },
+    SetMode { id: ResidentId, mode: AccessMode },
+    AddCredential(Credential),
+    /// Remove a credential by key.
+    RemoveCredential(String),
+    RemoveResident(ResidentId),
+    /// Replace the whole roster with a snapshot (atomic, idempotent per version).
+    Sync { version: u64, digest: u64, residents: Vec<(Resident, Vec<Credential>)> },
+    /// Change nothing: only claim the request id.
+    Nothing,
+}
+
+/// What a [`RosterOp`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OpOutcome {
+    Done,
+    ModeChanged { before: AccessMode },
+    CredentialRemoved(Credential),
+    ResidentRemoved { credentials: usize },
+    Synced { residents: usize, credentials: usize, removed: usize },
+}
+
+/// A command's request id to record in the same transaction as its change (M3).
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    pub request_id: &'a str,
+    pub now_ms: i64,
+}
+
+struct Tables<'t> {
+    residents: redb::Table<'t, &'static str, &'static [u8]>,
+    creds: redb::Table<'t, &'static str, &'static [u8]>,
+    meta: redb::Table<'t, &'static str, u64>,
 }
 
 macro_rules! db_err {
@@ -87,6 +137,13 @@ pub struct OutboxEntry {
 /// The store.
 pub struct Store {
     db: Database,
+    path: std::path::PathBuf,
+    /// Request ids younger than this are never forgotten (at least the longest command lifetime).
+    request_min_age_ms: i64,
+    /// Beyond this many remembered request ids, the oldest (past the minimum age) are pruned.
+    request_keep: u64,
+    /// How many delivered events stay available for `events.backfill`.
+    journal_keep: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -102,7 +159,13 @@ impl Store {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
         }
         let db = Database::create(path)?;
-        let store = Store { db };
+        let store = Store {
+            db,
+            path: path.to_path_buf(),
+            request_min_age_ms: 24 * 3600 * 1000,
+            request_keep: 10_000,
+            journal_keep: 10_000,
+        };
         store.init()?;
         Ok(store)
     }
@@ -123,9 +186,37 @@ impl Store {
             tx.open_table(RESIDENTS)?;
             tx.open_table(CREDENTIALS)?;
             tx.open_table(OUTBOX)?;
+            tx.open_table(JOURNAL)?;
+            tx.open_table(REQUESTS)?;
+            tx.open_table(REQUEST_LOG)?;
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Retention of request ids and delivered events (from the configuration).
+    pub fn set_retention(&mut self, request_min_age_ms: i64, request_keep: u64, journal_keep: u64) {
+        self.request_min_age_ms = request_min_age_ms;
+        self.request_keep = request_keep;
+        self.journal_keep = journal_keep;
+    }
+
+    /// The size of the store file in bytes.
+    pub fn file_size(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// The applied roster version (0: none yet).
+    pub fn roster_version(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        Ok(meta.get("roster_version")?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// How many request ids are remembered.
+    pub fn remembered_requests(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(REQUESTS)?.len()?)
     }
 
     pub fn schema_version(&self) -> Result<u64, StoreError> {
@@ -184,31 +275,39 @@ impl Store {
         Ok(Some((cred, resident)))
     }
 
-    /// Run `f` in one durable write transaction over residents and credentials; it reports
-    /// which residents it touched, and the guard checks each of them before the commit.
+    /// Run `f` in one durable write transaction over the roster; it reports which residents it
+    /// touched, and the guard checks each of them before the commit. A `claim` records the
+    /// command's request id in the same transaction (refused if seen before), so a command is
+    /// carried out once or not at all.
     fn mutate<T>(
         &self,
         now_ms: i64,
-        f: impl FnOnce(
-            &mut redb::Table<&str, &[u8]>,
-            &mut redb::Table<&str, &[u8]>,
-        ) -> Result<(T, Vec<ResidentId>), StoreError>,
+        claim: Option<Claim<'_>>,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<(T, Vec<ResidentId>), StoreError>,
     ) -> Result<T, StoreError> {
         let tx = self.db.begin_write()?;
         let out = {
-            let mut residents = tx.open_table(RESIDENTS)?;
-            let mut creds = tx.open_table(CREDENTIALS)?;
-            let (out, touched) = f(&mut residents, &mut creds)?;
+            let mut t = Tables {
+                residents: tx.open_table(RESIDENTS)?,
+                creds: tx.open_table(CREDENTIALS)?,
+                meta: tx.open_table(META)?,
+            };
+            if let Some(c) = claim {
+                self.claim_in(&tx, &mut t.meta, c)?;
+            }
+            let (out, touched) = f(&mut t)?;
             if !touched.is_empty() {
-                let mut all: Vec<Credential> = Vec::new();
-                for row in creds.iter()? {
+                let mut by_holder: std::collections::HashMap<ResidentId, Vec<Credential>> =
+                    std::collections::HashMap::new();
+                for row in t.creds.iter()? {
                     let (_, v) = row?;
-                    all.push(decode("credentials", v.value())?);
+                    let c: Credential = decode("credentials", v.value())?;
+                    by_holder.entry(c.resident.clone()).or_default().push(c);
                 }
                 for id in touched {
-                    if let Some(v) = residents.get(id.as_str())? {
+                    if let Some(v) = t.residents.get(id.as_str())? {
                         let r: Resident = decode("residents", v.value())?;
-                        guard(&r, &all, now_ms)?;
+                        guard(&r, by_holder.get(&id).map_or(&[][..], Vec::as_slice), now_ms)?;
                     }
                 }
             }
@@ -218,17 +317,152 @@ impl Store {
         Ok(out)
     }
 
+    fn claim_in(
+        &self,
+        tx: &redb::WriteTransaction,
+        meta: &mut redb::Table<&str, u64>,
+        c: Claim<'_>,
+    ) -> Result<(), StoreError> {
+        let mut ids = tx.open_table(REQUESTS)?;
+        let mut log = tx.open_table(REQUEST_LOG)?;
+        if ids.get(c.request_id)?.is_some() {
+            return Err(StoreError::DuplicateRequest(c.request_id.to_string()));
+        }
+        let n = meta.get("next_request")?.map(|v| v.value()).unwrap_or(1);
+        ids.insert(c.request_id, c.now_ms)?;
+        log.insert(n, c.request_id)?;
+        meta.insert("next_request", n + 1)?;
+        // Prune the oldest beyond the cap, but never one younger than the minimum age.
+        let mut excess = ids.len()?.saturating_sub(self.request_keep);
+        let mut drop_log = Vec::new();
+        if excess > 0 {
+            for row in log.iter()? {
+                if excess == 0 {
+                    break;
+                }
+                let (k, v) = row?;
+                let id = v.value().to_string();
+                let ts = ids.get(id.as_str())?.map(|t| t.value()).unwrap_or(i64::MIN);
+                if ts > c.now_ms - self.request_min_age_ms {
+                    break;
+                }
+                drop_log.push((k.value(), id));
+                excess -= 1;
+            }
+        }
+        for (k, id) in drop_log {
+            log.remove(k)?;
+            ids.remove(id.as_str())?;
+        }
+        Ok(())
+    }
+
+    /// Apply a roster change, recording `claim` in the same durable transaction.
+    pub fn apply(&self, op: RosterOp, claim: Option<Claim<'_>>, now_ms: i64) -> Result<OpOutcome, StoreError> {
+        match &op {
+            RosterOp::Upsert { resident, credentials } => {
+                resident.validate().map_err(StoreError::InvalidResident)?;
+                for c in credentials.iter().flatten() {
+                    c.validity.validate().map_err(StoreError::InvalidResident)?;
+                }
+            }
+            RosterOp::AddCredential(c) => c.validity.validate().map_err(StoreError::InvalidResident)?,
+            RosterOp::Sync { residents, .. } => {
+                for (r, cs) in residents {
+                    r.validate().map_err(StoreError::InvalidResident)?;
+                    for c in cs {
+                        c.validity.validate().map_err(StoreError::InvalidResident)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.mutate(now_ms, claim, |t| match op {
+            RosterOp::Nothing => Ok((OpOutcome::Done, Vec::new())),
+            RosterOp::Upsert { resident, credentials } => {
+                t.residents.insert(resident.id.as_str(), encode(&resident).as_slice())?;
+                if let Some(cs) = credentials {
+                    remove_credentials_of(&mut t.creds, &resident.id)?;
+                    for c in &cs {
+                        put_credential(&mut t.creds, &resident, c)?;
+                    }
+                }
+                Ok((OpOutcome::Done, vec![resident.id]))
+            }
+            RosterOp::SetMode { id, mode } => {
+                let mut r: Resident = match t.residents.get(id.as_str())? {
+                    Some(v) => decode("residents", v.value())?,
+                    None => return Err(StoreError::NoResident(id.to_string())),
+                };
+                let before = r.mode;
+                r.mode = mode;
+                t.residents.insert(id.as_str(), encode(&r).as_slice())?;
+                Ok((OpOutcome::ModeChanged { before }, vec![id]))
+            }
+            RosterOp::AddCredential(c) => {
+                let r: Resident = match t.residents.get(c.resident.as_str())? {
+                    Some(v) => decode("residents", v.value())?,
+                    None => return Err(StoreError::NoResident(c.resident.to_string())),
+                };
+                put_credential(&mut t.creds, &r, &c)?;
+                Ok((OpOutcome::Done, vec![c.resident]))
+            }
+            RosterOp::RemoveCredential(key) => {
+                let c: Credential = match t.creds.remove(key.as_str())? {
+                    Some(v) => decode("credentials", v.value())?,
+                    None => return Err(StoreError::NoCredential(key)),
+                };
+                let holder = c.resident.clone();
+                Ok((OpOutcome::CredentialRemoved(c), vec![holder]))
+            }
+            RosterOp::RemoveResident(id) => {
+                if t.residents.remove(id.as_str())?.is_none() {
+                    return Err(StoreError::NoResident(id.to_string()));
+                }
+                let n = remove_credentials_of(&mut t.creds, &id)?;
+                Ok((OpOutcome::ResidentRemoved { credentials: n }, Vec::new()))
+            }
+            RosterOp::Sync { version, digest, residents } => {
+                let applied = t.meta.get("roster_version")?.map(|v| v.value()).unwrap_or(0);
+                let applied_digest = t.meta.get("roster_digest")?.map(|v| v.value());
+                if version < applied {
+                    return Err(StoreError::StaleVersion { offered: version, applied });
+                }
+                if version == applied && applied_digest.is_some_and(|d| d != digest) {
+                    return Err(StoreError::VersionConflict(version));
+                }
+                let before = t.residents.len()?;
+                t.residents.retain(|_, _| false)?;
+                t.creds.retain(|_, _| false)?;
+                let mut touched = Vec::with_capacity(residents.len());
+                let mut n_creds = 0;
+                for (r, cs) in &residents {
+                    t.residents.insert(r.id.as_str(), encode(r).as_slice())?;
+                    for c in cs {
+                        put_credential(&mut t.creds, r, c)?;
+                        n_creds += 1;
+                    }
+                    touched.push(r.id.clone());
+                }
+                t.meta.insert("roster_version", version)?;
+                t.meta.insert("roster_digest", digest)?;
+                let removed = before.saturating_sub(residents.len() as u64) as usize;
+                Ok((OpOutcome::Synced { residents: residents.len(), credentials: n_creds, removed }, touched))
+            }
+        })
+    }
+
     /// Add a resident with their credentials atomically (a face mode needs its card in the same
     /// transaction). Fails if the resident exists or a credential is held by someone else.
     pub fn add_resident(&self, r: &Resident, credentials: &[Credential], now_ms: i64) -> Result<(), StoreError> {
         r.validate().map_err(StoreError::InvalidResident)?;
-        self.mutate(now_ms, |residents, creds| {
-            if residents.get(r.id.as_str())?.is_some() {
+        self.mutate(now_ms, None, |t| {
+            if t.residents.get(r.id.as_str())?.is_some() {
                 return Err(StoreError::ResidentExists(r.id.to_string()));
             }
-            residents.insert(r.id.as_str(), encode(r).as_slice())?;
+            t.residents.insert(r.id.as_str(), encode(r).as_slice())?;
             for c in credentials {
-                put_credential(creds, r, c)?;
+                put_credential(&mut t.creds, r, c)?;
             }
             Ok(((), vec![r.id.clone()]))
         })
@@ -236,70 +470,35 @@ impl Store {
 
     /// Insert or replace a resident record (their credentials stay).
     pub fn upsert_resident(&self, r: &Resident, now_ms: i64) -> Result<(), StoreError> {
-        r.validate().map_err(StoreError::InvalidResident)?;
-        self.mutate(now_ms, |residents, _| {
-            residents.insert(r.id.as_str(), encode(r).as_slice())?;
-            Ok(((), vec![r.id.clone()]))
-        })
+        self.apply(RosterOp::Upsert { resident: r.clone(), credentials: None }, None, now_ms).map(|_| ())
     }
 
     /// Change a resident's access mode (P2); returns the previous mode.
     pub fn set_mode(&self, id: &ResidentId, mode: AccessMode, now_ms: i64) -> Result<AccessMode, StoreError> {
-        self.mutate(now_ms, |residents, _| {
-            let mut r: Resident = match residents.get(id.as_str())? {
-                Some(v) => decode("residents", v.value())?,
-                None => return Err(StoreError::NoResident(id.to_string())),
-            };
-            let before = r.mode;
-            r.mode = mode;
-            residents.insert(id.as_str(), encode(&r).as_slice())?;
-            Ok((before, vec![id.clone()]))
-        })
+        match self.apply(RosterOp::SetMode { id: id.clone(), mode }, None, now_ms)? {
+            OpOutcome::ModeChanged { before } => Ok(before),
+            _ => Ok(mode),
+        }
     }
 
     pub fn add_credential(&self, c: &Credential, now_ms: i64) -> Result<(), StoreError> {
-        c.validity.validate().map_err(StoreError::InvalidResident)?;
-        self.mutate(now_ms, |residents, creds| {
-            let r: Resident = match residents.get(c.resident.as_str())? {
-                Some(v) => decode("residents", v.value())?,
-                None => return Err(StoreError::NoResident(c.resident.to_string())),
-            };
-            put_credential(creds, &r, c)?;
-            Ok(((), vec![c.resident.clone()]))
-        })
+        self.apply(RosterOp::AddCredential(c.clone()), None, now_ms).map(|_| ())
     }
 
     /// Remove a credential by key; refused if its holder would be left face-only.
     pub fn remove_credential(&self, key: &str, now_ms: i64) -> Result<Credential, StoreError> {
-        self.mutate(now_ms, |_, creds| {
-            let c: Credential = match creds.remove(key)? {
-                Some(v) => decode("credentials", v.value())?,
-                None => return Err(StoreError::NoCredential(key.to_string())),
-            };
-            let holder = c.resident.clone();
-            Ok((c, vec![holder]))
-        })
+        match self.apply(RosterOp::RemoveCredential(key.to_string()), None, now_ms)? {
+            OpOutcome::CredentialRemoved(c) => Ok(c),
+            _ => Err(StoreError::NoCredential(key.to_string())),
+        }
     }
 
     /// Remove a resident and every credential they hold.
     pub fn remove_resident(&self, id: &ResidentId, now_ms: i64) -> Result<usize, StoreError> {
-        self.mutate(now_ms, |residents, creds| {
-            if residents.remove(id.as_str())?.is_none() {
-                return Err(StoreError::NoResident(id.to_string()));
-            }
-            let mut keys = Vec::new();
-            for row in creds.iter()? {
-                let (k, v) = row?;
-                let c: Credential = decode("credentials", v.value())?;
-                if &c.resident == id {
-                    keys.push(k.value().to_string());
-                }
-            }
-            for k in &keys {
-                creds.remove(k.as_str())?;
-            }
-            Ok((keys.len(), Vec::new()))
-        })
+        match self.apply(RosterOp::RemoveResident(id.clone()), None, now_ms)? {
+            OpOutcome::ResidentRemoved { credentials } => Ok(credentials),
+            _ => Ok(0),
+        }
     }
 
     // ---- the event outbox ---------------------------------------------------------------
@@ -344,7 +543,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Remove delivered events (after the broker's PUBACK). Not fsynced: see the module doc.
+    /// Move delivered events (after the broker's PUBACK) from the outbox to the journal, which
+    /// keeps the newest `journal_keep` for `events.backfill`. Not fsynced: see the module doc.
     pub fn ack_events(&self, seqs: &[u64]) -> Result<(), StoreError> {
         if seqs.is_empty() {
             return Ok(());
@@ -353,12 +553,50 @@ impl Store {
         tx.set_durability(Durability::None).map_err(|e| StoreError::Db(e.to_string()))?;
         {
             let mut t = tx.open_table(OUTBOX)?;
+            let mut j = tx.open_table(JOURNAL)?;
             for s in seqs {
-                t.remove(*s)?;
+                if let Some(v) = t.remove(*s)? {
+                    if self.journal_keep > 0 {
+                        j.insert(*s, v.value())?;
+                    }
+                }
+            }
+            let excess = j.len()?.saturating_sub(self.journal_keep);
+            for _ in 0..excess {
+                if j.pop_first()?.is_none() {
+                    break;
+                }
             }
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Up to `limit` events with `seq >= from`, delivered (journal) or not (outbox), in order.
+    pub fn events_from(&self, from: u64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for table in [JOURNAL, OUTBOX] {
+            let t = tx.open_table(table)?;
+            for row in t.range(from..)? {
+                let (k, v) = row?;
+                out.push(OutboxEntry { seq: k.value(), json: v.value().to_vec() });
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        out.sort_by_key(|e| e.seq);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// The oldest sequence number `events_from` can still return.
+    pub fn oldest_kept_seq(&self) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let j = tx.open_table(JOURNAL)?.first()?.map(|(k, _)| k.value());
+        let o = tx.open_table(OUTBOX)?.first()?.map(|(k, _)| k.value());
+        Ok(j.into_iter().chain(o).min())
     }
 
     /// Make every earlier non-durable commit durable (on shutdown).
@@ -379,6 +617,21 @@ impl Store {
         let meta = tx.open_table(META)?;
         Ok(meta.get("next_seq")?.map(|v| v.value()).unwrap_or(1))
     }
+}
+
+fn remove_credentials_of(creds: &mut redb::Table<&str, &[u8]>, id: &ResidentId) -> Result<usize, StoreError> {
+    let mut keys = Vec::new();
+    for row in creds.iter()? {
+        let (k, v) = row?;
+        let c: Credential = decode("credentials", v.value())?;
+        if &c.resident == id {
+            keys.push(k.value().to_string());
+        }
+    }
+    for k in &keys {
+        creds.remove(k.as_str())?;
+    }
+    Ok(keys.len())
 }
 
 fn put_credential(creds: &mut redb::Table<&str, &[u8]>, holder: &Resident, c: &Credential) -> Result<(), StoreError> {
@@ -500,5 +753,74 @@ mod tests {
         let s = Store::open(&dir.path().join("s.redb")).unwrap();
         assert_eq!(s.next_seq().unwrap(), 6, "sequence numbers continue after reopen");
         assert_eq!(s.outbox_depth().unwrap(), 3);
+    }
+
+    #[test]
+    fn request_ids_are_claimed_once_with_their_change() {
+        let (_d, s) = open();
+        let claim = |id| Some(Claim { request_id: id, now_ms: 1_000 });
+        let up = RosterOp::Upsert { resident: resident("a", AccessMode::Card), credentials: Some(vec![card("a", 1)]) };
+        s.apply(up.clone(), claim("r1"), 1_000).unwrap();
+        assert!(matches!(s.apply(up, claim("r1"), 1_000), Err(StoreError::DuplicateRequest(_))));
+        // A refused change does not use up its request id (one transaction).
+        let bad = RosterOp::SetMode { id: rid("a"), mode: AccessMode::FaceOrCard };
+        s.apply(RosterOp::RemoveCredential(card("a", 1).credential.key()), claim("r2"), 1_000).unwrap();
+        assert!(matches!(s.apply(bad, claim("r3"), 1_000), Err(StoreError::Guard(_))));
+        s.apply(RosterOp::Nothing, claim("r3"), 1_000).unwrap();
+        assert_eq!(s.remembered_requests().unwrap(), 3);
+    }
+
+    #[test]
+    fn request_ids_are_pruned_only_past_the_minimum_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("s.redb")).unwrap();
+        s.set_retention(1_000, 3, 10);
+        for (i, id) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+            s.apply(RosterOp::Nothing, Some(Claim { request_id: id, now_ms: 100 + i as i64 }), 0).unwrap();
+        }
+        assert_eq!(s.remembered_requests().unwrap(), 5, "all younger than the minimum age");
+        s.apply(RosterOp::Nothing, Some(Claim { request_id: "f", now_ms: 5_000 }), 0).unwrap();
+        assert_eq!(s.remembered_requests().unwrap(), 3);
+        let err = s.apply(RosterOp::Nothing, Some(Claim { request_id: "f", now_ms: 5_001 }), 0);
+        assert!(matches!(err, Err(StoreError::DuplicateRequest(_))));
+    }
+
+    #[test]
+    fn roster_sync_is_atomic_idempotent_and_versioned() {
+        let (_d, s) = open();
+        s.add_resident(&resident("old", AccessMode::Card), &[card("old", 9)], 0).unwrap();
+        let snap = vec![
+            (resident("a", AccessMode::FaceOrCard), vec![card("a", 1)]),
+            (resident("b", AccessMode::Card), vec![]),
+        ];
+        let sync = |v, d, r: Vec<(Resident, Vec<Credential>)>| RosterOp::Sync { version: v, digest: d, residents: r };
+        let out = s.apply(sync(3, 77, snap.clone()), None, 0).unwrap();
+        assert_eq!(out, OpOutcome::Synced { residents: 2, credentials: 1, removed: 0 });
+        assert!(s.resident(&rid("old")).unwrap().is_none());
+        assert_eq!(s.roster_version().unwrap(), 3);
+        // The same snapshot again: the same state.
+        s.apply(sync(3, 77, snap.clone()), None, 0).unwrap();
+        assert_eq!(s.residents().unwrap().len(), 2);
+        assert!(matches!(s.apply(sync(3, 78, snap.clone()), None, 0), Err(StoreError::VersionConflict(3))));
+        assert!(matches!(s.apply(sync(2, 1, snap), None, 0), Err(StoreError::StaleVersion { .. })));
+        // A snapshot with a face-only resident is refused whole.
+        let bad = vec![(resident("c", AccessMode::Card), vec![]), (resident("f", AccessMode::FaceOrCard), vec![])];
+        assert!(matches!(s.apply(sync(4, 1, bad), None, 0), Err(StoreError::Guard(_))));
+        assert_eq!(s.residents().unwrap().len(), 2);
+        assert_eq!(s.roster_version().unwrap(), 3);
+    }
+
+    #[test]
+    fn delivered_events_stay_in_the_journal_for_backfill() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("s.redb")).unwrap();
+        s.set_retention(0, 10, 3);
+        s.append_events((0..6).map(|_| |seq: u64| format!("{{\"seq\":{seq}}}").into_bytes()).collect()).unwrap();
+        s.ack_events(&[1, 2, 3, 4]).unwrap();
+        let all = s.events_from(0, 100).unwrap();
+        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3, 4, 5, 6]);
+        assert_eq!(s.events_from(4, 2).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(s.oldest_kept_seq().unwrap(), Some(2));
+        assert_eq!(s.outbox_depth().unwrap(), 2);
     }
 }

@@ -1,0 +1,858 @@
+//! BMS commands: the pure parser and validator (REQUIREMENTS M1, M3). No I/O.
+//!
+//! A command arrives as an MQTT publish on `menshen/v1/{site}/{gate}/cmd/{verb}` (or the
+//! site-wide `menshen/v1/{site}/_site/cmd/{verb}`). [`parse`] turns it into a [`Request`] or a
+//! [`CmdError`] with a stable code; nothing here touches the store or the door, so every refusal
+//! is, by construction, a refusal with no state change. The executor (`api`) then checks what
+//! needs the store (unknown resident, the Art. 10 guard, repeated request ids).
+//!
+//! Replay rules (M3): a retained command is refused (a broker hands retained messages to every
+//! new subscriber, so acting on one would replay it); a command past its `expires_at` is refused;
+//! an `unlock` must carry an expiry (MQTT 5 message expiry or `expires_at`) no further ahead than
+//! the configured maximum, and its request id is remembered durably for longer than that, so no
+//! unlock can ever be replayed.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::model::{AccessMode, Credential, CredentialKind, Resident, ResidentId, Schedule, Validity};
+use crate::wiegand::{encode, CardId, Format};
+
+/// Where commands for this gate and for the whole site arrive.
+pub const SITE_SCOPE: &str = "_site";
+
+/// The command verbs (the last topic level).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verb {
+    #[serde(rename = "unlock")]
+    Unlock,
+    #[serde(rename = "resident.upsert")]
+    ResidentUpsert,
+    #[serde(rename = "resident.remove")]
+    ResidentRemove,
+    #[serde(rename = "resident.set_mode")]
+    ResidentSetMode,
+    #[serde(rename = "credential.add")]
+    CredentialAdd,
+    #[serde(rename = "credential.remove")]
+    CredentialRemove,
+    #[serde(rename = "roster.sync")]
+    RosterSync,
+    #[serde(rename = "rules.get")]
+    RulesGet,
+    #[serde(rename = "health.get")]
+    HealthGet,
+    #[serde(rename = "events.backfill")]
+    EventsBackfill,
+}
+
+impl Verb {
+    pub const ALL: [Verb; 10] = [
+        Verb::Unlock,
+        Verb::ResidentUpsert,
+        Verb::ResidentRemove,
+        Verb::ResidentSetMode,
+        Verb::CredentialAdd,
+        Verb::CredentialRemove,
+        Verb::RosterSync,
+        Verb::RulesGet,
+        Verb::HealthGet,
+        Verb::EventsBackfill,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Verb::Unlock => "unlock",
+            Verb::ResidentUpsert => "resident.upsert",
+            Verb::ResidentRemove => "resident.remove",
+            Verb::ResidentSetMode => "resident.set_mode",
+            Verb::CredentialAdd => "credential.add",
+            Verb::CredentialRemove => "credential.remove",
+            Verb::RosterSync => "roster.sync",
+            Verb::RulesGet => "rules.get",
+            Verb::HealthGet => "health.get",
+            Verb::EventsBackfill => "events.backfill",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Verb> {
+        Verb::ALL.into_iter().find(|v| v.name() == s)
+    }
+
+    /// Commands that change the roster (they are the ones worth sending site-wide).
+    pub fn mutates(self) -> bool {
+        matches!(
+            self,
+            Verb::ResidentUpsert
+                | Verb::ResidentRemove
+                | Verb::ResidentSetMode
+                | Verb::CredentialAdd
+                | Verb::CredentialRemove
+                | Verb::RosterSync
+        )
+    }
+}
+
+/// Stable error codes of command replies (documented in `docs/asyncapi.yaml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    RetainedCommand,
+    UnknownCommand,
+    PayloadTooLarge,
+    InvalidUtf8,
+    InvalidJson,
+    TooDeep,
+    NotAnObject,
+    UnknownField,
+    MissingField,
+    WrongType,
+    InvalidValue,
+    MissingRequestId,
+    InvalidRequestId,
+    InvalidReplyTo,
+    Expired,
+    ExpiryRequired,
+    ExpiryTooFar,
+    DuplicateRequest,
+    UnknownResident,
+    UnknownDoor,
+    UnknownCredential,
+    CredentialTaken,
+    FaceOnlyRefused,
+    StaleVersion,
+    VersionConflict,
+    Busy,
+    InternalError,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 27] = [
+        ErrorCode::RetainedCommand,
+        ErrorCode::UnknownCommand,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::InvalidUtf8,
+        ErrorCode::InvalidJson,
+        ErrorCode::TooDeep,
+        ErrorCode::NotAnObject,
+        ErrorCode::UnknownField,
+        ErrorCode::MissingField,
+        ErrorCode::WrongType,
+        ErrorCode::InvalidValue,
+        ErrorCode::MissingRequestId,
+        ErrorCode::InvalidRequestId,
+        ErrorCode::InvalidReplyTo,
+        ErrorCode::Expired,
+        ErrorCode::ExpiryRequired,
+        ErrorCode::ExpiryTooFar,
+        ErrorCode::DuplicateRequest,
+        ErrorCode::UnknownResident,
+        ErrorCode::UnknownDoor,
+        ErrorCode::UnknownCredential,
+        ErrorCode::CredentialTaken,
+        ErrorCode::FaceOnlyRefused,
+        ErrorCode::StaleVersion,
+        ErrorCode::VersionConflict,
+        ErrorCode::Busy,
+        ErrorCode::InternalError,
+    ];
+
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorCode::RetainedCommand => "retained_command",
+            ErrorCode::UnknownCommand => "unknown_command",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::InvalidUtf8 => "invalid_utf8",
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::TooDeep => "too_deep",
+            ErrorCode::NotAnObject => "not_an_object",
+            ErrorCode::UnknownField => "unknown_field",
+            ErrorCode::MissingField => "missing_field",
+            ErrorCode::WrongType => "wrong_type",
+            ErrorCode::InvalidValue => "invalid_value",
+            ErrorCode::MissingRequestId => "missing_request_id",
+            ErrorCode::InvalidRequestId => "invalid_request_id",
+            ErrorCode::InvalidReplyTo => "invalid_reply_to",
+            ErrorCode::Expired => "expired",
+            ErrorCode::ExpiryRequired => "expiry_required",
+            ErrorCode::ExpiryTooFar => "expiry_too_far",
+            ErrorCode::DuplicateRequest => "duplicate_request",
+            ErrorCode::UnknownResident => "unknown_resident",
+            ErrorCode::UnknownDoor => "unknown_door",
+            ErrorCode::UnknownCredential => "unknown_credential",
+            ErrorCode::CredentialTaken => "credential_taken",
+            ErrorCode::FaceOnlyRefused => "face_only_refused",
+            ErrorCode::StaleVersion => "stale_version",
+            ErrorCode::VersionConflict => "version_conflict",
+            ErrorCode::Busy => "busy",
+            ErrorCode::InternalError => "internal_error",
+        }
+    }
+}
+
+/// A refused command: a stable code and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CmdError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl CmdError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> CmdError {
+        CmdError { code, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for CmdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.code(), self.message)
+    }
+}
+
+/// Limits from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_payload_bytes: usize,
+    pub max_depth: usize,
+    /// The longest remote unlock.
+    pub unlock_max_ms: u64,
+    /// How far ahead an unlock's expiry may be (and the least time request ids are kept).
+    pub max_command_lifetime_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_payload_bytes: 1 << 20, max_depth: 16, unlock_max_ms: 30_000, max_command_lifetime_ms: 300_000 }
+    }
+}
+
+/// An MQTT publish as the link received it.
+#[derive(Debug, Clone, Default)]
+pub struct Inbound {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    /// MQTT 5 response topic.
+    pub response_topic: Option<String>,
+    /// MQTT 5 correlation data.
+    pub correlation: Option<Vec<u8>>,
+    /// MQTT 5 message expiry interval (seconds remaining).
+    pub expiry_secs: Option<u32>,
+}
+
+/// Where and how to reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub topic: String,
+    /// Echoed as MQTT 5 correlation data.
+    pub correlation: Option<Vec<u8>>,
+}
+
+/// A card as commands name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CardSpec {
+    pub format: Format,
+    pub facility: u64,
+    pub number: u64,
+    #[serde(default)]
+    pub validity: Validity,
+}
+
+impl CardSpec {
+    pub fn card(&self) -> CardId {
+        CardId { format: self.format, facility: self.facility, number: self.number }
+    }
+
+    fn check(&self) -> Result<(), CmdError> {
+        if self.format == Format::Raw {
+            return Err(CmdError::new(ErrorCode::InvalidValue, "raw frames cannot be enrolled as cards"));
+        }
+        encode(self.format, self.facility, self.number)
+            .map_err(|e| CmdError::new(ErrorCode::InvalidValue, format!("card: {e}")))?;
+        self.validity.validate().map_err(|e| CmdError::new(ErrorCode::InvalidValue, format!("card validity: {e}")))
+    }
+
+    pub fn credential(&self, holder: &ResidentId) -> Credential {
+        Credential { credential: CredentialKind::Card(self.card()), resident: holder.clone(), validity: self.validity }
+    }
+}
+
+/// A resident with the complete set of their cards (upsert and roster entries).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResidentSpec {
+    pub id: ResidentId,
+    pub mode: AccessMode,
+    #[serde(default)]
+    pub validity: Validity,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    /// When present, the resident's cards become exactly these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cards: Option<Vec<CardSpec>>,
+}
+
+impl ResidentSpec {
+    pub fn resident(&self) -> Resident {
+        Resident { id: self.id.clone(), mode: self.mode, validity: self.validity, schedule: self.schedule.clone() }
+    }
+
+    pub fn credentials(&self) -> Option<Vec<Credential>> {
+        self.cards.as_ref().map(|cs| cs.iter().map(|c| c.credential(&self.id)).collect())
+    }
+
+    fn check(&self) -> Result<(), CmdError> {
+        self.resident().validate().map_err(|e| CmdError::new(ErrorCode::InvalidValue, e))?;
+        if let Some(cards) = &self.cards {
+            if cards.len() > 64 {
+                return Err(CmdError::new(ErrorCode::InvalidValue, "at most 64 cards per resident"));
+            }
+            for c in cards {
+                c.check()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnlockArgs {
+    door: String,
+    #[serde(default)]
+    duration_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpsertArgs {
+    resident: ResidentSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResidentArgs {
+    resident: ResidentId,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetModeArgs {
+    resident: ResidentId,
+    mode: AccessMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialAddArgs {
+    resident: ResidentId,
+    card: CardSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CardRef {
+    format: Format,
+    facility: u64,
+    number: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialRemoveArgs {
+    card: CardRef,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RosterArgs {
+    version: u64,
+    residents: Vec<ResidentSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackfillArgs {
+    from_seq: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// The most residents one roster snapshot may hold.
+pub const MAX_ROSTER: usize = 100_000;
+/// The most events one backfill request re-sends.
+pub const MAX_BACKFILL: usize = 10_000;
+
+/// A validated command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Unlock { door: String, duration_ms: Option<u64> },
+    ResidentUpsert(ResidentSpec),
+    ResidentRemove(ResidentId),
+    SetMode { resident: ResidentId, mode: AccessMode },
+    CredentialAdd { resident: ResidentId, card: CardSpec },
+    CredentialRemove(CardId),
+    RosterSync { version: u64, residents: Vec<ResidentSpec> },
+    RulesGet,
+    HealthGet,
+    EventsBackfill { from_seq: u64, limit: usize },
+}
+
+/// A command ready to execute.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub verb: Verb,
+    pub request_id: String,
+    pub reply: Option<ReplyTo>,
+    /// Came in on the site-wide topic.
+    pub site_wide: bool,
+    pub command: Command,
+}
+
+/// What [`parse`] could learn before refusing, so the refusal can still be answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub verb: Option<Verb>,
+    pub request_id: Option<String>,
+    pub reply: Option<ReplyTo>,
+    pub error: CmdError,
+}
+
+/// Is `t` a topic we may publish a reply to? Not empty, no wildcards, no NUL, and never a
+/// command topic (a forged response topic must not turn a reply into somebody's command).
+pub fn valid_reply_topic(t: &str) -> bool {
+    if t.is_empty() || t.len() > 512 || t.contains(['+', '#', '\0']) {
+        return false;
+    }
+    let levels: Vec<&str> = t.split('/').collect();
+    !(levels.len() >= 5 && levels[0] == "menshen" && levels[4] == "cmd")
+}
+
+fn valid_request_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_graphic())
+}
+
+/// The deepest nesting of arrays and objects in `bytes` (JSON text), without parsing it, so a
+/// hostile payload cannot exhaust the parser's stack.
+pub fn json_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_str, mut esc) = (0usize, 0usize, false, false);
+    for &b in bytes {
+        if in_str {
+            if esc {
+                esc = false;
+            } else if b == b'\\' {
+                esc = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// Map a serde error to a code: the message says which rule was broken.
+fn shape_error(e: &serde_json::Error) -> CmdError {
+    let msg = e.to_string();
+    let code = if msg.starts_with("unknown field") {
+        ErrorCode::UnknownField
+    } else if msg.starts_with("missing field") {
+        ErrorCode::MissingField
+    } else if msg.starts_with("invalid type") {
+        ErrorCode::WrongType
+    } else {
+        ErrorCode::InvalidValue
+    };
+    CmdError::new(code, msg)
+}
+
+fn args<T: serde::de::DeserializeOwned>(rest: Map<String, Value>) -> Result<T, CmdError> {
+    serde_json::from_value(Value::Object(rest)).map_err(|e| shape_error(&e))
+}
+
+/// The verb and scope of a command topic, if it is one of ours.
+pub fn topic_verb(topic: &str, site: &str, gate: &str) -> Option<(String, bool)> {
+    let mut it = topic.splitn(6, '/');
+    let (a, b, s, g, c, verb) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+    if a != "menshen" || b != "v1" || s != site || c != "cmd" {
+        return None;
+    }
+    if g == gate {
+        Some((verb.to_string(), false))
+    } else if g == SITE_SCOPE {
+        Some((verb.to_string(), true))
+    } else {
+        None
+    }
+}
+
+/// Parse and validate one command publish at wall time `now_ms`.
+pub fn parse(inb: &Inbound, site: &str, gate: &str, limits: &Limits, now_ms: i64) -> Result<Request, Box<Refusal>> {
+    // The reply path first, so that even a refusal can be answered.
+    let mut reply = inb
+        .response_topic
+        .as_ref()
+        .map(|t| ReplyTo { topic: t.clone(), correlation: inb.correlation.clone() });
+    let corr_id = inb.correlation.as_ref().map(|c| match std::str::from_utf8(c) {
+        Ok(s) if valid_request_id(s) => s.to_string(),
+        _ => c.iter().map(|b| format!("{b:02x}")).collect(),
+    });
+    let refuse = |verb: Option<Verb>, rid: Option<String>, reply: Option<ReplyTo>, error: CmdError| {
+        Box::new(Refusal { verb, request_id: rid, reply, error })
+    };
+
+    let Some((verb_s, site_wide)) = topic_verb(&inb.topic, site, gate) else {
+        return Err(refuse(None, corr_id, reply, CmdError::new(ErrorCode::UnknownCommand, "not a command topic")));
+    };
+    let verb = Verb::from_name(&verb_s);
+    if inb.retain {
+        let e = CmdError::new(
+            ErrorCode::RetainedCommand,
+            "retained commands are refused: a broker re-delivers them to every new subscriber",
+        );
+        return Err(refuse(verb, corr_id, reply, e));
+    }
+    let Some(verb) = verb else {
+        let shown: String = verb_s.chars().take(64).collect();
+        return Err(refuse(None, corr_id, reply, CmdError::new(ErrorCode::UnknownCommand, format!("no command `{shown}`"))));
+    };
+    if inb.payload.len() > limits.max_payload_bytes {
+        let e = CmdError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("payload of {} bytes is over the limit of {}", inb.payload.len(), limits.max_payload_bytes),
+        );
+        return Err(refuse(Some(verb), corr_id, reply, e));
+    }
+    let text = match std::str::from_utf8(&inb.payload) {
+        Ok(t) => t,
+        Err(e) => {
+            let e = CmdError::new(ErrorCode::InvalidUtf8, format!("payload is not UTF-8: {e}"));
+            return Err(refuse(Some(verb), corr_id, reply, e));
+        }
+    };
+    let depth = json_depth(text.as_bytes());
+    if depth > limits.max_depth {
+        let e = CmdError::new(ErrorCode::TooDeep, format!("nesting depth {depth} is over the limit of {}", limits.max_depth));
+        return Err(refuse(Some(verb), corr_id, reply, e));
+    }
+    let value: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return Err(refuse(Some(verb), corr_id, reply, CmdError::new(ErrorCode::InvalidJson, e.to_string()))),
+    };
+    let Value::Object(mut obj) = value else {
+        let e = CmdError::new(ErrorCode::NotAnObject, "a command payload is a JSON object");
+        return Err(refuse(Some(verb), corr_id, reply, e));
+    };
+
+    // Envelope fields, common to every command.
+    let request_id = match obj.remove("request_id") {
+        None => None,
+        Some(Value::String(s)) if valid_request_id(&s) => Some(s),
+        Some(Value::String(_)) => {
+            let e = CmdError::new(ErrorCode::InvalidRequestId, "request_id: 1-128 printable ASCII characters");
+            return Err(refuse(Some(verb), corr_id, reply, e));
+        }
+        Some(_) => {
+            let e = CmdError::new(ErrorCode::WrongType, "request_id must be a string");
+            return Err(refuse(Some(verb), corr_id, reply, e));
+        }
+    };
+    let rid = request_id.clone().or(corr_id.clone());
+    match obj.remove("reply_to") {
+        None => {}
+        Some(Value::String(t)) => {
+            if reply.is_none() {
+                reply = Some(ReplyTo { topic: t, correlation: None });
+            }
+        }
+        Some(_) => {
+            let e = CmdError::new(ErrorCode::WrongType, "reply_to must be a string");
+            return Err(refuse(Some(verb), rid, reply, e));
+        }
+    }
+    if let Some(r) = &reply {
+        if !valid_reply_topic(&r.topic) {
+            let e = CmdError::new(
+                ErrorCode::InvalidReplyTo,
+                "the reply topic must be a plain topic name (no wildcards) outside any cmd/ tree",
+            );
+            return Err(refuse(Some(verb), rid, None, e));
+        }
+    }
+    let expires_at = match obj.remove("expires_at") {
+        None => None,
+        Some(v) => match v.as_i64() {
+            Some(t) => Some(t),
+            None => {
+                let e = CmdError::new(ErrorCode::WrongType, "expires_at must be an integer (Unix ms)");
+                return Err(refuse(Some(verb), rid, reply, e));
+            }
+        },
+    };
+    let Some(request_id) = rid else {
+        let e = CmdError::new(
+            ErrorCode::MissingRequestId,
+            "every command needs a request_id (or MQTT 5 correlation data): it is how replays are refused",
+        );
+        return Err(refuse(Some(verb), None, reply, e));
+    };
+    let rid = Some(request_id.clone());
+    if let Some(t) = expires_at {
+        if t <= now_ms {
+            let e = CmdError::new(ErrorCode::Expired, format!("expired {} ms ago", now_ms - t));
+            return Err(refuse(Some(verb), rid, reply, e));
+        }
+    }
+    if verb == Verb::Unlock {
+        let lifetime = limits.max_command_lifetime_ms as i64;
+        let from_expiry = inb.expiry_secs.map(|s| i64::from(s) * 1000);
+        let from_field = expires_at.map(|t| t - now_ms);
+        match (from_expiry, from_field) {
+            (None, None) => {
+                let e = CmdError::new(
+                    ErrorCode::ExpiryRequired,
+                    "an unlock must carry an expiry: MQTT 5 message expiry or expires_at (Unix ms)",
+                );
+                return Err(refuse(Some(verb), rid, reply, e));
+            }
+            (a, b) => {
+                let ahead = a.into_iter().chain(b).min().unwrap_or(0);
+                if ahead > lifetime {
+                    let e = CmdError::new(
+                        ErrorCode::ExpiryTooFar,
+                        format!("an unlock may live at most {lifetime} ms; this one {ahead} ms"),
+                    );
+                    return Err(refuse(Some(verb), rid, reply, e));
+                }
+            }
+        }
+    }
+
+    let command = verb_args(verb, obj, limits).map_err(|e| refuse(Some(verb), rid.clone(), reply.clone(), e))?;
+    Ok(Request { verb, request_id, reply, site_wide, command })
+}
+
+fn verb_args(verb: Verb, obj: Map<String, Value>, limits: &Limits) -> Result<Command, CmdError> {
+    Ok(match verb {
+        Verb::Unlock => {
+            let a: UnlockArgs = args(obj)?;
+            if let Some(d) = a.duration_ms {
+                if d == 0 || d > limits.unlock_max_ms {
+                    return Err(CmdError::new(
+                        ErrorCode::InvalidValue,
+                        format!("duration_ms must be 1..={} (got {d})", limits.unlock_max_ms),
+                    ));
+                }
+            }
+            Command::Unlock { door: a.door, duration_ms: a.duration_ms }
+        }
+        Verb::ResidentUpsert => {
+            let a: UpsertArgs = args(obj)?;
+            a.resident.check()?;
+            Command::ResidentUpsert(a.resident)
+        }
+        Verb::ResidentRemove => Command::ResidentRemove(args::<ResidentArgs>(obj)?.resident),
+        Verb::ResidentSetMode => {
+            let a: SetModeArgs = args(obj)?;
+            Command::SetMode { resident: a.resident, mode: a.mode }
+        }
+        Verb::CredentialAdd => {
+            let a: CredentialAddArgs = args(obj)?;
+            a.card.check()?;
+            Command::CredentialAdd { resident: a.resident, card: a.card }
+        }
+        Verb::CredentialRemove => {
+            let c = args::<CredentialRemoveArgs>(obj)?.card;
+            Command::CredentialRemove(CardId { format: c.format, facility: c.facility, number: c.number })
+        }
+        Verb::RosterSync => {
+            let a: RosterArgs = args(obj)?;
+            if a.residents.len() > MAX_ROSTER {
+                return Err(CmdError::new(ErrorCode::InvalidValue, format!("at most {MAX_ROSTER} residents")));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for r in &a.residents {
+                r.check()?;
+                if !seen.insert(r.id.clone()) {
+                    return Err(CmdError::new(ErrorCode::InvalidValue, format!("resident {} appears twice", r.id)));
+                }
+            }
+            Command::RosterSync { version: a.version, residents: a.residents }
+        }
+        Verb::RulesGet => {
+            args::<Empty>(obj)?;
+            Command::RulesGet
+        }
+        Verb::HealthGet => {
+            args::<Empty>(obj)?;
+            Command::HealthGet
+        }
+        Verb::EventsBackfill => {
+            let a: BackfillArgs = args(obj)?;
+            let limit = a.limit.unwrap_or(1_000);
+            if limit == 0 || limit > MAX_BACKFILL {
+                return Err(CmdError::new(ErrorCode::InvalidValue, format!("limit must be 1..={MAX_BACKFILL}")));
+            }
+            Command::EventsBackfill { from_seq: a.from_seq, limit }
+        }
+    })
+}
+
+/// A reply payload: `{request_id, command, site, gate, ok, result | code + message}`.
+pub fn reply_json(
+    site: &str,
+    gate: &str,
+    verb: Option<Verb>,
+    request_id: Option<&str>,
+    outcome: &Result<Value, CmdError>,
+) -> Vec<u8> {
+    let mut m = Map::new();
+    m.insert("request_id".into(), request_id.map_or(Value::Null, |s| Value::String(s.into())));
+    m.insert("command".into(), verb.map_or(Value::Null, |v| Value::String(v.name().into())));
+    m.insert("site".into(), Value::String(site.into()));
+    m.insert("gate".into(), Value::String(gate.into()));
+    match outcome {
+        Ok(result) => {
+            m.insert("ok".into(), Value::Bool(true));
+            m.insert("result".into(), result.clone());
+        }
+        Err(e) => {
+            m.insert("ok".into(), Value::Bool(false));
+            m.insert("code".into(), Value::String(e.code.code().into()));
+            m.insert("message".into(), Value::String(e.message.clone()));
+        }
+    }
+    serde_json::to_vec(&Value::Object(m)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn inb(verb: &str, payload: &str) -> Inbound {
+        Inbound {
+            topic: format!("menshen/v1/s/g/cmd/{verb}"),
+            payload: payload.as_bytes().to_vec(),
+            response_topic: Some("bms/replies".into()),
+            correlation: Some(b"c-1".to_vec()),
+            ..Inbound::default()
+        }
+    }
+
+    fn code(i: &Inbound) -> ErrorCode {
+        parse(i, "s", "g", &Limits::default(), NOW).unwrap_err().error.code
+    }
+
+    #[test]
+    fn a_good_unlock_parses_with_correlation_as_request_id() {
+        let mut i = inb("unlock", r#"{"door":"front","duration_ms":3000}"#);
+        i.expiry_secs = Some(10);
+        let r = parse(&i, "s", "g", &Limits::default(), NOW).unwrap();
+        assert_eq!(r.request_id, "c-1");
+        assert_eq!(r.command, Command::Unlock { door: "front".into(), duration_ms: Some(3000) });
+        assert_eq!(r.reply.unwrap().correlation.unwrap(), b"c-1");
+    }
+
+    #[test]
+    fn mqtt311_fallback_uses_payload_fields() {
+        let mut i = inb("health.get", r#"{"request_id":"r-9","reply_to":"bms/r"}"#);
+        i.response_topic = None;
+        i.correlation = None;
+        let r = parse(&i, "s", "g", &Limits::default(), NOW).unwrap();
+        assert_eq!(r.request_id, "r-9");
+        assert_eq!(r.reply, Some(ReplyTo { topic: "bms/r".into(), correlation: None }));
+    }
+
+    #[test]
+    fn site_wide_topic_is_accepted_and_marked() {
+        let mut i = inb("rules.get", "{}");
+        i.topic = "menshen/v1/s/_site/cmd/rules.get".into();
+        assert!(parse(&i, "s", "g", &Limits::default(), NOW).unwrap().site_wide);
+        i.topic = "menshen/v1/s/other/cmd/rules.get".into();
+        assert_eq!(code(&i), ErrorCode::UnknownCommand);
+    }
+
+    #[test]
+    fn refusals_have_their_codes() {
+        let mut retained = inb("health.get", "{}");
+        retained.retain = true;
+        assert_eq!(code(&retained), ErrorCode::RetainedCommand);
+        assert_eq!(code(&inb("open.sesame", "{}")), ErrorCode::UnknownCommand);
+        let mut bad_utf8 = inb("health.get", "{}");
+        bad_utf8.payload = vec![b'{', 0xff, b'}'];
+        assert_eq!(code(&bad_utf8), ErrorCode::InvalidUtf8);
+        assert_eq!(code(&inb("health.get", "{")), ErrorCode::InvalidJson);
+        assert_eq!(code(&inb("health.get", "[1]")), ErrorCode::NotAnObject);
+        assert_eq!(code(&inb("health.get", &format!("{}{}", "[".repeat(40), "]".repeat(40)))), ErrorCode::TooDeep);
+        assert_eq!(code(&inb("health.get", r#"{"x":1}"#)), ErrorCode::UnknownField);
+        assert_eq!(code(&inb("resident.set_mode", r#"{"resident":"r1"}"#)), ErrorCode::MissingField);
+        assert_eq!(code(&inb("resident.set_mode", r#"{"resident":"r1","mode":7}"#)), ErrorCode::WrongType);
+        assert_eq!(code(&inb("resident.set_mode", r#"{"resident":"r1","mode":"face"}"#)), ErrorCode::InvalidValue);
+        assert_eq!(code(&inb("resident.remove", r#"{"resident":"a b"}"#)), ErrorCode::InvalidValue);
+        let mut big = inb("health.get", "{}");
+        big.payload = vec![b' '; Limits::default().max_payload_bytes + 1];
+        assert_eq!(code(&big), ErrorCode::PayloadTooLarge);
+        let mut no_id = inb("health.get", "{}");
+        no_id.correlation = None;
+        assert_eq!(code(&no_id), ErrorCode::MissingRequestId);
+        assert_eq!(code(&inb("health.get", r#"{"request_id":""}"#)), ErrorCode::InvalidRequestId);
+        assert_eq!(code(&inb("health.get", &format!(r#"{{"expires_at":{}}}"#, NOW - 1))), ErrorCode::Expired);
+        assert_eq!(code(&inb("unlock", r#"{"door":"front"}"#)), ErrorCode::ExpiryRequired);
+        assert_eq!(code(&inb("unlock", &format!(r#"{{"door":"f","expires_at":{}}}"#, NOW + 3_600_000))), ErrorCode::ExpiryTooFar);
+        let mut long = inb("unlock", r#"{"door":"f","duration_ms":3600000}"#);
+        long.expiry_secs = Some(5);
+        assert_eq!(code(&long), ErrorCode::InvalidValue);
+        let mut forged = inb("health.get", "{}");
+        forged.response_topic = Some("menshen/v1/s/g2/cmd/unlock".into());
+        assert_eq!(code(&forged), ErrorCode::InvalidReplyTo);
+        assert_eq!(
+            code(&inb("credential.add", r#"{"resident":"r","card":{"format":"H10301","facility":300,"number":1}}"#)),
+            ErrorCode::InvalidValue,
+            "facility out of range for 26-bit"
+        );
+        let dup = r#"{"version":1,"residents":[{"id":"a","mode":"card"},{"id":"a","mode":"card"}]}"#;
+        assert_eq!(code(&inb("roster.sync", dup)), ErrorCode::InvalidValue);
+    }
+
+    #[test]
+    fn depth_scan_ignores_brackets_in_strings() {
+        assert_eq!(json_depth(br#"{"a":"[[[[[[","b":[1,{"c":2}]}"#), 3);
+        assert_eq!(json_depth(br#"{"a":"\"[["}"#), 1);
+    }
+
+    #[test]
+    fn replies_carry_ok_or_code_and_message() {
+        let ok: Value = serde_json::from_slice(&reply_json("s", "g", Some(Verb::HealthGet), Some("r"), &Ok(Value::Null))).unwrap();
+        assert_eq!(ok["ok"], true);
+        let e = CmdError::new(ErrorCode::Busy, "later");
+        let bad: Value = serde_json::from_slice(&reply_json("s", "g", None, None, &Err(e))).unwrap();
+        assert_eq!(bad["ok"], false);
+        assert_eq!(bad["code"], "busy");
+        assert_eq!(bad["message"], "later");
+    }
+
+    #[test]
+    fn error_codes_are_unique_snake_case() {
+        let mut seen = std::collections::HashSet::new();
+        for c in ErrorCode::ALL {
+            assert!(seen.insert(c.code()));
+            assert_eq!(serde_json::to_value(c).unwrap(), Value::String(c.code().into()));
+        }
+    }
+}

@@ -54,6 +54,8 @@ pub struct ReaderOutput {
 #[derive(Debug, Clone, Copy)]
 pub enum DoorCmd {
     Grant(GrantTrace),
+    /// A remote unlock (BMS command), already bounded and checked for replay.
+    Unlock(Duration),
 }
 
 /// Claimed hardware and shared state, before any task runs.
@@ -122,9 +124,20 @@ impl App {
             doors.push((d.clone(), relay));
         }
         let store_path = cfg.store_path();
-        let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
-            .await?
-            .with_context(|| format!("opening the store {}", cfg.store_path().display()))?;
+        let (min_age, keep, journal) = (
+            // Request ids live at least a day, and never less than an unlock may live.
+            (24 * 3600 * 1000).max(cfg.mqtt.max_command_lifetime_ms as i64 * 2),
+            cfg.mqtt.request_keep,
+            cfg.mqtt.journal_keep,
+        );
+        let store = tokio::task::spawn_blocking(move || {
+            Store::open(&store_path).map(|mut s| {
+                s.set_retention(min_age, keep, journal);
+                s
+            })
+        })
+        .await?
+        .with_context(|| format!("opening the store {}", cfg.store_path().display()))?;
         let store = Arc::new(store);
         let now = MonoTime::now();
         let mut door_parts = Vec::new();
@@ -169,6 +182,8 @@ impl App {
         let (ev_tx, ev_rx) = mpsc::channel::<NewEvent>(4096);
         let (rd_tx, rd_rx) = mpsc::channel::<ReaderOutput>(256);
         let wake = Arc::new(Notify::new());
+        let board = Arc::new(crate::mqtt::StateBoard::default());
+        let started = MonoTime::now();
 
         let mut door_cmds = HashMap::new();
         for d in doors {
@@ -176,11 +191,11 @@ impl App {
             door_cmds.insert(d.cfg.name.clone(), tx);
             let name = format!("door:{}", d.cfg.name);
             let ctx = StageCtx { stats: stats.clone(), shutdown: shutdown.clone(), name: name.clone() };
-            let (ev, gpio) = (ev_tx.clone(), _gpio.clone());
+            let (ev, gpio, board) = (ev_tx.clone(), _gpio.clone(), board.clone());
             tasks.push((
                 name,
                 tokio::spawn(async move {
-                    door_stage(ctx, d, rx, ev).await;
+                    door_stage(ctx, d, rx, ev, board).await;
                     drop(gpio);
                 }),
             ));
@@ -195,7 +210,25 @@ impl App {
         {
             let ctx = StageCtx { stats: stats.clone(), shutdown: shutdown.clone(), name: "gate".into() };
             let (store, cfg, ev) = (store.clone(), cfg.clone(), ev_tx.clone());
-            tasks.push(("gate".into(), tokio::spawn(gate_stage(ctx, cfg, store, rd_rx, door_cmds, ev))));
+            let doors = door_cmds.clone();
+            tasks.push(("gate".into(), tokio::spawn(gate_stage(ctx, cfg, store, rd_rx, doors, ev))));
+        }
+        let mut link_parts = None;
+        if cfg.mqtt.enabled {
+            let (cmd_tx, cmd_rx) = mpsc::channel(256);
+            let (out_tx, out_rx) = mpsc::channel(1024);
+            let api = crate::api::ApiCtx {
+                cfg: cfg.clone(),
+                store: store.clone(),
+                stats: stats.clone(),
+                doors: door_cmds,
+                events: ev_tx.clone(),
+                out: out_tx,
+                started,
+                shutdown: shutdown.clone(),
+            };
+            tasks.push(("api".into(), tokio::spawn(crate::api::run(api, cmd_rx))));
+            link_parts = Some((cmd_tx, out_rx));
         }
         drop(ev_tx);
         {
@@ -203,12 +236,16 @@ impl App {
             let (store, cfg, wake) = (store.clone(), cfg.clone(), wake.clone());
             tasks.push(("outbox".into(), tokio::spawn(outbox_stage(ctx, cfg, store, ev_rx, wake))));
         }
-        if cfg.mqtt.enabled {
+        if let Some((commands, outgoing)) = link_parts {
             let link = crate::mqtt::LinkCtx {
                 cfg: cfg.clone(),
                 store: store.clone(),
                 stats: stats.clone(),
                 wake,
+                board,
+                commands,
+                outgoing,
+                started,
                 shutdown: shutdown.clone(),
             };
             tasks.push(("mqtt".into(), tokio::spawn(crate::mqtt::run(link))));
@@ -441,12 +478,14 @@ async fn door_stage(
     mut d: DoorParts,
     mut cmds: mpsc::Receiver<DoorCmd>,
     events: mpsc::Sender<NewEvent>,
+    board: Arc<crate::mqtt::StateBoard>,
 ) {
     let name = d.cfg.name.clone();
     let (contact_lvl, rex_lvl, fire_lvl) = (d.cfg.contact_open_level, d.cfg.rex_active_level, d.cfg.fire_active_level);
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     let start = d.core.start(MonoTime::now());
     apply(&name, &mut d.relay, start, &events).await;
+    publish_state(&board, &name, &d.core, d.cfg.contact_pin.is_some());
     loop {
         let actions = tokio::select! {
             biased;
@@ -462,6 +501,7 @@ async fn door_stage(
                     }
                     Vec::new()
                 }
+                DoorCmd::Unlock(dur) => d.core.unlock_for(MonoTime::now(), dur),
             },
             Some(e) = recv_opt(&mut d.contact) => d.core.input(Input::Contact(contact_lvl.is_active(e.high)), e.at),
             Some(e) = recv_opt(&mut d.rex) => d.core.input(Input::Rex(rex_lvl.is_active(e.high)), e.at),
@@ -470,10 +510,21 @@ async fn door_stage(
             _ = beat.tick() => { ctx.stats.beat(&ctx.name); Vec::new() }
         };
         apply(&name, &mut d.relay, actions, &events).await;
+        publish_state(&board, &name, &d.core, d.cfg.contact_pin.is_some());
     }
     let off = d.core.shutdown();
     apply(&name, &mut d.relay, off, &events).await;
     tracing::info!(door = %name, energized = d.relay.energized(), "door in its safe state");
+}
+
+/// The retained `state/lock/{door}` and `state/door/{door}` (only when there is a contact).
+fn publish_state(board: &crate::mqtt::StateBoard, door: &str, core: &DoorCore, has_contact: bool) {
+    let lock = json!({"door": door, "state": if core.is_unlocked() { "UNLOCKED" } else { "LOCKED" }});
+    board.set(&format!("state/lock/{door}"), lock.to_string().into_bytes());
+    if has_contact {
+        let open = json!({"door": door, "open": core.is_open()});
+        board.set(&format!("state/door/{door}"), open.to_string().into_bytes());
+    }
 }
 
 async fn apply(door: &str, relay: &mut Relay, actions: Vec<Action>, events: &mpsc::Sender<NewEvent>) {

@@ -503,10 +503,8 @@ pub fn topic_verb(topic: &str, site: &str, gate: &str) -> Option<(String, bool)>
 /// Parse and validate one command publish at wall time `now_ms`.
 pub fn parse(inb: &Inbound, site: &str, gate: &str, limits: &Limits, now_ms: i64) -> Result<Request, Box<Refusal>> {
     // The reply path first, so that even a refusal can be answered.
-    let mut reply = inb
-        .response_topic
-        .as_ref()
-        .map(|t| ReplyTo { topic: t.clone(), correlation: inb.correlation.clone() });
+    let mut reply =
+        inb.response_topic.as_ref().map(|t| ReplyTo { topic: t.clone(), correlation: inb.correlation.clone() });
     let corr_id = inb.correlation.as_ref().map(|c| match std::str::from_utf8(c) {
         Ok(s) if valid_request_id(s) => s.to_string(),
         _ => c.iter().map(|b| format!("{b:02x}")).collect(),
@@ -528,7 +526,12 @@ pub fn parse(inb: &Inbound, site: &str, gate: &str, limits: &Limits, now_ms: i64
     }
     let Some(verb) = verb else {
         let shown: String = verb_s.chars().take(64).collect();
-        return Err(refuse(None, corr_id, reply, CmdError::new(ErrorCode::UnknownCommand, format!("no command `{shown}`"))));
+        return Err(refuse(
+            None,
+            corr_id,
+            reply,
+            CmdError::new(ErrorCode::UnknownCommand, format!("no command `{shown}`")),
+        ));
     };
     if inb.payload.len() > limits.max_payload_bytes {
         let e = CmdError::new(
@@ -546,7 +549,10 @@ pub fn parse(inb: &Inbound, site: &str, gate: &str, limits: &Limits, now_ms: i64
     };
     let depth = json_depth(text.as_bytes());
     if depth > limits.max_depth {
-        let e = CmdError::new(ErrorCode::TooDeep, format!("nesting depth {depth} is over the limit of {}", limits.max_depth));
+        let e = CmdError::new(
+            ErrorCode::TooDeep,
+            format!("nesting depth {depth} is over the limit of {}", limits.max_depth),
+        );
         return Err(refuse(Some(verb), corr_id, reply, e));
     }
     let value: Value = match serde_json::from_str(text) {
@@ -574,11 +580,9 @@ pub fn parse(inb: &Inbound, site: &str, gate: &str, limits: &Limits, now_ms: i64
     let rid = request_id.clone().or(corr_id.clone());
     match obj.remove("reply_to") {
         None => {}
-        Some(Value::String(t)) => {
-            if reply.is_none() {
-                reply = Some(ReplyTo { topic: t, correlation: None });
-            }
-        }
+        Some(Value::String(t)) if reply.is_none() => reply = Some(ReplyTo { topic: t, correlation: None }),
+        // MQTT 5's response topic wins over the payload field.
+        Some(Value::String(_)) => {}
         Some(_) => {
             let e = CmdError::new(ErrorCode::WrongType, "reply_to must be a string");
             return Err(refuse(Some(verb), rid, reply, e));
@@ -814,7 +818,10 @@ mod tests {
         assert_eq!(code(&inb("health.get", r#"{"request_id":""}"#)), ErrorCode::InvalidRequestId);
         assert_eq!(code(&inb("health.get", &format!(r#"{{"expires_at":{}}}"#, NOW - 1))), ErrorCode::Expired);
         assert_eq!(code(&inb("unlock", r#"{"door":"front"}"#)), ErrorCode::ExpiryRequired);
-        assert_eq!(code(&inb("unlock", &format!(r#"{{"door":"f","expires_at":{}}}"#, NOW + 3_600_000))), ErrorCode::ExpiryTooFar);
+        assert_eq!(
+            code(&inb("unlock", &format!(r#"{{"door":"f","expires_at":{}}}"#, NOW + 3_600_000))),
+            ErrorCode::ExpiryTooFar
+        );
         let mut long = inb("unlock", r#"{"door":"f","duration_ms":3600000}"#);
         long.expiry_secs = Some(5);
         assert_eq!(code(&long), ErrorCode::InvalidValue);
@@ -838,7 +845,8 @@ mod tests {
 
     #[test]
     fn replies_carry_ok_or_code_and_message() {
-        let ok: Value = serde_json::from_slice(&reply_json("s", "g", Some(Verb::HealthGet), Some("r"), &Ok(Value::Null))).unwrap();
+        let ok: Value =
+            serde_json::from_slice(&reply_json("s", "g", Some(Verb::HealthGet), Some("r"), &Ok(Value::Null))).unwrap();
         assert_eq!(ok["ok"], true);
         let e = CmdError::new(ErrorCode::Busy, "later");
         let bad: Value = serde_json::from_slice(&reply_json("s", "g", None, None, &Err(e))).unwrap();

@@ -66,6 +66,61 @@ pub struct Config {
     #[serde(default, rename = "doors")]
     pub doors: Vec<DoorConfig>,
     pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub homeassistant: HomeAssistantConfig,
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
+}
+
+/// Optional Home Assistant MQTT discovery (REQUIREMENTS M5).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HomeAssistantConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_ha_prefix")]
+    pub discovery_prefix: String,
+    /// Offer an unlock button in Home Assistant (off: the lock is shown read-only).
+    #[serde(default)]
+    pub allow_unlock: bool,
+}
+
+impl Default for HomeAssistantConfig {
+    fn default() -> Self {
+        HomeAssistantConfig { enabled: false, discovery_prefix: default_ha_prefix(), allow_unlock: false }
+    }
+}
+
+fn default_ha_prefix() -> String {
+    "homeassistant".into()
+}
+
+/// The published processing rules (REQUIREMENTS P4).
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// The rules text; without it, the built-in template (`config/processing-rules.md`) is used.
+    #[serde(default)]
+    pub rules_file: Option<PathBuf>,
+    /// The version the rules text is known by (consents name it).
+    #[serde(default)]
+    pub rules_version: Option<String>,
+}
+
+/// The built-in processing rules template and its version.
+pub const BUILTIN_RULES: &str = include_str!("../config/processing-rules.md");
+pub const BUILTIN_RULES_VERSION: &str = "builtin-2026-11";
+
+/// TLS to the broker (rustls): the CA that signs the broker (pinned: no system roots), and an
+/// optional client certificate.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca_file: PathBuf,
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -318,6 +373,54 @@ pub struct MqttConfig {
     pub backoff_min_ms: u64,
     #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Commands larger than this are refused with `payload_too_large`.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+    /// Deeper JSON nesting is refused with `too_deep`.
+    #[serde(default = "default_max_depth")]
+    pub max_json_depth: usize,
+    /// The longest remote unlock a command may ask for.
+    #[serde(default = "default_unlock_max")]
+    pub unlock_max_ms: u64,
+    /// How far ahead an unlock's expiry may lie.
+    #[serde(default = "default_cmd_lifetime")]
+    pub max_command_lifetime_ms: u64,
+    /// Request ids remembered (at least for a day, however many).
+    #[serde(default = "default_keep")]
+    pub request_keep: u64,
+    /// Delivered events kept for `events.backfill`.
+    #[serde(default = "default_keep")]
+    pub journal_keep: u64,
+    /// Period of the `health` message (0: off).
+    #[serde(default = "default_health")]
+    pub health_interval_secs: u64,
+    /// Also take commands from `menshen/v1/{site}/_site/cmd/#`.
+    #[serde(default = "default_true")]
+    pub site_commands: bool,
+}
+
+fn default_max_payload() -> usize {
+    1 << 20
+}
+fn default_max_depth() -> usize {
+    16
+}
+fn default_unlock_max() -> u64 {
+    30_000
+}
+fn default_cmd_lifetime() -> u64 {
+    300_000
+}
+fn default_keep() -> u64 {
+    10_000
+}
+fn default_health() -> u64 {
+    60
+}
+fn default_true() -> bool {
+    true
 }
 
 fn default_keep_alive() -> u64 {
@@ -348,6 +451,31 @@ impl Config {
 
     pub fn store_path(&self) -> PathBuf {
         self.gate.state_dir.join("menshen.redb")
+    }
+
+    /// The command limits for [`crate::command::parse`].
+    pub fn limits(&self) -> crate::command::Limits {
+        crate::command::Limits {
+            max_payload_bytes: self.mqtt.max_payload_bytes,
+            max_depth: self.mqtt.max_json_depth,
+            unlock_max_ms: self.mqtt.unlock_max_ms,
+            max_command_lifetime_ms: self.mqtt.max_command_lifetime_ms,
+        }
+    }
+
+    /// The processing rules: (version, text).
+    pub fn rules(&self) -> Result<(String, String), String> {
+        match &self.privacy.rules_file {
+            None => Ok((
+                self.privacy.rules_version.clone().unwrap_or_else(|| BUILTIN_RULES_VERSION.into()),
+                BUILTIN_RULES.into(),
+            )),
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| format!("privacy.rules_file {}: {e}", p.display()))?;
+                Ok((self.privacy.rules_version.clone().unwrap_or_default(), text))
+            }
+        }
     }
 
     pub fn admin_socket(&self) -> PathBuf {
@@ -411,6 +539,39 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     check_id("gate.site", &cfg.gate.site)?;
     check_id("gate.gate", &cfg.gate.gate)?;
+    if cfg.gate.gate.starts_with('_') {
+        return Err(invalid("gate.gate", "gate ids starting with `_` are reserved (`_site` addresses every gate)"));
+    }
+    let m = &cfg.mqtt;
+    if !(256..=64 << 20).contains(&m.max_payload_bytes) {
+        return Err(invalid("mqtt.max_payload_bytes", "must be 256..=67108864"));
+    }
+    if !(2..=64).contains(&m.max_json_depth) {
+        return Err(invalid("mqtt.max_json_depth", "must be 2..=64"));
+    }
+    if !(100..=600_000).contains(&m.unlock_max_ms) {
+        return Err(invalid("mqtt.unlock_max_ms", "must be 100..=600000"));
+    }
+    if !(1_000..=3_600_000).contains(&m.max_command_lifetime_ms) {
+        return Err(invalid("mqtt.max_command_lifetime_ms", "must be 1000..=3600000"));
+    }
+    if m.request_keep < 100 {
+        return Err(invalid("mqtt.request_keep", "must be at least 100"));
+    }
+    if let Some(t) = &m.tls {
+        if t.client_cert_file.is_some() != t.client_key_file.is_some() {
+            return Err(invalid("mqtt.tls.client_key_file", "client_cert_file and client_key_file go together"));
+        }
+    }
+    if m.password_file.is_some() && m.username.is_none() {
+        return Err(invalid("mqtt.username", "a password_file needs a username"));
+    }
+    if cfg.privacy.rules_file.is_some() && cfg.privacy.rules_version.as_deref().unwrap_or("").is_empty() {
+        return Err(invalid("privacy.rules_version", "a rules_file needs its version (consents name it)"));
+    }
+    if cfg.homeassistant.discovery_prefix.is_empty() || cfg.homeassistant.discovery_prefix.contains(['+', '#']) {
+        return Err(invalid("homeassistant.discovery_prefix", "a plain topic prefix"));
+    }
     if parse_offset(&cfg.gate.utc_offset).is_none() {
         return Err(invalid("gate.utc_offset", format!("`{}` is not an offset like +08:00", cfg.gate.utc_offset)));
     }

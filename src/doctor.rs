@@ -118,30 +118,24 @@ async fn check_broker(cfg: &Config, timeout: Duration) -> Check {
         return check("broker", Status::Skip, "MQTT disabled in the config", None);
     }
     let m = &cfg.mqtt;
-    let mut o = rumqttc::MqttOptions::new(format!("menshen-doctor-{}", std::process::id()), m.host.clone(), m.port);
+    // The daemon's own options (TLS, login), under another client id and without its last will.
+    let mut o = match crate::mqtt::base_options(cfg, format!("menshen-doctor-{}", std::process::id())) {
+        Ok(o) => o,
+        Err(e) => {
+            return check(
+                "broker",
+                Status::Fail,
+                e.to_string(),
+                Some("check mqtt.password_file and the mqtt.tls files (paths, permissions, PEM contents)"),
+            )
+        }
+    };
     o.set_keep_alive(Duration::from_secs(5));
-    if let Some(user) = &m.username {
-        let pw = match &m.password_file {
-            Some(p) => match std::fs::read_to_string(p) {
-                Ok(s) => s.trim_end_matches(['\n', '\r']).to_string(),
-                Err(e) => {
-                    return check(
-                        "broker",
-                        Status::Fail,
-                        format!("mqtt.password_file {}: {e}", p.display()),
-                        Some("create the file (mode 0600, owned by menshen)"),
-                    )
-                }
-            },
-            None => String::new(),
-        };
-        o.set_credentials(user.clone(), pw);
-    }
-    let (client, mut el) = rumqttc::AsyncClient::new(o, 4);
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 4);
     let res = tokio::time::timeout(timeout, async {
         loop {
             match el.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return Ok(()),
+                Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_))) => return Ok(()),
                 Ok(_) => {}
                 Err(e) => return Err(e.to_string()),
             }

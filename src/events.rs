@@ -18,6 +18,7 @@ pub enum EventType {
     Access,
     Door,
     Alarm,
+    Privacy,
     System,
 }
 
@@ -27,6 +28,7 @@ impl EventType {
             EventType::Access => "access",
             EventType::Door => "door",
             EventType::Alarm => "alarm",
+            EventType::Privacy => "privacy",
             EventType::System => "system",
         }
     }
@@ -88,6 +90,9 @@ pub enum Body {
         frame: Option<FrameInfo>,
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
+        /// The command that caused it (remote unlock).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
     },
     Door {
         door: String,
@@ -101,6 +106,17 @@ pub enum Body {
         reader: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
+    },
+    /// A resident's own choices (P2) and, later, consent and deletion receipts.
+    Privacy {
+        privacy: String,
+        resident: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from_mode: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_mode: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
     },
     System {
         event: String,
@@ -173,6 +189,7 @@ impl NewEvent {
                 card: card.map(CardInfo::from),
                 frame: Some(bits.into()),
                 detail: detail.map(|d| d.code().to_string()),
+                request_id: None,
             },
         }
     }
@@ -191,6 +208,42 @@ impl NewEvent {
                 card: None,
                 frame: None,
                 detail: None,
+                request_id: None,
+            },
+        }
+    }
+
+    /// A remote unlock by a BMS command.
+    pub fn remote_unlock(ts_ms: i64, door: &str, request_id: &str, duration_ms: u64) -> NewEvent {
+        NewEvent {
+            kind: EventType::Access,
+            ts_ms,
+            body: Body::Access {
+                decision: "granted".into(),
+                reason: Reason::RemoteUnlock.code().into(),
+                method: Method::Remote,
+                door: door.into(),
+                reader: None,
+                resident: None,
+                card: None,
+                frame: None,
+                detail: Some(format!("{duration_ms} ms")),
+                request_id: Some(request_id.into()),
+            },
+        }
+    }
+
+    /// A resident's access mode changed (P2: audited and confirmed by an event).
+    pub fn mode_changed(ts_ms: i64, resident: &str, from: &str, to: &str, request_id: Option<&str>) -> NewEvent {
+        NewEvent {
+            kind: EventType::Privacy,
+            ts_ms,
+            body: Body::Privacy {
+                privacy: "mode_changed".into(),
+                resident: resident.into(),
+                from_mode: Some(from.into()),
+                to_mode: Some(to.into()),
+                request_id: request_id.map(str::to_string),
             },
         }
     }

@@ -8,6 +8,7 @@
 //! shells are the stages in [`app`]; hardware sits behind the traits in [`hw`].
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod app;
 pub mod cli;
 pub mod clock;

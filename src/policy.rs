@@ -14,6 +14,8 @@ pub enum Reason {
     Granted,
     /// A request-to-exit button press (always granted: egress is never blocked).
     ExitRequest,
+    /// A BMS `unlock` command (authenticated by the broker, checked for replay by the gate).
+    RemoteUnlock,
     UnknownCard,
     ParityError,
     /// Noise, a short or wrong-length frame, both lines low: not a card read at all.
@@ -40,6 +42,7 @@ impl Reason {
         match self {
             Reason::Granted => "granted",
             Reason::ExitRequest => "exit_request",
+            Reason::RemoteUnlock => "remote_unlock",
             Reason::UnknownCard => "unknown_card",
             Reason::ParityError => "parity_error",
             Reason::BadFrame => "bad_frame",

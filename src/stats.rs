@@ -18,7 +18,9 @@ pub struct Stats {
     pub store_errors: AtomicU64,
     pub mqtt_connects: AtomicU64,
     pub mqtt_online: AtomicBool,
+    pub commands_ok: AtomicU64,
     rejections: Mutex<BTreeMap<&'static str, u64>>,
+    command_rejections: Mutex<BTreeMap<&'static str, u64>>,
     heartbeats: Mutex<BTreeMap<String, u64>>,
     latency: Mutex<LatencyRings>,
 }
@@ -73,6 +75,15 @@ impl Percentiles {
 impl Stats {
     pub fn reject(&self, r: Rejection) {
         *self.rejections.lock().unwrap_or_else(|p| p.into_inner()).entry(r.code()).or_default() += 1;
+    }
+
+    /// A refused MQTT command, by error code.
+    pub fn reject_command(&self, code: &'static str) {
+        *self.command_rejections.lock().unwrap_or_else(|p| p.into_inner()).entry(code).or_default() += 1;
+    }
+
+    pub fn command_rejections(&self) -> BTreeMap<&'static str, u64> {
+        self.command_rejections.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn rejections(&self) -> BTreeMap<&'static str, u64> {
@@ -143,6 +154,8 @@ impl Stats {
             mqtt_connects: self.mqtt_connects.load(Ordering::Relaxed),
             mqtt_online: self.mqtt_online.load(Ordering::Relaxed),
             wiegand_rejections: self.rejections(),
+            commands_ok: self.commands_ok.load(Ordering::Relaxed),
+            command_rejections: self.command_rejections(),
             card_latency: LatencySnapshot {
                 delivery: Percentiles::of(&l.delivery),
                 decide: Percentiles::of(&l.decide),
@@ -163,6 +176,8 @@ pub struct StatsSnapshot {
     pub store_errors: u64,
     pub mqtt_connects: u64,
     pub mqtt_online: bool,
+    pub commands_ok: u64,
+    pub command_rejections: BTreeMap<&'static str, u64>,
     pub wiegand_rejections: BTreeMap<&'static str, u64>,
     /// Granted card decisions, last edge → relay command, split by hop.
     pub card_latency: LatencySnapshot,

@@ -65,14 +65,24 @@ pub enum StoreError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RosterOp {
     /// Insert or replace a resident; with `credentials`, their cards become exactly those.
-    Upsert { resident: Resident, credentials: Option<Vec<Credential>> },
-    SetMode { id: ResidentId, mode: AccessMode },
+    Upsert {
+        resident: Resident,
+        credentials: Option<Vec<Credential>>,
+    },
+    SetMode {
+        id: ResidentId,
+        mode: AccessMode,
+    },
     AddCredential(Credential),
     /// Remove a credential by key.
     RemoveCredential(String),
     RemoveResident(ResidentId),
     /// Replace the whole roster with a snapshot (atomic, idempotent per version).
-    Sync { version: u64, digest: u64, residents: Vec<(Resident, Vec<Credential>)> },
+    Sync {
+        version: u64,
+        digest: u64,
+        residents: Vec<(Resident, Vec<Credential>)>,
+    },
     /// Change nothing: only claim the request id.
     Nothing,
 }

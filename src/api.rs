@@ -1,0 +1,287 @@
+//! The command stage: carries out validated BMS commands (REQUIREMENTS M1–M3, P1, P2, P4).
+//!
+//! The MQTT link hands every publish on a command topic to [`run`]. [`command::parse`] checks
+//! shape, replay rules and limits without touching anything; this stage then does what needs the
+//! store or a door. Every roster change records its request id in the same durable transaction
+//! (so it happens once or not at all), and an unlock's request id is on disk before the door
+//! moves. Every command is answered (`ok`, or an error `code` and `message`) when it names a
+//! reply topic; every refusal is counted by code.
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::DoorCmd;
+use crate::clock::{wall_ms, MonoTime};
+use crate::command::{self, CmdError, Command, ErrorCode, Inbound, Request, ResidentSpec, Verb};
+use crate::config::Config;
+use crate::events::NewEvent;
+use crate::model::CredentialKind;
+use crate::mqtt::Outgoing;
+use crate::stats::Stats;
+use crate::store::{Claim, OpOutcome, RosterOp, Store, StoreError};
+
+/// What the command stage needs.
+pub struct ApiCtx {
+    pub cfg: Arc<Config>,
+    pub store: Arc<Store>,
+    pub stats: Arc<Stats>,
+    pub doors: HashMap<String, mpsc::Sender<DoorCmd>>,
+    pub events: mpsc::Sender<NewEvent>,
+    /// Replies and re-sent events, published by the link.
+    pub out: mpsc::Sender<Outgoing>,
+    pub started: MonoTime,
+    pub shutdown: CancellationToken,
+}
+
+/// Run until shutdown.
+pub async fn run(ctx: ApiCtx, mut rx: mpsc::Receiver<Inbound>) {
+    let mut beat = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let inb = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            m = rx.recv() => match m { Some(m) => m, None => { ctx.shutdown.cancelled().await; break } },
+            _ = beat.tick() => { ctx.stats.beat("api"); continue; }
+        };
+        handle(&ctx, inb).await;
+    }
+}
+
+/// Parse, execute and answer one command.
+pub async fn handle(ctx: &ApiCtx, inb: Inbound) {
+    let (site, gate) = (&ctx.cfg.gate.site, &ctx.cfg.gate.gate);
+    let now = wall_ms();
+    let (verb, request_id, reply, outcome) = match command::parse(&inb, site, gate, &ctx.cfg.limits(), now) {
+        Err(refusal) => (refusal.verb, refusal.request_id, refusal.reply, Err(refusal.error)),
+        Ok(req) => {
+            let outcome = execute(ctx, &req, now).await;
+            (Some(req.verb), Some(req.request_id), req.reply, outcome)
+        }
+    };
+    match &outcome {
+        Ok(_) => {
+            ctx.stats.commands_ok.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                command = verb.map_or("-", Verb::name),
+                request_id = request_id.as_deref().unwrap_or("-"),
+                "command done"
+            );
+        }
+        Err(e) => {
+            ctx.stats.reject_command(e.code.code());
+            tracing::warn!(
+                command = verb.map_or("-", Verb::name), request_id = request_id.as_deref().unwrap_or("-"),
+                code = e.code.code(), message = %e.message, "command refused"
+            );
+        }
+    }
+    let Some(reply) = reply else { return };
+    let payload = command::reply_json(site, gate, verb, request_id.as_deref(), &outcome);
+    let msg = Outgoing { topic: reply.topic, payload, correlation: reply.correlation, retain: false };
+    if ctx.out.send(msg).await.is_err() {
+        tracing::debug!("link gone: reply dropped");
+    }
+}
+
+fn store_error(e: StoreError) -> CmdError {
+    let code = match &e {
+        StoreError::DuplicateRequest(_) => ErrorCode::DuplicateRequest,
+        StoreError::Guard(_) => ErrorCode::FaceOnlyRefused,
+        StoreError::NoResident(_) => ErrorCode::UnknownResident,
+        StoreError::NoCredential(_) => ErrorCode::UnknownCredential,
+        StoreError::CredentialTaken(_) => ErrorCode::CredentialTaken,
+        StoreError::StaleVersion { .. } => ErrorCode::StaleVersion,
+        StoreError::VersionConflict(_) => ErrorCode::VersionConflict,
+        StoreError::InvalidResident(_) | StoreError::ResidentExists(_) => ErrorCode::InvalidValue,
+        StoreError::Locked | StoreError::NewerSchema { .. } | StoreError::Db(_) | StoreError::Corrupt { .. } => {
+            ErrorCode::InternalError
+        }
+    };
+    CmdError::new(code, e.to_string())
+}
+
+/// Apply a roster op with the request's id claimed in the same transaction.
+async fn apply(ctx: &ApiCtx, op: RosterOp, request_id: &str, now: i64) -> Result<OpOutcome, CmdError> {
+    let store = ctx.store.clone();
+    let rid = request_id.to_string();
+    let res = tokio::task::spawn_blocking(move || store.apply(op, Some(Claim { request_id: &rid, now_ms: now }), now))
+        .await
+        .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?;
+    if let Err(StoreError::Db(_) | StoreError::Corrupt { .. }) = &res {
+        ctx.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    res.map_err(store_error)
+}
+
+async fn emit(ctx: &ApiCtx, ev: NewEvent) {
+    // The outbox stage stores it durably; it only closes once every producer is gone.
+    let _ = ctx.events.send(ev).await;
+}
+
+fn roster_changed(now: i64, what: &str, request_id: &str) -> NewEvent {
+    NewEvent::system(now, "roster_changed", Some(format!("{what} (request {request_id})")))
+}
+
+/// A snapshot's digest: the first 8 bytes of SHA-256 over its canonical JSON (sorted by id).
+pub fn roster_digest(residents: &[ResidentSpec]) -> u64 {
+    let mut sorted: Vec<&ResidentSpec> = residents.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    let bytes = serde_json::to_vec(&sorted).unwrap_or_default();
+    let h = Sha256::digest(&bytes);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h[..8]);
+    u64::from_be_bytes(b)
+}
+
+async fn execute(ctx: &ApiCtx, req: &Request, now: i64) -> Result<Value, CmdError> {
+    let rid = req.request_id.as_str();
+    match &req.command {
+        Command::Unlock { door, duration_ms } => {
+            if req.site_wide {
+                return Err(CmdError::new(
+                    ErrorCode::InvalidValue,
+                    "unlock is per gate: send it to the gate's own topic",
+                ));
+            }
+            let Some(tx) = ctx.doors.get(door) else {
+                return Err(CmdError::new(ErrorCode::UnknownDoor, format!("no door `{door}` at this gate")));
+            };
+            let dur = duration_ms
+                .unwrap_or_else(|| ctx.cfg.door(door).map_or(3_000, |d| d.pulse_ms).min(ctx.cfg.mqtt.unlock_max_ms));
+            // The request id is on disk before the door moves: a replay after a crash is refused.
+            apply(ctx, RosterOp::Nothing, rid, now).await?;
+            tx.send(DoorCmd::Unlock(Duration::from_millis(dur)))
+                .await
+                .map_err(|_| CmdError::new(ErrorCode::InternalError, "door stage not running"))?;
+            ctx.stats.granted.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%door, request_id = rid, duration_ms = dur, decision = "granted", reason = "remote_unlock", "access");
+            emit(ctx, NewEvent::remote_unlock(now, door, rid, dur)).await;
+            Ok(json!({"door": door, "duration_ms": dur}))
+        }
+        Command::ResidentUpsert(spec) => {
+            let before = ctx.store.resident(&spec.id).ok().flatten().map(|r| r.mode);
+            let op = RosterOp::Upsert { resident: spec.resident(), credentials: spec.credentials() };
+            apply(ctx, op, rid, now).await?;
+            emit(ctx, roster_changed(now, &format!("resident.upsert {}", spec.id), rid)).await;
+            if let Some(b) = before.filter(|b| *b != spec.mode) {
+                emit(ctx, NewEvent::mode_changed(now, spec.id.as_str(), b.name(), spec.mode.name(), Some(rid))).await;
+            }
+            Ok(json!({"resident": spec.id, "mode": spec.mode, "created": before.is_none()}))
+        }
+        Command::ResidentRemove(id) => {
+            let out = apply(ctx, RosterOp::RemoveResident(id.clone()), rid, now).await?;
+            let n = match out {
+                OpOutcome::ResidentRemoved { credentials } => credentials,
+                _ => 0,
+            };
+            emit(ctx, roster_changed(now, &format!("resident.remove {id}"), rid)).await;
+            Ok(json!({"resident": id, "credentials_removed": n}))
+        }
+        Command::SetMode { resident, mode } => {
+            let out = apply(ctx, RosterOp::SetMode { id: resident.clone(), mode: *mode }, rid, now).await?;
+            let before = match out {
+                OpOutcome::ModeChanged { before } => before,
+                _ => *mode,
+            };
+            tracing::info!(%resident, from = before.name(), to = mode.name(), request_id = rid, "mode changed");
+            emit(ctx, NewEvent::mode_changed(now, resident.as_str(), before.name(), mode.name(), Some(rid))).await;
+            Ok(json!({"resident": resident, "mode": mode, "previous_mode": before}))
+        }
+        Command::CredentialAdd { resident, card } => {
+            apply(ctx, RosterOp::AddCredential(card.credential(resident)), rid, now).await?;
+            emit(ctx, roster_changed(now, &format!("credential.add {resident} {}", card.card().masked()), rid)).await;
+            Ok(json!({"resident": resident, "card": card.card()}))
+        }
+        Command::CredentialRemove(card) => {
+            let key = CredentialKind::Card(*card).key();
+            let out = apply(ctx, RosterOp::RemoveCredential(key), rid, now).await?;
+            let holder = match out {
+                OpOutcome::CredentialRemoved(c) => c.resident.to_string(),
+                _ => String::new(),
+            };
+            emit(ctx, roster_changed(now, &format!("credential.remove {holder} {}", card.masked()), rid)).await;
+            Ok(json!({"resident": holder, "card": card}))
+        }
+        Command::RosterSync { version, residents } => {
+            let digest = roster_digest(residents);
+            let entries =
+                residents.iter().map(|r| (r.resident(), r.credentials().unwrap_or_default())).collect::<Vec<_>>();
+            let out = apply(ctx, RosterOp::Sync { version: *version, digest, residents: entries }, rid, now).await?;
+            let OpOutcome::Synced { residents: n, credentials, removed } = out else {
+                return Err(CmdError::new(ErrorCode::InternalError, "unexpected store outcome"));
+            };
+            emit(ctx, roster_changed(now, &format!("roster.sync version {version}: {n} residents"), rid)).await;
+            Ok(json!({"version": version, "residents": n, "credentials": credentials, "removed": removed}))
+        }
+        Command::RulesGet => {
+            let (version, text) = ctx.cfg.rules().map_err(|e| CmdError::new(ErrorCode::InternalError, e))?;
+            let sha = Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>();
+            Ok(json!({"version": version, "sha256": sha, "text": text}))
+        }
+        Command::HealthGet => Ok(health(&ctx.cfg, &ctx.store, &ctx.stats, ctx.started).await),
+        Command::EventsBackfill { from_seq, limit } => {
+            let store = ctx.store.clone();
+            let (from, lim) = (*from_seq, *limit);
+            let (events, oldest) =
+                tokio::task::spawn_blocking(move || (store.events_from(from, lim), store.oldest_kept_seq()))
+                    .await
+                    .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?;
+            let events = events.map_err(store_error)?;
+            let root = ctx.cfg.topic_root();
+            let (first, last) = (events.first().map(|e| e.seq), events.last().map(|e| e.seq));
+            let n = events.len();
+            for e in events {
+                let Ok(mut v) = serde_json::from_slice::<Value>(&e.json) else { continue };
+                v["backfill"] = Value::Bool(true);
+                let kind = v["type"].as_str().unwrap_or("system").to_string();
+                let payload = serde_json::to_vec(&v).unwrap_or_default();
+                let msg = Outgoing { topic: format!("{root}event/{kind}"), payload, correlation: None, retain: false };
+                if ctx.out.send(msg).await.is_err() {
+                    break;
+                }
+            }
+            Ok(json!({"from_seq": from_seq, "count": n, "first_seq": first, "last_seq": last,
+                      "oldest_kept_seq": oldest.ok().flatten()}))
+        }
+    }
+}
+
+/// The health report: the periodic `health` message and the `health.get` reply.
+pub async fn health(cfg: &Config, store: &Arc<Store>, stats: &Stats, started: MonoTime) -> Value {
+    let st = store.clone();
+    let (depth, next, size, roster) = tokio::task::spawn_blocking(move || {
+        (st.outbox_depth().unwrap_or(0), st.next_seq().unwrap_or(0), st.file_size(), st.roster_version().unwrap_or(0))
+    })
+    .await
+    .unwrap_or_default();
+    let snap = stats.snapshot();
+    json!({
+        "site": cfg.gate.site,
+        "gate": cfg.gate.gate,
+        "version": env!("CARGO_PKG_VERSION"),
+        "ts_ms": wall_ms(),
+        "uptime_s": MonoTime::now().saturating_sub(started).as_secs(),
+        "mqtt_connected": snap.mqtt_online,
+        // The face path is not built into this release: no camera is opened.
+        "camera": "disabled",
+        "outbox_depth": depth,
+        "next_seq": next,
+        "store_bytes": size,
+        "roster_version": roster,
+        "granted": snap.granted,
+        "denied": snap.denied,
+        "events_stored": snap.events_stored,
+        "events_delivered": snap.events_delivered,
+        "store_errors": snap.store_errors,
+        "commands_ok": snap.commands_ok,
+        "rejected": {
+            "commands": snap.command_rejections,
+            "wiegand": snap.wiegand_rejections,
+        },
+    })
+}

@@ -645,14 +645,18 @@ async fn admin_stage(cfg: Arc<Config>, store: Arc<Store>, stats: Arc<Stats>, shu
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(_line)) = lines.next_line().await {
                 let st = store.clone();
-                let (depth, next) = tokio::task::spawn_blocking(move || (st.outbox_depth(), st.next_seq()))
-                    .await
-                    .unwrap_or((Ok(0), Ok(0)));
+                let (depth, next, fp, roster) = tokio::task::spawn_blocking(move || {
+                    (st.outbox_depth(), st.next_seq(), st.fingerprint(), st.roster_version())
+                })
+                .await
+                .unwrap_or((Ok(0), Ok(0), Ok(String::new()), Ok(0)));
                 let reply = json!({
                     "ok": true,
                     "uptime_s": MonoTime::now().saturating_sub(started).as_secs(),
                     "outbox_depth": depth.unwrap_or(0),
                     "next_seq": next.unwrap_or(0),
+                    "roster_version": roster.unwrap_or(0),
+                    "roster_fingerprint": fp.unwrap_or_default(),
                     "stats": stats.snapshot(),
                     "stale_stages": stats.stale_stages(5_000_000_000),
                 });

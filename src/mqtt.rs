@@ -474,6 +474,12 @@ async fn session(ctx: &mut LinkCtx, opts: MqttOptions, backoff: &mut Backoff) ->
                 return SessionEnd::Shutdown;
             }
             _ = ctx.wake.notified(), if queued < inflight => {}
+            Some(o) = ctx.outgoing.recv(), if queued < inflight => {
+                if publish(&client, o.topic, o.payload, o.retain, o.correlation) {
+                    awaiting_pkid.push_back(None);
+                    queued += 1;
+                }
+            }
             _ = ctx.board.changed.notified(), if queued < inflight => {}
             _ = health.tick(), if health_every > 0 => {
                 let h = crate::api::health(&ctx.cfg, &ctx.store, &ctx.stats, ctx.started).await;

@@ -223,6 +223,21 @@ impl Store {
         Ok(meta.get("roster_version")?.map(|v| v.value()).unwrap_or(0))
     }
 
+    /// A SHA-256 over the whole roster (residents, credentials, version): equal fingerprints,
+    /// equal rosters. `menshen status` shows it, so a test or an operator can see "nothing changed".
+    pub fn fingerprint(&self) -> Result<String, StoreError> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.roster_version()?.to_be_bytes());
+        for r in self.residents()? {
+            h.update(encode(&r));
+        }
+        for c in self.credentials()? {
+            h.update(encode(&c));
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     /// How many request ids are remembered.
     pub fn remembered_requests(&self) -> Result<u64, StoreError> {
         let tx = self.db.begin_read()?;

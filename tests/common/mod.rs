@@ -3,6 +3,8 @@
 //! subscriber that records everything under `menshen/v1/#`.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod schema;
+
 use menshen::hw::sim::{self, WorldOp};
 use serde_json::Value;
 use std::net::TcpListener;
@@ -314,5 +316,119 @@ impl Drop for Gate {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// A building management system client on MQTT 5: sends commands with a response topic and
+/// correlation data, and records every reply and every message under `menshen/v1/#`.
+pub struct Bms {
+    client: rumqttc::v5::Client,
+    pub reply_topic: String,
+    pub replies: Arc<Mutex<Vec<(Option<Vec<u8>>, Value)>>>,
+    pub msgs: Arc<Mutex<Vec<(String, Value, bool)>>>,
+    next: Mutex<u64>,
+}
+
+impl Bms {
+    pub fn connect(port: u16) -> Bms {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::mqttbytes::QoS;
+        let id = format!("bms-{}", free_port());
+        let mut o = rumqttc::v5::MqttOptions::new(id.clone(), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(Some(64 << 20));
+        let (client, mut conn) = rumqttc::v5::Client::new(o, 10_000);
+        let reply_topic = format!("bms/{id}/replies");
+        client.subscribe(reply_topic.clone(), QoS::AtLeastOnce).unwrap();
+        client.subscribe("menshen/v1/#", QoS::AtLeastOnce).unwrap();
+        let replies: Arc<Mutex<Vec<(Option<Vec<u8>>, Value)>>> = Arc::default();
+        let msgs: Arc<Mutex<Vec<(String, Value, bool)>>> = Arc::default();
+        let subacks = Arc::new(Mutex::new(0));
+        let (r, m, s, rt) = (replies.clone(), msgs.clone(), subacks.clone(), reply_topic.clone());
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(rumqttc::v5::Event::Incoming(Packet::SubAck(_))) => *s.lock().unwrap() += 1,
+                    Ok(rumqttc::v5::Event::Incoming(Packet::Publish(p))) => {
+                        let topic = String::from_utf8_lossy(&p.topic).to_string();
+                        let v = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        if topic == rt {
+                            let corr = p.properties.and_then(|pr| pr.correlation_data).map(|b| b.to_vec());
+                            r.lock().unwrap().push((corr, v));
+                        } else {
+                            m.lock().unwrap().push((topic, v, p.retain));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        assert!(wait_for(Duration::from_secs(10), || *subacks.lock().unwrap() == 2), "BMS never got its SUBACKs");
+        Bms { client, reply_topic, replies, msgs, next: Mutex::new(0) }
+    }
+
+    /// Publish raw bytes to a topic with MQTT 5 properties.
+    pub fn publish(&self, topic: &str, payload: Vec<u8>, correlation: Option<&[u8]>, expiry: Option<u32>, retain: bool) {
+        use rumqttc::v5::mqttbytes::v5::PublishProperties;
+        let props = PublishProperties {
+            response_topic: Some(self.reply_topic.clone()),
+            correlation_data: correlation.map(|c| c.to_vec().into()),
+            message_expiry_interval: expiry,
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, retain, payload, props)
+            .unwrap();
+    }
+
+    /// A fresh correlation id.
+    pub fn corr(&self) -> String {
+        let mut n = self.next.lock().unwrap();
+        *n += 1;
+        format!("req-{}-{}", std::process::id(), *n)
+    }
+
+    /// The reply with this correlation data, waiting up to 10 s.
+    pub fn reply_for(&self, corr: &[u8]) -> Option<Value> {
+        let mut found = None;
+        wait_for(Duration::from_secs(10), || {
+            found = self.replies.lock().unwrap().iter().find(|(c, _)| c.as_deref() == Some(corr)).map(|(_, v)| v.clone());
+            found.is_some()
+        });
+        found
+    }
+
+    /// Send a command to a gate (`menshen/v1/{site}/{gate}/cmd/{verb}`) and wait for its reply.
+    pub fn command(&self, site: &str, gate: &str, verb: &str, payload: Value, expiry: Option<u32>) -> Value {
+        let corr = self.corr();
+        let topic = format!("menshen/v1/{site}/{gate}/cmd/{verb}");
+        self.publish(&topic, payload.to_string().into_bytes(), Some(corr.as_bytes()), expiry, false);
+        self.reply_for(corr.as_bytes()).unwrap_or_else(|| panic!("no reply to {verb} {payload}"))
+    }
+
+    pub fn messages(&self, suffix: &str) -> Vec<Value> {
+        self.msgs.lock().unwrap().iter().filter(|(t, _, _)| t.ends_with(suffix)).map(|(_, v, _)| v.clone()).collect()
+    }
+
+    pub fn retained(&self, suffix: &str) -> Vec<Value> {
+        self.msgs.lock().unwrap().iter().filter(|(t, _, r)| *r && t.ends_with(suffix)).map(|(_, v, _)| v.clone()).collect()
+    }
+}
+
+impl Drop for Bms {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
+    }
+}
+
+impl Gate {
+    /// The roster fingerprint from `menshen status`.
+    pub fn fingerprint(&self) -> String {
+        self.status().expect("status")["roster_fingerprint"].as_str().unwrap().to_string()
+    }
+
+    pub fn relay_writes(&self, door: &str) -> u64 {
+        self.relay(door)["relay_writes"].as_u64().unwrap()
     }
 }

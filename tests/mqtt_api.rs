@@ -49,8 +49,11 @@ fn every_command_succeeds_over_mqtt5_and_mqtt311() {
     let cmd = |verb: &str, p: Value| bms.command(SITE, GATE, verb, p, None);
 
     // resident.upsert with a card: the card opens the door.
-    let r = cmd("resident.upsert", json!({"resident": {"id": "r1", "mode": "card",
-        "cards": [{"format": "H10301", "facility": 7, "number": 100}]}}));
+    let r = cmd(
+        "resident.upsert",
+        json!({"resident": {"id": "r1", "mode": "card",
+        "cards": [{"format": "H10301", "facility": 7, "number": 100}]}}),
+    );
     assert_eq!(ok(&r)["created"], true);
     assert_eq!(r["command"], "resident.upsert");
     assert_eq!((r["site"].as_str(), r["gate"].as_str()), (Some(SITE), Some(GATE)));
@@ -97,7 +100,8 @@ fn every_command_succeeds_over_mqtt5_and_mqtt311() {
     // rules.get: version, text and its SHA-256.
     let r = cmd("rules.get", json!({}));
     let res = ok(&r);
-    let sha: String = Sha256::digest(res["text"].as_str().unwrap().as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    let sha: String =
+        Sha256::digest(res["text"].as_str().unwrap().as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(res["sha256"], sha);
     assert!(res["version"].as_str().unwrap().starts_with("builtin"));
 
@@ -108,6 +112,7 @@ fn every_command_succeeds_over_mqtt5_and_mqtt311() {
         assert!(!h[k].is_null(), "health lacks {k}: {h}");
     }
     assert!(h["store_bytes"].as_u64().unwrap() > 0);
+    common::schema::validate("health.json", h).unwrap();
 
     // roster.sync: a full snapshot replaces the roster atomically; the same snapshot again is fine.
     let snap = json!({"version": 5, "residents": [
@@ -146,8 +151,10 @@ fn every_command_succeeds_over_mqtt5_and_mqtt311() {
         .filter(|(t, v, _)| t.contains("/event/") && v["backfill"] == true && v["seq"].as_u64().unwrap() <= 5)
         .count()
         >= 5));
-    let again = bms.msgs.lock().unwrap().iter().find(|(_, v, _)| v["seq"] == 1 && v["backfill"] == true).unwrap().1.clone();
-    let orig = bms.msgs.lock().unwrap().iter().find(|(_, v, _)| v["seq"] == 1 && v["backfill"] == false).map(|m| m.1.clone());
+    let again =
+        bms.msgs.lock().unwrap().iter().find(|(_, v, _)| v["seq"] == 1 && v["backfill"] == true).unwrap().1.clone();
+    let orig =
+        bms.msgs.lock().unwrap().iter().find(|(_, v, _)| v["seq"] == 1 && v["backfill"] == false).map(|m| m.1.clone());
     if let Some(o) = orig {
         assert_eq!(o["id"], again["id"], "a re-sent event keeps its id");
     }
@@ -184,7 +191,12 @@ fn every_command_succeeds_over_mqtt5_and_mqtt311() {
     assert!(wait_for(Duration::from_secs(5), || *suback.lock().unwrap()));
     let p = json!({"request_id": "v311-1", "reply_to": "bms311/replies", "resident": "site-r", "mode": "card"});
     client
-        .publish(format!("menshen/v1/{SITE}/{GATE}/cmd/resident.set_mode"), rumqttc::QoS::AtLeastOnce, false, p.to_string())
+        .publish(
+            format!("menshen/v1/{SITE}/{GATE}/cmd/resident.set_mode"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            p.to_string(),
+        )
         .unwrap();
     assert!(wait_for(Duration::from_secs(5), || !got.lock().unwrap().is_empty()), "{}", gate.log());
     let r = got.lock().unwrap()[0].clone();
@@ -216,9 +228,15 @@ fn bad_inputs_get_an_error_reply_and_change_nothing() {
     let port = free_port();
     let (_broker, gate, bms) = up(port);
     // A roster to protect: a face_or_card resident with one card, a card resident.
-    ok(&bms.command(SITE, GATE, "roster.sync", json!({"version": 3, "residents": [
+    ok(&bms.command(
+        SITE,
+        GATE,
+        "roster.sync",
+        json!({"version": 3, "residents": [
         {"id": "f1", "mode": "face_or_card", "cards": [{"format": "H10301", "facility": 1, "number": 1}]},
-        {"id": "c1", "mode": "card", "cards": [{"format": "H10301", "facility": 1, "number": 2}]}]}), None));
+        {"id": "c1", "mode": "card", "cards": [{"format": "H10301", "facility": 1, "number": 2}]}]}),
+        None,
+    ));
     let fp = gate.fingerprint();
     let writes = gate.relay_writes("front");
     let past = now_ms() - 1_000;
@@ -231,38 +249,133 @@ fn bad_inputs_get_an_error_reply_and_change_nothing() {
         bad("not an object", "resident.remove", "[\"f1\"]", "not_an_object"),
         bad("a string", "resident.remove", "\"f1\"", "not_an_object"),
         bad("unknown field", "resident.remove", r#"{"resident":"c1","force":true}"#, "unknown_field"),
-        bad("unknown nested field", "credential.add", r#"{"resident":"c1","card":{"format":"H10301","facility":1,"number":9,"pin":1}}"#, "unknown_field"),
+        bad(
+            "unknown nested field",
+            "credential.add",
+            r#"{"resident":"c1","card":{"format":"H10301","facility":1,"number":9,"pin":1}}"#,
+            "unknown_field",
+        ),
         bad("missing field", "resident.set_mode", r#"{"resident":"c1"}"#, "missing_field"),
         bad("missing card", "credential.add", r#"{"resident":"c1"}"#, "missing_field"),
         bad("wrong type: mode number", "resident.set_mode", r#"{"resident":"c1","mode":1}"#, "wrong_type"),
         bad("wrong type: resident number", "resident.remove", r#"{"resident":42}"#, "wrong_type"),
-        bad("wrong type: facility string", "credential.add", r#"{"resident":"c1","card":{"format":"H10301","facility":"1","number":3}}"#, "wrong_type"),
-        bad("negative number", "credential.add", r#"{"resident":"c1","card":{"format":"H10301","facility":1,"number":-3}}"#, "invalid_value"),
+        bad(
+            "wrong type: facility string",
+            "credential.add",
+            r#"{"resident":"c1","card":{"format":"H10301","facility":"1","number":3}}"#,
+            "wrong_type",
+        ),
+        bad(
+            "negative number",
+            "credential.add",
+            r#"{"resident":"c1","card":{"format":"H10301","facility":1,"number":-3}}"#,
+            "invalid_value",
+        ),
         bad("unknown mode", "resident.set_mode", r#"{"resident":"c1","mode":"face_only"}"#, "invalid_value"),
         bad("bad resident id", "resident.remove", r#"{"resident":"../etc"}"#, "invalid_value"),
-        bad("card out of range", "credential.add", r#"{"resident":"c1","card":{"format":"H10301","facility":256,"number":3}}"#, "invalid_value"),
-        bad("unknown format", "credential.add", r#"{"resident":"c1","card":{"format":"H99999","facility":1,"number":3}}"#, "invalid_value"),
-        bad("raw card", "credential.add", r#"{"resident":"c1","card":{"format":"Raw","facility":26,"number":3}}"#, "invalid_value"),
+        bad(
+            "card out of range",
+            "credential.add",
+            r#"{"resident":"c1","card":{"format":"H10301","facility":256,"number":3}}"#,
+            "invalid_value",
+        ),
+        bad(
+            "unknown format",
+            "credential.add",
+            r#"{"resident":"c1","card":{"format":"H99999","facility":1,"number":3}}"#,
+            "invalid_value",
+        ),
+        bad(
+            "raw card",
+            "credential.add",
+            r#"{"resident":"c1","card":{"format":"Raw","facility":26,"number":3}}"#,
+            "invalid_value",
+        ),
         bad("too deep", "unlock", &deep, "too_deep"),
         bad("unknown resident", "resident.set_mode", r#"{"resident":"ghost","mode":"card"}"#, "unknown_resident"),
-        bad("unknown resident for a card", "credential.add", r#"{"resident":"ghost","card":{"format":"H10301","facility":1,"number":3}}"#, "unknown_resident"),
-        bad("unknown credential", "credential.remove", r#"{"card":{"format":"H10301","facility":9,"number":9}}"#, "unknown_credential"),
-        bad("card of another resident", "credential.add", r#"{"resident":"c1","card":{"format":"H10301","facility":1,"number":1}}"#, "credential_taken"),
-        bad("Art. 10: last card of a face user", "credential.remove", r#"{"card":{"format":"H10301","facility":1,"number":1}}"#, "face_only_refused"),
-        bad("Art. 10: face mode without a card", "resident.upsert", r#"{"resident":{"id":"n1","mode":"face_and_card"}}"#, "face_only_refused"),
-        bad("Art. 10: cards emptied", "resident.upsert", r#"{"resident":{"id":"f1","mode":"face_or_card","cards":[]}}"#, "face_only_refused"),
-        bad("Art. 10: roster with a face-only resident", "roster.sync", r#"{"version":9,"residents":[{"id":"x","mode":"face_or_card"}]}"#, "face_only_refused"),
+        bad(
+            "unknown resident for a card",
+            "credential.add",
+            r#"{"resident":"ghost","card":{"format":"H10301","facility":1,"number":3}}"#,
+            "unknown_resident",
+        ),
+        bad(
+            "unknown credential",
+            "credential.remove",
+            r#"{"card":{"format":"H10301","facility":9,"number":9}}"#,
+            "unknown_credential",
+        ),
+        bad(
+            "card of another resident",
+            "credential.add",
+            r#"{"resident":"c1","card":{"format":"H10301","facility":1,"number":1}}"#,
+            "credential_taken",
+        ),
+        bad(
+            "Art. 10: last card of a face user",
+            "credential.remove",
+            r#"{"card":{"format":"H10301","facility":1,"number":1}}"#,
+            "face_only_refused",
+        ),
+        bad(
+            "Art. 10: face mode without a card",
+            "resident.upsert",
+            r#"{"resident":{"id":"n1","mode":"face_and_card"}}"#,
+            "face_only_refused",
+        ),
+        bad(
+            "Art. 10: cards emptied",
+            "resident.upsert",
+            r#"{"resident":{"id":"f1","mode":"face_or_card","cards":[]}}"#,
+            "face_only_refused",
+        ),
+        bad(
+            "Art. 10: roster with a face-only resident",
+            "roster.sync",
+            r#"{"version":9,"residents":[{"id":"x","mode":"face_or_card"}]}"#,
+            "face_only_refused",
+        ),
         bad("stale roster version", "roster.sync", r#"{"version":2,"residents":[]}"#, "stale_version"),
         bad("same version, other content", "roster.sync", r#"{"version":3,"residents":[]}"#, "version_conflict"),
-        bad("duplicate resident in roster", "roster.sync", r#"{"version":9,"residents":[{"id":"a","mode":"card"},{"id":"a","mode":"card"}]}"#, "invalid_value"),
-        bad("bad validity window", "resident.upsert", r#"{"resident":{"id":"v","mode":"card","validity":{"valid_from_ms":10,"valid_until_ms":5}}}"#, "invalid_value"),
+        bad(
+            "duplicate resident in roster",
+            "roster.sync",
+            r#"{"version":9,"residents":[{"id":"a","mode":"card"},{"id":"a","mode":"card"}]}"#,
+            "invalid_value",
+        ),
+        bad(
+            "bad validity window",
+            "resident.upsert",
+            r#"{"resident":{"id":"v","mode":"card","validity":{"valid_from_ms":10,"valid_until_ms":5}}}"#,
+            "invalid_value",
+        ),
         bad("expired command", "resident.remove", &format!(r#"{{"resident":"c1","expires_at":{past}}}"#), "expired"),
         bad("expires_at not a number", "resident.remove", r#"{"resident":"c1","expires_at":"soon"}"#, "wrong_type"),
         bad("unlock without expiry", "unlock", r#"{"door":"front"}"#, "expiry_required"),
-        bad("unlock expiring too late", "unlock", &format!(r#"{{"door":"front","expires_at":{far}}}"#), "expiry_too_far"),
-        bad("unlock of an unknown door", "unlock", &format!(r#"{{"door":"back","expires_at":{}}}"#, now_ms() + 20_000), "unknown_door"),
-        bad("unlock too long", "unlock", &format!(r#"{{"door":"front","duration_ms":600000,"expires_at":{}}}"#, now_ms() + 20_000), "invalid_value"),
-        bad("unlock of zero ms", "unlock", &format!(r#"{{"door":"front","duration_ms":0,"expires_at":{}}}"#, now_ms() + 20_000), "invalid_value"),
+        bad(
+            "unlock expiring too late",
+            "unlock",
+            &format!(r#"{{"door":"front","expires_at":{far}}}"#),
+            "expiry_too_far",
+        ),
+        bad(
+            "unlock of an unknown door",
+            "unlock",
+            &format!(r#"{{"door":"back","expires_at":{}}}"#, now_ms() + 20_000),
+            "unknown_door",
+        ),
+        bad(
+            "unlock too long",
+            "unlock",
+            &format!(r#"{{"door":"front","duration_ms":600000,"expires_at":{}}}"#, now_ms() + 20_000),
+            "invalid_value",
+        ),
+        bad(
+            "unlock of zero ms",
+            "unlock",
+            &format!(r#"{{"door":"front","duration_ms":0,"expires_at":{}}}"#, now_ms() + 20_000),
+            "invalid_value",
+        ),
         bad("backfill limit too large", "events.backfill", r#"{"from_seq":1,"limit":1000000}"#, "invalid_value"),
         bad("request_id not a string", "health.get", r#"{"request_id":5}"#, "wrong_type"),
         bad("request_id with spaces", "health.get", r#"{"request_id":"a b"}"#, "invalid_request_id"),
@@ -334,7 +447,8 @@ fn bad_inputs_get_an_error_reply_and_change_nothing() {
     }
     // Counted by code.
     let st = gate.status().unwrap();
-    let counted: u64 = st["stats"]["command_rejections"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    let counted: u64 =
+        st["stats"]["command_rejections"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
     assert!(counted >= table.len() as u64, "{st}");
     // Still healthy afterwards: a good command works.
     ok(&bms.command(SITE, GATE, "health.get", json!({}), None));
@@ -365,7 +479,9 @@ fn replayed_or_retained_unlocks_never_move_the_relay() {
     assert_eq!(gate.relay("front")["relay_energized"], false);
 
     // A fresh unlock works once.
-    let body = |id: &str| format!(r#"{{"door":"front","duration_ms":300,"request_id":"{id}","expires_at":{}}}"#, now_ms() + 30_000);
+    let body = |id: &str| {
+        format!(r#"{{"door":"front","duration_ms":300,"request_id":"{id}","expires_at":{}}}"#, now_ms() + 30_000)
+    };
     let topic = format!("menshen/v1/{SITE}/{GATE}/cmd/unlock");
     bms.publish(&topic, body("u-1").into_bytes(), Some(b"c-1"), None, false);
     assert_eq!(bms.reply_for(b"c-1").unwrap()["ok"], true);
@@ -387,7 +503,10 @@ fn replayed_or_retained_unlocks_never_move_the_relay() {
     // The request-id window survives a SIGKILL and restart.
     gate.signal_daemon("KILL");
     gate.start_daemon();
-    assert!(wait_for(Duration::from_secs(10), || bms.messages("/status").last().is_some_and(|v| v["state"] == "online")));
+    assert!(wait_for(Duration::from_secs(10), || bms
+        .messages("/status")
+        .last()
+        .is_some_and(|v| v["state"] == "online")));
     std::thread::sleep(Duration::from_millis(300));
     let w = gate.relay_writes("front");
     bms.publish(&topic, body("u-1").into_bytes(), Some(b"c-4"), None, false);

@@ -369,7 +369,14 @@ impl Bms {
     }
 
     /// Publish raw bytes to a topic with MQTT 5 properties.
-    pub fn publish(&self, topic: &str, payload: Vec<u8>, correlation: Option<&[u8]>, expiry: Option<u32>, retain: bool) {
+    pub fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        correlation: Option<&[u8]>,
+        expiry: Option<u32>,
+        retain: bool,
+    ) {
         use rumqttc::v5::mqttbytes::v5::PublishProperties;
         let props = PublishProperties {
             response_topic: Some(self.reply_topic.clone()),
@@ -393,7 +400,8 @@ impl Bms {
     pub fn reply_for(&self, corr: &[u8]) -> Option<Value> {
         let mut found = None;
         wait_for(Duration::from_secs(10), || {
-            found = self.replies.lock().unwrap().iter().find(|(c, _)| c.as_deref() == Some(corr)).map(|(_, v)| v.clone());
+            found =
+                self.replies.lock().unwrap().iter().find(|(c, _)| c.as_deref() == Some(corr)).map(|(_, v)| v.clone());
             found.is_some()
         });
         found
@@ -412,7 +420,13 @@ impl Bms {
     }
 
     pub fn retained(&self, suffix: &str) -> Vec<Value> {
-        self.msgs.lock().unwrap().iter().filter(|(t, _, r)| *r && t.ends_with(suffix)).map(|(_, v, _)| v.clone()).collect()
+        self.msgs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _, r)| *r && t.ends_with(suffix))
+            .map(|(_, v, _)| v.clone())
+            .collect()
     }
 }
 

@@ -319,12 +319,15 @@ impl Drop for Gate {
     }
 }
 
+/// Replies as (correlation data, payload).
+pub type Replies = Arc<Mutex<Vec<(Option<Vec<u8>>, Value)>>>;
+
 /// A building management system client on MQTT 5: sends commands with a response topic and
 /// correlation data, and records every reply and every message under `menshen/v1/#`.
 pub struct Bms {
     client: rumqttc::v5::Client,
     pub reply_topic: String,
-    pub replies: Arc<Mutex<Vec<(Option<Vec<u8>>, Value)>>>,
+    pub replies: Replies,
     pub msgs: Arc<Mutex<Vec<(String, Value, bool)>>>,
     next: Mutex<u64>,
 }
@@ -341,7 +344,7 @@ impl Bms {
         let reply_topic = format!("bms/{id}/replies");
         client.subscribe(reply_topic.clone(), QoS::AtLeastOnce).unwrap();
         client.subscribe("menshen/v1/#", QoS::AtLeastOnce).unwrap();
-        let replies: Arc<Mutex<Vec<(Option<Vec<u8>>, Value)>>> = Arc::default();
+        let replies: Replies = Arc::default();
         let msgs: Arc<Mutex<Vec<(String, Value, bool)>>> = Arc::default();
         let subacks = Arc::new(Mutex::new(0));
         let (r, m, s, rt) = (replies.clone(), msgs.clone(), subacks.clone(), reply_topic.clone());

@@ -75,6 +75,21 @@ impl Broker {
         Broker { port, child, _dir: dir }
     }
 
+    /// A broker from a complete configuration text (TLS, ACL, ...) kept in `dir`.
+    pub fn with_config(port: u16, dir: tempfile::TempDir, text: &str) -> Broker {
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, text).unwrap();
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        Broker { port, child, _dir: dir }
+    }
+
     pub fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -218,6 +233,13 @@ impl Gate {
         let config = dir.path().join("menshen.toml");
         std::fs::write(&config, toml::to_string(&t).unwrap()).unwrap();
         Gate { dir, config, socket, sim: None, daemon: None }
+    }
+
+    /// Change this gate's configuration file.
+    pub fn edit_config(&self, f: impl FnOnce(&mut toml::Table)) {
+        let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&self.config).unwrap()).unwrap();
+        f(&mut t);
+        std::fs::write(&self.config, toml::to_string(&t).unwrap()).unwrap();
     }
 
     pub fn cli(&self, args: &[&str]) -> std::process::Output {

@@ -564,8 +564,14 @@ async fn outbox_stage(
     wake: Arc<Notify>,
 ) {
     let mut alarmed = false;
-    // Runs until every producer has stopped (channel closed), so shutdown loses nothing.
-    while let Some(first) = rx.recv().await {
+    let mut beat = tokio::time::interval(Duration::from_secs(1));
+    // Runs until every producer has stopped (channel closed), so shutdown loses nothing. It beats
+    // while idle too: a quiet gate is not a hung one.
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => match m { Some(e) => e, None => break },
+            _ = beat.tick() => { ctx.stats.beat(&ctx.name); continue; }
+        };
         let mut batch = vec![first];
         while batch.len() < 512 {
             match rx.try_recv() {

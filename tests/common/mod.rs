@@ -90,6 +90,45 @@ impl Broker {
         Broker { port, child, _dir: dir }
     }
 
+    /// A broker that keeps its sessions and queued messages in `dir` across restarts (stop it
+    /// with [`Broker::terminate`] so it saves them).
+    pub fn start_persistent(port: u16, dir: &Path) -> Broker {
+        let text = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+             max_queued_messages 1000000\nmax_inflight_messages 100\nlog_dest file {}/mosquitto.log\nlog_type all\n",
+            dir.display(),
+            dir.display()
+        );
+        std::fs::write(dir.join("mosquitto.conf"), text).unwrap();
+        // mosquitto drops root privileges to its own user before it writes its files.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(dir.join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        Broker { port, child, _dir: tempfile::tempdir().unwrap() }
+    }
+
+    /// SIGTERM: mosquitto saves its persistence file and exits.
+    pub fn terminate(mut self) {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if self.child.try_wait().unwrap().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+    }
+
     pub fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -356,11 +395,21 @@ pub struct Bms {
 
 impl Bms {
     pub fn connect(port: u16) -> Bms {
+        Bms::connect_with(port, None)
+    }
+
+    /// With a client id, the session persists on the broker (clean start off, 1 h expiry), so
+    /// nothing is missed while this client or the broker is away.
+    pub fn connect_with(port: u16, persistent_id: Option<&str>) -> Bms {
         use rumqttc::v5::mqttbytes::v5::Packet;
         use rumqttc::v5::mqttbytes::QoS;
-        let id = format!("bms-{}", free_port());
+        let id = persistent_id.map_or_else(|| format!("bms-{}", free_port()), str::to_string);
         let mut o = rumqttc::v5::MqttOptions::new(id.clone(), "127.0.0.1", port);
         o.set_keep_alive(Duration::from_secs(30));
+        if persistent_id.is_some() {
+            o.set_clean_start(false);
+            o.set_session_expiry_interval(Some(3600));
+        }
         o.set_max_packet_size(Some(64 << 20));
         let (client, mut conn) = rumqttc::v5::Client::new(o, 10_000);
         let reply_topic = format!("bms/{id}/replies");
@@ -389,7 +438,7 @@ impl Bms {
                 }
             }
         });
-        assert!(wait_for(Duration::from_secs(10), || *subacks.lock().unwrap() == 2), "BMS never got its SUBACKs");
+        assert!(wait_for(Duration::from_secs(10), || *subacks.lock().unwrap() >= 2), "BMS never got its SUBACKs");
         Bms { client, reply_topic, replies, msgs, next: Mutex::new(0) }
     }
 

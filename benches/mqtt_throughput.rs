@@ -109,8 +109,12 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = Arc::new(config(port, dir.path()));
     let fs = std::process::Command::new("stat").args(["-f", "-c", "%T"]).arg(dir.path()).output().unwrap();
-    println!("store on {} ({}), mosquitto on loopback, QoS 1, inflight {}", dir.path().display(),
-        String::from_utf8_lossy(&fs.stdout).trim(), cfg.mqtt.inflight);
+    println!(
+        "store on {} ({}), mosquitto on loopback, QoS 1, inflight {}",
+        dir.path().display(),
+        String::from_utf8_lossy(&fs.stdout).trim(),
+        cfg.mqtt.inflight
+    );
 
     let mut total = 0u64;
     for (label, batch) in [("one fdatasync per event", 1u64), ("group commit of 32", 32)] {
@@ -125,7 +129,9 @@ async fn main() {
         total += n;
         println!(
             "{label:<26} {n} events: stored in {:.2} s, all PUBACKed in {:.2} s → {:.0} durable events/s delivered",
-            stored.as_secs_f64(), el.as_secs_f64(), n as f64 / el.as_secs_f64()
+            stored.as_secs_f64(),
+            el.as_secs_f64(),
+            n as f64 / el.as_secs_f64()
         );
         link.stop.cancel();
         let _ = link.task.await;
@@ -151,7 +157,8 @@ async fn main() {
     total += backlog;
     println!(
         "backlog: 10 min at 10 events/s ({backlog}) drained in {:.2} s from connect → {:.0} events/s",
-        drain.as_secs_f64(), backlog as f64 / drain.as_secs_f64()
+        drain.as_secs_f64(),
+        backlog as f64 / drain.as_secs_f64()
     );
     link.stop.cancel();
     let _ = link.task.await;

@@ -3,7 +3,7 @@
 # with the JSON Schemas it is generated from. The CLI is installed into a cache directory once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -c 'import yaml' 2>/dev/null || { sudo -n true 2>/dev/null && sudo apt-get install -y -qq python3-yaml || apt-get install -y -qq python3-yaml; }
+scripts/setup-deps.sh
 python3 scripts/gen-asyncapi.py --check
 TOOLS="${MENSHEN_TOOLS:-$HOME/.cache/menshen-tools}/asyncapi"
 if [ ! -x "$TOOLS/node_modules/.bin/asyncapi" ]; then

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Install what the tests need on a fresh Debian machine: mosquitto (a real broker the tests start
-# on loopback ports) and systemd-analyze (unit checks). Idempotent; uses sudo when not root.
+# on loopback ports, also with TLS), openssl (test certificates), systemd-analyze (unit checks),
+# python3-jinja2 (renders the Home Assistant command template as HA would), python3-yaml and npm
+# (the AsyncAPI document check). Idempotent; uses sudo when not root.
 set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v npm >/dev/null 2>&1 || need+=(npm)
+python3 -c 'import jinja2' 2>/dev/null || need+=(python3-jinja2)
+python3 -c 'import yaml' 2>/dev/null || need+=(python3-yaml)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   $SUDO apt-get update -qq

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command (README): dependencies, formatting, lints, every test, the systemd unit check.
+# The test command (README): dependencies, formatting, lints, every test, the systemd unit check,
+# the AsyncAPI document check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-deps.sh
@@ -9,4 +10,6 @@ cargo clippy --all-targets -- -D warnings
 cargo build --release --benches
 cargo test --lib --bins --tests
 scripts/check-systemd.sh
+# docs/asyncapi.yaml: up to date with docs/schemas and valid (AsyncAPI CLI from npm).
+scripts/check-asyncapi.sh
 scripts/check-setup-runtime.sh

@@ -120,8 +120,19 @@ fn an_outage_with_a_kill_loses_nothing_and_replays_no_unlock() {
         let log = gate.log();
         let tail: Vec<&str> = log.lines().rev().take(30).collect();
         let blog = std::fs::read_to_string(bdir.path().join("mosquitto.log")).unwrap_or_default();
-        eprintln!("BROKER LOG:\n{}", blog.lines().filter(|l| l.contains("bms") || l.contains("Saving") || l.contains("Restor")).take(60).collect::<Vec<_>>().join("\n"));
-        panic!("not every event arrived: {got} received; status {}; log tail:\n{}", gate.status().unwrap(), tail.join("\n"));
+        eprintln!(
+            "BROKER LOG:\n{}",
+            blog.lines()
+                .filter(|l| l.contains("bms") || l.contains("Saving") || l.contains("Restor"))
+                .take(60)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        panic!(
+            "not every event arrived: {got} received; status {}; log tail:\n{}",
+            gate.status().unwrap(),
+            tail.join("\n")
+        );
     }
     eprintln!("outage: backlog of {depth} drained in {:.2} s after the broker returned", t1.elapsed().as_secs_f64());
     assert!(wait_for(Duration::from_secs(10), || gate.status().unwrap()["outbox_depth"] == 0));

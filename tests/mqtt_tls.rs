@@ -132,12 +132,14 @@ fn tls_client(
 }
 
 type Seen = Arc<Mutex<Vec<(String, Value)>>>;
+type Acks = Arc<Mutex<Vec<PubAckReason>>>;
+type LastError = Arc<Mutex<Option<String>>>;
 
 /// Drive a client's connection on a thread; record publishes and PUBACK reasons.
-fn drive(mut conn: rumqttc::v5::Connection) -> (Seen, Arc<Mutex<Vec<PubAckReason>>>, Arc<Mutex<Option<String>>>) {
+fn drive(mut conn: rumqttc::v5::Connection) -> (Seen, Acks, LastError) {
     let seen: Seen = Arc::default();
-    let acks: Arc<Mutex<Vec<PubAckReason>>> = Arc::default();
-    let err: Arc<Mutex<Option<String>>> = Arc::default();
+    let acks: Acks = Arc::default();
+    let err: LastError = Arc::default();
     let (s, a, e) = (seen.clone(), acks.clone(), err.clone());
     std::thread::spawn(move || {
         for ev in conn.iter() {

@@ -15,7 +15,6 @@
 //! mqtt_throughput` (needs mosquitto; `EVENTS=N` changes the count of runs 1 and 2).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::sync::atomic::Ordering;

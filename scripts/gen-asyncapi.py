@@ -92,6 +92,10 @@ def main():
                          "description": desc(schema),
                          "messages": {key: message(key, schema, f"cmd/{verb}", extra=extra)}}
         b = {"qos": 1, "retain": False, "bindingVersion": "0.2.0"}
+        if verb == "unlock":
+            # An unlock must expire: this is the longest expiry the gate accepts by default
+            # (mqtt.max_command_lifetime_ms); without one (or expires_at) it is refused.
+            b["messageExpiryInterval"] = 300
         operations[key] = {
             "action": "receive", "channel": {"$ref": f"#/channels/{key}"},
             "summary": f"{verb}: refused if retained, expired, repeated, malformed or oversize.",

@@ -364,6 +364,7 @@ async fn session(ctx: &mut LinkCtx, opts: MqttOptions, backoff: &mut Backoff) ->
     backoff.reset();
     ctx.stats.mqtt_online.store(true, Ordering::Relaxed);
     ctx.stats.mqtt_connects.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.mqtt_inflight.store(inflight as u64, Ordering::Relaxed);
     tracing::info!(host = %ctx.cfg.mqtt.host, port = ctx.cfg.mqtt.port, inflight, "MQTT connected");
 
     let mut awaiting_pkid: VecDeque<Pending> = VecDeque::new();

@@ -516,3 +516,36 @@ fn replayed_or_retained_unlocks_never_move_the_relay() {
     assert_eq!(gate.relay("front")["relay_energized"], false);
     drop(broker);
 }
+
+#[test]
+fn login_and_the_brokers_receive_maximum_are_respected() {
+    // A broker that wants a login; the gate asks for 100 in flight, mosquitto allows 20 (MQTT 5).
+    let port = free_port();
+    let _broker = Broker::start_with_login(port, "gate1", "pw-for-this-test");
+    let mut gate = Gate::new(GateOpts { mqtt_port: port, ..GateOpts::default() });
+    let pw = gate.dir.path().join("mqtt-password");
+    std::fs::write(&pw, "pw-for-this-test\n").unwrap();
+    gate.edit_config(|t| {
+        let m = t["mqtt"].as_table_mut().unwrap();
+        m.insert("inflight".into(), 100.into());
+        m.insert("username".into(), "gate1".into());
+        m.insert("password_file".into(), pw.display().to_string().into());
+    });
+    gate.start_sim();
+    gate.start_daemon();
+    assert!(
+        wait_for(Duration::from_secs(10), || gate.status().unwrap()["stats"]["mqtt_connects"] == 1),
+        "{}",
+        gate.log()
+    );
+    assert_eq!(gate.status().unwrap()["stats"]["mqtt_inflight"], 20);
+    // Events still flow with the smaller window.
+    for n in 0..30 {
+        gate.swipe(3, n);
+    }
+    assert!(wait_for(Duration::from_secs(10), || gate.status().unwrap()["stats"]["events_delivered"]
+        .as_u64()
+        .unwrap()
+        >= 30));
+    assert_eq!(gate.status().unwrap()["outbox_depth"], 0);
+}

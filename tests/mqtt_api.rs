@@ -223,6 +223,18 @@ fn bad(name: &'static str, verb: &'static str, payload: &str, code: &'static str
     Bad { name, verb, payload: payload.as_bytes().to_vec(), expiry: None, retain: false, correlation: true, code }
 }
 
+/// A bad input given as bytes, with an MQTT 5 message expiry or without correlation data.
+fn bad_bytes(
+    name: &'static str,
+    verb: &'static str,
+    payload: Vec<u8>,
+    expiry: Option<u32>,
+    correlation: bool,
+    code: &'static str,
+) -> Bad {
+    Bad { name, verb, payload, expiry, retain: false, correlation, code }
+}
+
 #[test]
 fn bad_inputs_get_an_error_reply_and_change_nothing() {
     let port = free_port();
@@ -380,42 +392,40 @@ fn bad_inputs_get_an_error_reply_and_change_nothing() {
         bad("request_id not a string", "health.get", r#"{"request_id":5}"#, "wrong_type"),
         bad("request_id with spaces", "health.get", r#"{"request_id":"a b"}"#, "invalid_request_id"),
     ];
-    table.push(Bad {
-        name: "invalid UTF-8",
-        verb: "resident.remove",
-        payload: b"{\"resident\":\"\xff\xfe\"}".to_vec(),
-        expiry: None,
-        retain: false,
-        correlation: true,
-        code: "invalid_utf8",
-    });
-    table.push(Bad {
-        name: "oversize payload",
-        verb: "roster.sync",
-        payload: format!("{{\"version\":10,\"residents\":[],\"pad\":\"{}\"}}", "x".repeat(1 << 20)).into_bytes(),
-        expiry: None,
-        retain: false,
-        correlation: true,
-        code: "payload_too_large",
-    });
-    table.push(Bad {
-        name: "unlock with too long a message expiry",
-        verb: "unlock",
-        payload: br#"{"door":"front"}"#.to_vec(),
-        expiry: Some(3_600),
-        retain: false,
-        correlation: true,
-        code: "expiry_too_far",
-    });
-    table.push(Bad {
-        name: "no request id at all",
-        verb: "resident.remove",
-        payload: br#"{"resident":"c1","reply_to":"placeholder"}"#.to_vec(),
-        expiry: None,
-        retain: false,
-        correlation: false,
-        code: "missing_request_id",
-    });
+    table.extend([
+        bad_bytes(
+            "invalid UTF-8",
+            "resident.remove",
+            b"{\"resident\":\"\xff\xfe\"}".to_vec(),
+            None,
+            true,
+            "invalid_utf8",
+        ),
+        bad_bytes(
+            "oversize payload",
+            "roster.sync",
+            format!("{{\"version\":10,\"residents\":[],\"pad\":\"{}\"}}", "x".repeat(1 << 20)).into_bytes(),
+            None,
+            true,
+            "payload_too_large",
+        ),
+        bad_bytes(
+            "unlock with too long a message expiry",
+            "unlock",
+            br#"{"door":"front"}"#.to_vec(),
+            Some(3_600),
+            true,
+            "expiry_too_far",
+        ),
+        bad_bytes(
+            "no request id at all",
+            "resident.remove",
+            br#"{"resident":"c1","reply_to":"placeholder"}"#.to_vec(),
+            None,
+            false,
+            "missing_request_id",
+        ),
+    ]);
     assert!(table.len() >= 25);
 
     for b in &table {

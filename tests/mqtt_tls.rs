@@ -131,6 +131,33 @@ fn tls_client(
     rumqttc::v5::Client::new(o, 100)
 }
 
+/// A mosquitto with a TLS listener (server certificate from `pki`) and `auth` settings.
+fn tls_broker(port: u16, certs: &Path, pki: &Pki, cert: &Path, key: &Path, auth: &str) -> Broker {
+    let conf = format!(
+        "per_listener_settings false\npersistence false\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n{auth}",
+        pki.ca().display(),
+        cert.display(),
+        key.display()
+    );
+    readable_by_all(certs);
+    let broker_dir = tempfile::tempdir().unwrap();
+    readable_by_all(broker_dir.path());
+    Broker::with_config(port, broker_dir, &conf)
+}
+
+/// A gate configured for TLS to `localhost` (the broker certificate's name) with this CA pinned.
+fn tls_gate(port: u16, ca: &Path, cert: &Path, key: &Path) -> Gate {
+    let gate = Gate::new(GateOpts { mqtt_port: port, ..GateOpts::default() });
+    let files = [("ca_file", ca), ("client_cert_file", cert), ("client_key_file", key)];
+    gate.edit_config(|t| {
+        let m = t["mqtt"].as_table_mut().unwrap();
+        m.insert("host".into(), "localhost".into());
+        let tls: toml::Table = files.iter().map(|(k, p)| (k.to_string(), p.display().to_string().into())).collect();
+        m.insert("tls".into(), tls.into());
+    });
+    gate
+}
+
 type Seen = Arc<Mutex<Vec<(String, Value)>>>;
 type Acks = Arc<Mutex<Vec<PubAckReason>>>;
 type LastError = Arc<Mutex<Option<String>>>;
@@ -177,19 +204,12 @@ fn gates_talk_tls_with_client_certificates_and_stay_in_their_own_topics() {
          topic write bms/+/replies\n\nuser bms\ntopic readwrite menshen/v1/#\ntopic readwrite bms/#\n",
     )
     .unwrap();
-    let conf = format!(
-        "per_listener_settings false\nallow_anonymous false\npersistence false\nacl_file {}\n\
-         listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+    let auth = format!(
+        "allow_anonymous false\nacl_file {}\nrequire_certificate true\n\
          use_identity_as_username true\n",
-        acl.display(),
-        pki.ca().display(),
-        srv_cert.display(),
-        srv_key.display()
+        acl.display()
     );
-    readable_by_all(dir.path());
-    let broker_dir = tempfile::tempdir().unwrap();
-    readable_by_all(broker_dir.path());
-    let _broker = Broker::with_config(port, broker_dir, &conf);
+    let _broker = tls_broker(port, dir.path(), &pki, &srv_cert, &srv_key, &auth);
 
     // The BMS, over TLS with its own certificate.
     let (bms, conn) = tls_client(port, "bms", &pki.ca(), &bms_cert, &bms_key);
@@ -200,17 +220,7 @@ fn gates_talk_tls_with_client_certificates_and_stay_in_their_own_topics() {
     assert!(bms_err.lock().unwrap().is_none(), "{:?}", bms_err.lock().unwrap());
 
     // The gate, with TLS, the CA pinned and its client certificate; host "localhost" matches the SAN.
-    let mut gate = Gate::new(GateOpts { mqtt_port: port, ..GateOpts::default() });
-    let (ca, c, k) = (pki.ca(), g1_cert.clone(), g1_key.clone());
-    gate.edit_config(move |t| {
-        let m = t["mqtt"].as_table_mut().unwrap();
-        m.insert("host".into(), "localhost".into());
-        let mut tls = toml::Table::new();
-        tls.insert("ca_file".into(), ca.display().to_string().into());
-        tls.insert("client_cert_file".into(), c.display().to_string().into());
-        tls.insert("client_key_file".into(), k.display().to_string().into());
-        m.insert("tls".into(), tls.into());
-    });
+    let mut gate = tls_gate(port, &pki.ca(), &g1_cert, &g1_key);
     gate.start_sim();
     gate.start_daemon();
     let online =
@@ -258,27 +268,8 @@ fn a_gate_with_the_wrong_ca_pinned_does_not_connect() {
     let (srv_cert, srv_key) = pki.issue("broker", true);
     let (g1_cert, g1_key) = pki.issue("gate1", false);
     let other = Pki::new(dir.path(), "other-ca");
-    let conf = format!(
-        "allow_anonymous true\npersistence false\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
-        pki.ca().display(),
-        srv_cert.display(),
-        srv_key.display()
-    );
-    readable_by_all(dir.path());
-    let broker_dir = tempfile::tempdir().unwrap();
-    readable_by_all(broker_dir.path());
-    let _broker = Broker::with_config(port, broker_dir, &conf);
-    let mut gate = Gate::new(GateOpts { mqtt_port: port, ..GateOpts::default() });
-    let (ca, c, k) = (other.ca(), g1_cert, g1_key);
-    gate.edit_config(move |t| {
-        let m = t["mqtt"].as_table_mut().unwrap();
-        m.insert("host".into(), "localhost".into());
-        let mut tls = toml::Table::new();
-        tls.insert("ca_file".into(), ca.display().to_string().into());
-        tls.insert("client_cert_file".into(), c.display().to_string().into());
-        tls.insert("client_key_file".into(), k.display().to_string().into());
-        m.insert("tls".into(), tls.into());
-    });
+    let _broker = tls_broker(port, dir.path(), &pki, &srv_cert, &srv_key, "allow_anonymous true\n");
+    let mut gate = tls_gate(port, &other.ca(), &g1_cert, &g1_key);
     gate.start_sim();
     gate.start_daemon();
     assert!(wait_for(Duration::from_secs(5), || gate.log().contains("MQTT broker unreachable")), "{}", gate.log());

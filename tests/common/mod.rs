@@ -28,6 +28,16 @@ fn mosquitto_bin() -> PathBuf {
     panic!("mosquitto is not installed: run `apt-get install mosquitto` (scripts/test.sh does it)");
 }
 
+/// Write `text` as `dir/mosquitto.conf`, start mosquitto on it and wait for its port.
+fn spawn_mosquitto(port: u16, dir: &Path, text: &str) -> Child {
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(&conf, text).unwrap();
+    let child =
+        Command::new(mosquitto_bin()).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    child
+}
+
 /// A mosquitto broker on a loopback port, stopped when dropped.
 pub struct Broker {
     pub port: u16,
@@ -47,7 +57,6 @@ impl Broker {
 
     fn start_with(port: u16, login: Option<(&str, &str)>) -> Broker {
         let dir = tempfile::tempdir().unwrap();
-        let conf = dir.path().join("mosquitto.conf");
         let mut text = format!("listener {port} 127.0.0.1\npersistence false\nmax_queued_messages 100000\n");
         match login {
             None => text.push_str("allow_anonymous true\n"),
@@ -63,30 +72,12 @@ impl Broker {
                 text.push_str(&format!("allow_anonymous false\npassword_file {}\n", pw.display()));
             }
         }
-        std::fs::write(&conf, text).unwrap();
-        let child = Command::new(mosquitto_bin())
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-        Broker { port, child, _dir: dir }
+        Broker::with_config(port, dir, &text)
     }
 
     /// A broker from a complete configuration text (TLS, ACL, ...) kept in `dir`.
     pub fn with_config(port: u16, dir: tempfile::TempDir, text: &str) -> Broker {
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, text).unwrap();
-        let child = Command::new(mosquitto_bin())
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        let child = spawn_mosquitto(port, dir.path(), text);
         Broker { port, child, _dir: dir }
     }
 
@@ -99,20 +90,12 @@ impl Broker {
             dir.display(),
             dir.display()
         );
-        std::fs::write(dir.join("mosquitto.conf"), text).unwrap();
         // mosquitto drops root privileges to its own user before it writes its files.
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         }
-        let child = Command::new(mosquitto_bin())
-            .arg("-c")
-            .arg(dir.join("mosquitto.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        let child = spawn_mosquitto(port, dir, &text);
         Broker { port, child, _dir: tempfile::tempdir().unwrap() }
     }
 

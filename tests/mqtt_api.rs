@@ -559,3 +559,27 @@ fn login_and_the_brokers_receive_maximum_are_respected() {
         >= 30));
     assert_eq!(gate.status().unwrap()["outbox_depth"], 0);
 }
+
+#[test]
+fn health_is_published_periodically() {
+    let port = free_port();
+    let _broker = Broker::start(port);
+    let mut gate = Gate::new(GateOpts { mqtt_port: port, ..GateOpts::default() });
+    gate.edit_config(|t| {
+        t["mqtt"].as_table_mut().unwrap().insert("health_interval_secs".into(), 1.into());
+    });
+    gate.start_sim();
+    gate.start_daemon();
+    let bms = Bms::connect(port);
+    // A refused command shows up in the counters of the next health message.
+    let r = bms.command(SITE, GATE, "resident.remove", json!({"resident": "nobody"}), None);
+    assert_eq!(r["code"], "unknown_resident");
+    let counted = || {
+        bms.messages("/health")
+            .iter()
+            .any(|h| h["rejected"]["commands"]["unknown_resident"] == 1 && h["mqtt_connected"] == true)
+    };
+    assert!(wait_for(Duration::from_secs(5), counted), "{:?}", bms.messages("/health"));
+    assert!(wait_for(Duration::from_secs(5), || bms.messages("/health").len() >= 2), "not periodic");
+    common::schema::check_all(&bms);
+}

@@ -83,9 +83,15 @@ pub async fn handle(ctx: &ApiCtx, inb: Inbound) {
     let Some(reply) = reply else { return };
     let payload = command::reply_json(site, gate, verb, request_id.as_deref(), &outcome);
     let msg = Outgoing { topic: reply.topic, payload, correlation: reply.correlation, retain: false };
-    if ctx.out.send(msg).await.is_err() {
-        tracing::debug!("link gone: reply dropped");
+    if !send_out(ctx, msg).await {
+        tracing::warn!(request_id = request_id.as_deref().unwrap_or("-"), "reply dropped: the broker link is down");
     }
+}
+
+/// Hand a message to the link, waiting at most 2 s: if the broker went away meanwhile, the stage
+/// must not hang (its heartbeat feeds the watchdog). The reply is lost, the command's effect is not.
+async fn send_out(ctx: &ApiCtx, msg: Outgoing) -> bool {
+    matches!(tokio::time::timeout(Duration::from_secs(2), ctx.out.send(msg)).await, Ok(Ok(())))
 }
 
 fn store_error(e: StoreError) -> CmdError {
@@ -241,8 +247,8 @@ async fn execute(ctx: &ApiCtx, req: &Request, now: i64) -> Result<Value, CmdErro
                 let kind = v["type"].as_str().unwrap_or("system").to_string();
                 let payload = serde_json::to_vec(&v).unwrap_or_default();
                 let msg = Outgoing { topic: format!("{root}event/{kind}"), payload, correlation: None, retain: false };
-                if ctx.out.send(msg).await.is_err() {
-                    break;
+                if !send_out(ctx, msg).await {
+                    return Err(CmdError::new(ErrorCode::Busy, "the broker link went down while re-sending"));
                 }
             }
             Ok(json!({"from_seq": from_seq, "count": n, "first_seq": first, "last_seq": last,

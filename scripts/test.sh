@@ -8,6 +8,11 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # Benches are built (so they cannot rot) but not run here: they are timed, see README.
 cargo build --release --benches
+# The pinned ONNX Runtime (PyPI wheel) and the models (../shared/models offline), sha256-checked,
+# for the face runtime tests.
+if [ ! -f target/menshen-runtime/lib/libonnxruntime.so.1.31.1 ]; then
+  scripts/setup-runtime.sh --dest target/menshen-runtime
+fi
 cargo test --lib --bins --tests
 scripts/check-systemd.sh
 # docs/asyncapi.yaml: up to date with docs/schemas and valid (AsyncAPI CLI from npm).

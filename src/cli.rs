@@ -422,7 +422,18 @@ pub fn init_logging(format: LogFormat, level: &str) {
 /// Run the daemon until SIGTERM/SIGINT, or until a stage fails.
 pub async fn run_daemon(cfg: Arc<Config>, ready: Option<tokio::sync::oneshot::Sender<()>>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let app = App::build(cfg, shutdown.clone()).await?;
+    let app = App::build(cfg.clone(), shutdown.clone()).await?;
+    // Relays are in their safe state now; a bad face runtime stops the start here, loudly.
+    if cfg.face.enabled {
+        let face = cfg.face.clone();
+        match tokio::task::spawn_blocking(move || crate::runtime::load(&face)).await? {
+            Ok(rt) => tracing::info!(models = ?rt, "face runtime checked and loaded"),
+            Err(e) => {
+                tracing::error!(error = %e, fix = e.hint(), "face runtime unusable");
+                return Err(e.into());
+            }
+        }
+    }
     let running = app.spawn();
     running.notify_ready();
     if let Some(r) = ready {

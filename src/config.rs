@@ -70,6 +70,47 @@ pub struct Config {
     pub homeassistant: HomeAssistantConfig,
     #[serde(default)]
     pub privacy: PrivacyConfig,
+    #[serde(default)]
+    pub face: FaceConfig,
+}
+
+/// The face runtime (ONNX Runtime and the models). The face path itself is not built yet; with
+/// `enabled`, the daemon checks the runtime at start and refuses to start on a bad install.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FaceConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// `libonnxruntime.so.1.31.1` as installed by `scripts/setup-runtime.sh --dest DIR` (DIR/lib).
+    #[serde(default = "default_ort_lib")]
+    pub onnxruntime_library: PathBuf,
+    /// The model files (DIR/models), checked against the manifest's sha256.
+    #[serde(default = "default_models_dir")]
+    pub models_dir: PathBuf,
+    /// Inference threads per session.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+}
+
+impl Default for FaceConfig {
+    fn default() -> Self {
+        FaceConfig {
+            enabled: false,
+            onnxruntime_library: default_ort_lib(),
+            models_dir: default_models_dir(),
+            threads: default_threads(),
+        }
+    }
+}
+
+fn default_ort_lib() -> PathBuf {
+    "/opt/menshen/runtime/lib/libonnxruntime.so.1.31.1".into()
+}
+fn default_models_dir() -> PathBuf {
+    "/opt/menshen/runtime/models".into()
+}
+fn default_threads() -> usize {
+    1
 }
 
 /// Optional Home Assistant MQTT discovery (REQUIREMENTS M5).
@@ -568,6 +609,9 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     }
     if cfg.privacy.rules_file.is_some() && cfg.privacy.rules_version.as_deref().unwrap_or("").is_empty() {
         return Err(invalid("privacy.rules_version", "a rules_file needs its version (consents name it)"));
+    }
+    if !(1..=16).contains(&cfg.face.threads) {
+        return Err(invalid("face.threads", "must be 1..=16"));
     }
     if cfg.homeassistant.discovery_prefix.is_empty() || cfg.homeassistant.discovery_prefix.contains(['+', '#']) {
         return Err(invalid("homeassistant.discovery_prefix", "a plain topic prefix"));

@@ -113,6 +113,28 @@ fn synchronised() -> Option<bool> {
     }
 }
 
+/// ONNX Runtime and the face models: the same check the daemon runs at start.
+async fn check_face(cfg: &Config) -> Check {
+    if !cfg.face.enabled {
+        return check("onnx", Status::Skip, "face.enabled = false (card-only gate)", None);
+    }
+    let face = cfg.face.clone();
+    match tokio::task::spawn_blocking(move || crate::runtime::load(&face)).await {
+        Ok(Ok(rt)) => check(
+            "onnx",
+            Status::Ok,
+            format!(
+                "ONNX Runtime loaded from {}; {} models match the manifest (sha256, input name and shape)",
+                cfg.face.onnxruntime_library.display(),
+                rt.sessions.len()
+            ),
+            None,
+        ),
+        Ok(Err(e)) => check("onnx", Status::Fail, e.to_string(), Some(e.hint())),
+        Err(e) => check("onnx", Status::Fail, e.to_string(), None),
+    }
+}
+
 async fn check_broker(cfg: &Config, timeout: Duration) -> Check {
     if !cfg.mqtt.enabled {
         return check("broker", Status::Skip, "MQTT disabled in the config", None);
@@ -330,7 +352,7 @@ pub async fn run(config_path: &Path, opts: &DoctorOpts) -> Vec<Check> {
     };
     out.push(check_gpio(&cfg).await);
     out.push(check("camera", Status::Skip, "no camera configured (card-only gate)", None));
-    out.push(check("onnx", Status::Skip, "no face models configured (card-only gate)", None));
+    out.push(check_face(&cfg).await);
     out.push(check_broker(&cfg, opts.broker_timeout).await);
     let (st, msg) = judge_clock(crate::clock::wall_ms(), synchronised());
     out.push(check(

@@ -21,6 +21,7 @@ pub mod hw;
 pub mod model;
 pub mod mqtt;
 pub mod policy;
+pub mod runtime;
 pub mod stats;
 pub mod store;
 pub mod wiegand;

@@ -58,6 +58,10 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "menshen failed");
+                    if let Some(r) = e.downcast_ref::<menshen::runtime::RuntimeError>() {
+                        eprintln!("menshen: {r}\n  fix: {}", r.hint());
+                        return ExitCode::from(menshen::runtime::EXIT_RUNTIME as u8);
+                    }
                     fail(e)
                 }
             }

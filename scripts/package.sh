@@ -3,7 +3,7 @@
 #  - amd64: build the .deb, install it, check the installed binary, config and systemd unit, purge it;
 #  - aarch64: cross-build the release binary (default features) and its .deb without Docker, check it is
 #    an aarch64 ELF and run `--version`, `check-config` and a store round-trip under qemu-user;
-#  - armv7 (32-bit boards): the same for the binary.
+#  - armv7 (32-bit boards): the same, with its armhf .deb.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
@@ -61,8 +61,12 @@ echo "aarch64: $bin is an aarch64 ELF, runs under qemu (store round-trip ok); $(
 
 echo "== armv7 cross-build (32-bit boards)"
 export CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_LINKER=arm-linux-gnueabihf-gcc
-cargo build --release --target armv7-unknown-linux-gnueabihf
+cargo deb --target armv7-unknown-linux-gnueabihf
 bin=target/armv7-unknown-linux-gnueabihf/release/menshen
 file "$bin" | tee /dev/stderr | grep -q 'ELF 32-bit LSB .* ARM, EABI5'
 under_qemu qemu-arm-static /usr/arm-linux-gnueabihf "$bin" armv7
-echo "armv7: $bin is a 32-bit ARM ELF, runs under qemu (store round-trip ok)"
+hdeb=$(ls -t target/debian/menshen_*_armhf.deb | head -n 1)
+dpkg-deb -f "$hdeb" Architecture | grep -qx armhf
+# The packaged binary is the 32-bit ARM one.
+dpkg-deb --fsys-tarfile "$hdeb" | tar -xO ./usr/bin/menshen | file - | grep -q 'ELF 32-bit LSB .* ARM, EABI5'
+echo "armv7: $bin is a 32-bit ARM ELF, runs under qemu (store round-trip ok); $(basename "$hdeb") built"

@@ -53,7 +53,8 @@ echo "== aarch64 cross-build"
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 cargo deb --target aarch64-unknown-linux-gnu
 bin=target/aarch64-unknown-linux-gnu/release/menshen
-file "$bin" | tee /dev/stderr | grep -q 'ELF 64-bit LSB .* ARM aarch64'
+file "$bin"
+file "$bin" | grep -q 'ELF 64-bit LSB .* ARM aarch64'
 under_qemu qemu-aarch64-static /usr/aarch64-linux-gnu "$bin" aarch64
 adeb=$(ls -t target/debian/menshen_*_arm64.deb | head -n 1)
 dpkg-deb -f "$adeb" Architecture | grep -qx arm64
@@ -63,7 +64,8 @@ echo "== armv7 cross-build (32-bit boards)"
 export CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_LINKER=arm-linux-gnueabihf-gcc
 cargo deb --target armv7-unknown-linux-gnueabihf
 bin=target/armv7-unknown-linux-gnueabihf/release/menshen
-file "$bin" | tee /dev/stderr | grep -q 'ELF 32-bit LSB .* ARM, EABI5'
+file "$bin"
+file "$bin" | grep -q 'ELF 32-bit LSB .* ARM, EABI5'
 under_qemu qemu-arm-static /usr/arm-linux-gnueabihf "$bin" armv7
 hdeb=$(ls -t target/debian/menshen_*_armhf.deb | head -n 1)
 dpkg-deb -f "$hdeb" Architecture | grep -qx armhf

@@ -13,7 +13,12 @@ cargo build --release --benches
 if [ ! -f target/menshen-runtime/lib/libonnxruntime.so.1.31.1 ]; then
   scripts/setup-runtime.sh --dest target/menshen-runtime
 fi
+# The Python reference pipeline (numpy, OpenCV, onnxruntime from PyPI) that the face tests
+# compare the Rust pipeline against.
+scripts/setup-pyref.sh
 cargo test --lib --bins --tests
+# Face accuracy: the LFW protocol through the Rust pipeline (about 3 minutes).
+scripts/check-lfw.sh
 scripts/check-systemd.sh
 # docs/asyncapi.yaml: up to date with docs/schemas and valid (AsyncAPI CLI from npm).
 scripts/check-asyncapi.sh

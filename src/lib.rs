@@ -17,6 +17,7 @@ pub mod config;
 pub mod doctor;
 pub mod door;
 pub mod events;
+pub mod face;
 pub mod hw;
 pub mod model;
 pub mod mqtt;

@@ -155,6 +155,14 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::Eval(cmd) => match cli::eval_cmd(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        Command::FaceProbe { images, ort_lib, models } => match cli::face_probe(images, ort_lib, models) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
         Command::Status { config: path } => {
             let res = config::load(&path).map_err(anyhow::Error::from).and_then(|c| menshen::app::status(&c));
             match res {

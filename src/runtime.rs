@@ -50,6 +50,18 @@ pub struct ModelEntry {
     pub layout: String,
     /// `[height, width]`, or a text for dynamic sizes.
     pub size: toml::Value,
+    /// `RGB` or `BGR`: the channel order the model wants.
+    pub colour: String,
+    /// Input = (pixel − mean) × scale, per channel in the model's order.
+    pub mean: [f32; 3],
+    pub scale: f32,
+    #[serde(default)]
+    pub output_name: Option<String>,
+    #[serde(default)]
+    pub output_dim: Option<usize>,
+    /// Liveness models: the face box is enlarged by this about its centre before the crop.
+    #[serde(default)]
+    pub crop_scale: Option<f32>,
 }
 
 impl ModelEntry {
@@ -183,6 +195,28 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// ONNX Runtime allows one environment per process, for the life of the process: the first load
+/// makes it, later loads (several engines, a reload) share it. A second library path is refused.
+static ENV: std::sync::Mutex<Option<(PathBuf, ort::environment::Environment)>> = std::sync::Mutex::new(None);
+
+fn environment(lib: &Path) -> Result<ort::environment::Environment, RuntimeError> {
+    let lib_err = |why: String| RuntimeError::Library { path: lib.to_path_buf(), why };
+    let mut slot = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((path, env)) = slot.as_ref() {
+        if path.as_path() == lib {
+            return Ok(env.clone());
+        }
+        return Err(lib_err(format!("ONNX Runtime is already loaded from {} in this process", path.display())));
+    }
+    let env = ort::init_from(lib)
+        .map_err(|e| lib_err(e.to_string()))?
+        .with_name("menshen")
+        .build()
+        .map_err(|e| lib_err(e.to_string()))?;
+    *slot = Some((lib.to_path_buf(), env.clone()));
+    Ok(env)
+}
+
 /// Check and load everything: the library (sha256, then `ort::init_from`), each model (sha256,
 /// session with the configured threads, input shape).
 pub fn load(cfg: &FaceConfig) -> Result<Runtime, RuntimeError> {
@@ -190,12 +224,7 @@ pub fn load(cfg: &FaceConfig) -> Result<Runtime, RuntimeError> {
     let lib = &cfg.onnxruntime_library;
     check_library(lib, &m)?;
     let models = check_models(&cfg.models_dir, &m)?;
-    let lib_err = |why: String| RuntimeError::Library { path: lib.clone(), why };
-    let env = ort::init_from(lib)
-        .map_err(|e| lib_err(e.to_string()))?
-        .with_name("menshen")
-        .build()
-        .map_err(|e| lib_err(e.to_string()))?;
+    let env = environment(lib)?;
     let mut sessions = Vec::new();
     for (e, path) in models {
         let err = |why: String| RuntimeError::Model { name: e.name.clone(), path: path.clone(), why };

@@ -1,0 +1,14 @@
+//! The face path: frames → detection → alignment → embedding → 1:N match → a verdict over
+//! several frames. Pure stages (`detect`, `align`, `matcher`, `quality`, `track`, `liveness`)
+//! do no I/O; [`engine`] holds the ONNX sessions.
+
+pub mod align;
+pub mod detect;
+pub mod engine;
+pub mod eval;
+pub mod image;
+pub mod liveness;
+pub mod matcher;
+pub mod quality;
+pub mod tools;
+pub mod track;

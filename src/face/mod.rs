@@ -10,5 +10,6 @@ pub mod image;
 pub mod liveness;
 pub mod matcher;
 pub mod quality;
+pub mod source;
 pub mod tools;
 pub mod track;

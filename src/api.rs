@@ -103,7 +103,10 @@ fn store_error(e: StoreError) -> CmdError {
         StoreError::CredentialTaken(_) => ErrorCode::CredentialTaken,
         StoreError::StaleVersion { .. } => ErrorCode::StaleVersion,
         StoreError::VersionConflict(_) => ErrorCode::VersionConflict,
-        StoreError::InvalidResident(_) | StoreError::ResidentExists(_) => ErrorCode::InvalidValue,
+        StoreError::InvalidResident(_)
+        | StoreError::ResidentExists(_)
+        | StoreError::NoConsent(_)
+        | StoreError::FaceOff(_) => ErrorCode::InvalidValue,
         StoreError::Locked | StoreError::NewerSchema { .. } | StoreError::Db(_) | StoreError::Corrupt { .. } => {
             ErrorCode::InternalError
         }
@@ -273,8 +276,8 @@ pub async fn health(cfg: &Config, store: &Arc<Store>, stats: &Stats, started: Mo
         "ts_ms": wall_ms(),
         "uptime_s": MonoTime::now().saturating_sub(started).as_secs(),
         "mqtt_connected": snap.mqtt_online,
-        // The face path is not built into this release: no camera is opened.
-        "camera": "disabled",
+        // `disabled` without a camera; else ok, stalled, corrupt, gone or error.
+        "camera": stats.camera(),
         "outbox_depth": depth,
         "next_seq": next,
         "store_bytes": size,

@@ -30,10 +30,13 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{wall_ms, MonoTime};
 use crate::config::{ActiveLevel, Config, DoorConfig, ReaderConfig};
 use crate::door::{Action, DoorCore, DoorEvent, Input};
+use crate::events::Method;
 use crate::events::NewEvent;
+use crate::face::stage::FaceVerdict;
+use crate::face::track::{score_bucket, Verdict};
 use crate::hw::{self, Edge, Gpio, Relay};
 use crate::model::Day;
-use crate::policy::{self, Attempt, CardPart, Decision, Now, Reason};
+use crate::policy::{self, Attempt, CardPart, Decision, FacePart, Now, Reason};
 use crate::stats::{GrantTrace, Stats};
 use crate::store::Store;
 use crate::wiegand::{Decoder, Line, Outcome, Rejection, WEdge};
@@ -211,7 +214,26 @@ impl App {
             let ctx = StageCtx { stats: stats.clone(), shutdown: shutdown.clone(), name: "gate".into() };
             let (store, cfg, ev) = (store.clone(), cfg.clone(), ev_tx.clone());
             let doors = door_cmds.clone();
-            tasks.push(("gate".into(), tokio::spawn(gate_stage(ctx, cfg, store, rd_rx, doors, ev))));
+            let face_rx = if cfg.face.enabled && cfg.face.camera.is_some() {
+                let (tx, rx) = mpsc::channel::<FaceVerdict>(16);
+                let (cfg, store, stats, tok) = (cfg.clone(), store.clone(), stats.clone(), shutdown.clone());
+                tasks.push((
+                    "face".into(),
+                    tokio::task::spawn_blocking(move || {
+                        crate::face::stage::run(cfg, store, stats.clone(), tok.clone(), tx);
+                        // A face path that ends on its own (no runtime, no key) leaves the card
+                        // path running: wait for shutdown instead of failing the daemon.
+                        while !tok.is_cancelled() {
+                            stats.beat("face");
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                    }),
+                ));
+                Some(rx)
+            } else {
+                None
+            };
+            tasks.push(("gate".into(), tokio::spawn(gate_stage(ctx, cfg, store, rd_rx, face_rx, doors, ev))));
         }
         let mut link_parts = None;
         if cfg.mqtt.enabled {
@@ -386,29 +408,134 @@ pub fn now_for(cfg: &Config, wall: i64) -> Now {
 }
 
 /// Decide every frame: look up, apply the policy, open the door, record the event.
+async fn recv_face(rx: &mut Option<mpsc::Receiver<FaceVerdict>>) -> Option<FaceVerdict> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A face verdict waiting at a door for the card of a `face_and_card` attempt.
+struct PendingFace {
+    verdict: Verdict,
+    at: MonoTime,
+}
+
+/// The resident of a face match, for the policy.
+fn face_resident(store: &Store, id: &str) -> Result<Option<crate::model::Resident>, String> {
+    let rid = crate::model::ResidentId::new(id).map_err(|e| e.to_string())?;
+    store.resident(&rid).map_err(|e| e.to_string())
+}
+
+/// A face verdict on its own: grant (`face_or_card`), refuse, or wait for the card
+/// (`face_and_card`, and any verdict a card may complete within the pair window).
+fn face_decision(
+    ctx: &StageCtx,
+    cfg: &Config,
+    store: &Store,
+    v: FaceVerdict,
+    pending: &mut HashMap<String, PendingFace>,
+    wall: i64,
+) -> Option<(Decision, Option<String>, Option<&'static str>)> {
+    let now = now_for(cfg, wall);
+    let (decision, resident, bucket) = match &v.verdict {
+        Verdict::Matched { resident, score } => match face_resident(store, resident) {
+            Ok(Some(r)) if r.mode == crate::model::AccessMode::FaceAndCard => {
+                tracing::info!(door = %v.door, resident = %r.id, "face matched: waiting for the card (face_and_card)");
+                pending.insert(v.door.clone(), PendingFace { verdict: v.verdict.clone(), at: v.at });
+                return None;
+            }
+            Ok(Some(r)) => {
+                let a = Attempt { card: None, face: Some(FacePart::Matched { resident: &r }) };
+                (policy::decide(&a, &now), Some(r.id.to_string()), Some(score_bucket(*score)))
+            }
+            Ok(None) => (Decision { granted: false, reason: Reason::FaceNotRecognized }, None, None),
+            Err(error) => {
+                tracing::error!(%error, "store lookup failed");
+                ctx.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                (Decision { granted: false, reason: Reason::SystemError }, None, None)
+            }
+        },
+        Verdict::NotRecognized => {
+            pending.insert(v.door.clone(), PendingFace { verdict: v.verdict.clone(), at: v.at });
+            (policy::decide(&Attempt { card: None, face: Some(FacePart::NotRecognized) }, &now), None, None)
+        }
+        Verdict::Spoof => {
+            pending.insert(v.door.clone(), PendingFace { verdict: v.verdict.clone(), at: v.at });
+            (policy::decide(&Attempt { card: None, face: Some(FacePart::Spoof) }, &now), None, None)
+        }
+    };
+    Some((decision, resident, bucket))
+}
+
 async fn gate_stage(
     ctx: StageCtx,
     cfg: Arc<Config>,
     store: Arc<Store>,
     mut rx: mpsc::Receiver<ReaderOutput>,
+    mut face_rx: Option<mpsc::Receiver<FaceVerdict>>,
     doors: HashMap<String, mpsc::Sender<DoorCmd>>,
     events: mpsc::Sender<NewEvent>,
 ) {
     let mut beat = tokio::time::interval(Duration::from_secs(1));
+    let mut pending: HashMap<String, PendingFace> = HashMap::new();
+    let pair_window = Duration::from_millis(cfg.face.pair_window_ms);
     loop {
         let msg = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             m = rx.recv() => match m { Some(m) => m, None => break },
+            v = recv_face(&mut face_rx) => {
+                let Some(v) = v else { face_rx = None; continue };
+                let wall = wall_ms();
+                let door = v.door.clone();
+                let at = v.at;
+                let Some((decision, resident, bucket)) = face_decision(&ctx, &cfg, &store, v, &mut pending, wall) else { continue };
+                if decision.granted {
+                    let trace = GrantTrace { edge: at, received: at, decided: MonoTime::now() };
+                    match doors.get(&door).map(|d| d.try_send(DoorCmd::Grant(trace))) {
+                        Some(Ok(())) => {}
+                        _ => tracing::error!(door = %door, "door stage not accepting grants"),
+                    }
+                    ctx.stats.granted.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::info!(
+                    door = %door, method = "face", resident = resident.as_deref().unwrap_or("-"),
+                    decision = if decision.granted { "granted" } else { "denied" },
+                    reason = decision.reason.code(), "access"
+                );
+                let ev = NewEvent::access_face(wall, decision, Method::Face, &door, resident.as_deref(), None, bucket);
+                if events.send(ev).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             _ = beat.tick() => { ctx.stats.beat(&ctx.name); continue; }
         };
         let wall = wall_ms();
         let ev = match msg.outcome {
             Outcome::Card(read) => {
+                // A face verdict at this door within the pair window takes part (face_and_card).
+                let face = pending.remove(&msg.door).filter(|p| MonoTime::now().saturating_sub(p.at) <= pair_window);
+                let face_res = match face.as_ref().map(|p| &p.verdict) {
+                    Some(Verdict::Matched { resident, .. }) => face_resident(&store, resident).ok().flatten(),
+                    _ => None,
+                };
+                let face_part = match face.as_ref().map(|p| &p.verdict) {
+                    Some(Verdict::Matched { .. }) => face_res.as_ref().map(|r| FacePart::Matched { resident: r }),
+                    Some(Verdict::NotRecognized) => Some(FacePart::NotRecognized),
+                    Some(Verdict::Spoof) => Some(FacePart::Spoof),
+                    None => None,
+                };
                 // Reads are MVCC snapshots: microseconds, never blocked by a commit.
                 let lookup = store.lookup_card(&read.card);
                 let (decision, resident) = match &lookup {
                     Ok(Some((cred, res))) => {
-                        let a = Attempt { card: Some(CardPart::Known { credential: cred, resident: res }), face: None };
+                        let a = Attempt {
+                            card: Some(CardPart::Known { credential: cred, resident: res }),
+                            face: face_part,
+                        };
                         (policy::decide(&a, &now_for(&cfg, wall)), Some(res.id.to_string()))
                     }
                     Ok(None) => (
@@ -438,16 +565,39 @@ async fn gate_stage(
                     decision = if decision.granted { "granted" } else { "denied" },
                     reason = decision.reason.code(), "access"
                 );
-                NewEvent::access_card(
-                    wall,
-                    decision,
-                    &msg.door,
-                    &msg.reader,
-                    resident.as_deref(),
-                    Some(read.card),
-                    read.bits,
-                    None,
-                )
+                let with_face = face_part.is_some()
+                    && matches!(&lookup, Ok(Some((_, r))) if r.mode == crate::model::AccessMode::FaceAndCard);
+                if with_face {
+                    let bucket = match face.as_ref().map(|p| &p.verdict) {
+                        Some(Verdict::Matched { score, .. }) => Some(score_bucket(*score)),
+                        _ => None,
+                    };
+                    let mut ev = NewEvent::access_face(
+                        wall,
+                        decision,
+                        Method::FaceAndCard,
+                        &msg.door,
+                        resident.as_deref(),
+                        Some(read.card),
+                        bucket,
+                    );
+                    if let crate::events::Body::Access { reader, frame, .. } = &mut ev.body {
+                        *reader = Some(msg.reader.clone());
+                        *frame = Some(read.bits.into());
+                    }
+                    ev
+                } else {
+                    NewEvent::access_card(
+                        wall,
+                        decision,
+                        &msg.door,
+                        &msg.reader,
+                        resident.as_deref(),
+                        Some(read.card),
+                        read.bits,
+                        None,
+                    )
+                }
             }
             Outcome::Rejected { why: Rejection::LineStuckLow, .. } => {
                 ctx.stats.reject(Rejection::LineStuckLow);

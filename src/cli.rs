@@ -282,6 +282,32 @@ pub enum ResidentCmd {
         store: StoreArgs,
         id: String,
     },
+    /// Record the resident's separate consent to face recognition, against the published
+    /// processing rules' version (`privacy.rules_version`, or the built-in rules).
+    Consent {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
+    },
+    /// Withdraw the face consent: the face template is deleted in the same transaction.
+    WithdrawConsent {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
+    },
+    /// Enrol a face from photos (JPEG/PNG): quality-checked, refused if it matches another
+    /// resident, refused without consent or with mode `card`; stored sealed, never as an image.
+    EnrolFace {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
+        /// Photos of the resident (repeatable).
+        #[arg(long = "photo", required = true)]
+        photos: Vec<PathBuf>,
+        /// Good photos needed.
+        #[arg(long, default_value_t = 1)]
+        min_good: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -392,6 +418,45 @@ pub fn parse_time(s: &str) -> anyhow::Result<i64> {
         .timestamp_millis())
 }
 
+/// Enrol from photos. The checks that guard the template (consent, mode) run twice: before any
+/// image is looked at, and again in the store's transaction that writes the sealed template.
+fn enrol_face(config_path: &Path, id: &str, photos: &[PathBuf], min_good: usize, now: i64) -> anyhow::Result<()> {
+    use crate::face::{engine, enrol, image::Rgb, matcher::Gallery};
+    let cfg = config::load(config_path)?;
+    let s = Store::open(&cfg.store_path())?;
+    let rid = ResidentId::new(id).map_err(anyhow::Error::msg)?;
+    let resident = s.resident(&rid)?.ok_or_else(|| anyhow::anyhow!("no resident `{id}`"))?;
+    if !resident.mode.admits_face() {
+        anyhow::bail!(crate::store::StoreError::FaceOff(id.to_string()));
+    }
+    if s.face_consent(&rid)?.is_none() {
+        anyhow::bail!(crate::store::StoreError::NoConsent(id.to_string()));
+    }
+    let key = crate::privacy::TemplateKey::load_or_create(&cfg.template_key_path())?;
+    let face = crate::face::tools::locate(&cfg.face);
+    let options = engine::DetectorOptions { long_side: cfg.face.detector_long_side, ..Default::default() };
+    let mut eng = crate::face::tools::engine(&face, options)?;
+    let mut gallery = Gallery::new(eng.dim());
+    for (owner, blob) in s.templates()? {
+        gallery.add(&owner, &key.open(&owner, &blob)?)?;
+    }
+    let mut frames = Vec::new();
+    for p in photos {
+        let bytes = std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        frames.push(Rgb::decode(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?);
+    }
+    let rules = enrol::EnrolRules {
+        min_good,
+        min_agreement: 0.4,
+        quality: cfg.face.quality,
+        match_threshold: cfg.face.match_threshold,
+    };
+    let template = enrol::enrol(&mut eng, &frames, id, &gallery, &rules)?;
+    s.put_template(&rid, &key.seal(id, &template), now)?;
+    println!("face of {id} enrolled from {} photo(s); template sealed in the store (no image kept)", photos.len());
+    Ok(())
+}
+
 fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
     let cfg = config::load(&args.config)?;
     Ok(Store::open(&cfg.store_path())?)
@@ -469,6 +534,22 @@ pub fn resident_cmd(cmd: ResidentCmd) -> anyhow::Result<()> {
             let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
             let n = s.remove_resident(&id, now)?;
             println!("resident {id} removed with {n} card(s)");
+        }
+        ResidentCmd::Consent { store, id } => {
+            let cfg = config::load(&store.config)?;
+            let s = Store::open(&cfg.store_path())?;
+            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
+            s.record_face_consent(&id, &cfg.rules_version(), now)?;
+            println!("face consent of {id} recorded (rules {})", cfg.rules_version());
+        }
+        ResidentCmd::WithdrawConsent { store, id } => {
+            let s = open_store(&store)?;
+            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
+            let deleted = s.withdraw_face_consent(&id, now)?;
+            println!("face consent of {id} withdrawn; template {}", if deleted { "deleted" } else { "none stored" });
+        }
+        ResidentCmd::EnrolFace { store, id, photos, min_good } => {
+            enrol_face(&store.config, &id, &photos, min_good, now)?
         }
     }
     Ok(())

@@ -90,6 +90,65 @@ pub struct FaceConfig {
     /// Inference threads per session.
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// The camera; without it no frame is read (the runtime is still checked).
+    #[serde(default)]
+    pub camera: Option<CameraConfig>,
+    /// The door the camera watches (default: the first door).
+    #[serde(default)]
+    pub door: Option<String>,
+    /// The detector's input: the frame's long side is scaled to this.
+    #[serde(default = "default_long_side")]
+    pub detector_long_side: u32,
+    /// Cosine similarity a match needs (0.53: FAR 1e-4 on LFW).
+    #[serde(default = "default_match_threshold")]
+    pub match_threshold: f32,
+    /// How far the best resident must be ahead of the best other resident.
+    #[serde(default = "default_match_margin")]
+    pub match_margin: f32,
+    /// Run the anti-spoofing ensemble; a face below `liveness_threshold` is `spoof_suspected`.
+    #[serde(default = "default_true")]
+    pub liveness: bool,
+    #[serde(default = "default_liveness_threshold")]
+    pub liveness_threshold: f32,
+    /// For `face_and_card`: how long a face verdict waits for the card (and the card for the face).
+    #[serde(default = "default_pair_window")]
+    pub pair_window_ms: u64,
+    #[serde(default)]
+    pub agreement: crate::face::track::Agreement,
+    #[serde(default)]
+    pub quality: crate::face::quality::QualityGate,
+}
+
+/// Where frames come from.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CameraConfig {
+    /// JPEG/PNG files of a directory, in name order, looping (the demo and tests; the list is
+    /// read again at each loop).
+    Files {
+        dir: PathBuf,
+        #[serde(default = "default_fps")]
+        fps: f32,
+    },
+}
+
+fn default_fps() -> f32 {
+    5.0
+}
+fn default_long_side() -> u32 {
+    640
+}
+fn default_match_threshold() -> f32 {
+    0.53
+}
+fn default_match_margin() -> f32 {
+    0.05
+}
+fn default_liveness_threshold() -> f32 {
+    0.5
+}
+fn default_pair_window() -> u64 {
+    10_000
 }
 
 impl Default for FaceConfig {
@@ -99,6 +158,16 @@ impl Default for FaceConfig {
             onnxruntime_library: default_ort_lib(),
             models_dir: default_models_dir(),
             threads: default_threads(),
+            camera: None,
+            door: None,
+            detector_long_side: default_long_side(),
+            match_threshold: default_match_threshold(),
+            match_margin: default_match_margin(),
+            liveness: true,
+            liveness_threshold: default_liveness_threshold(),
+            pair_window_ms: default_pair_window(),
+            agreement: Default::default(),
+            quality: Default::default(),
         }
     }
 }
@@ -146,6 +215,20 @@ pub struct PrivacyConfig {
     /// The version the rules text is known by (consents name it).
     #[serde(default)]
     pub rules_version: Option<String>,
+    /// The key that seals face templates at rest (32 bytes, created 0600 on first use);
+    /// default `<state_dir>/template.key`.
+    #[serde(default)]
+    pub template_key_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// The rules version consents are recorded against.
+    pub fn rules_version(&self) -> String {
+        self.privacy.rules_version.clone().unwrap_or_else(|| BUILTIN_RULES_VERSION.to_string())
+    }
+    pub fn template_key_path(&self) -> PathBuf {
+        self.privacy.template_key_file.clone().unwrap_or_else(|| self.gate.state_dir.join("template.key"))
+    }
 }
 
 /// The built-in processing rules template and its version.
@@ -612,6 +695,32 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     }
     if !(1..=16).contains(&cfg.face.threads) {
         return Err(invalid("face.threads", "must be 1..=16"));
+    }
+    let f = &cfg.face;
+    if !(64..=1920).contains(&f.detector_long_side) {
+        return Err(invalid("face.detector_long_side", "must be 64..=1920"));
+    }
+    if !(0.3..=0.95).contains(&f.match_threshold) {
+        return Err(invalid("face.match_threshold", "must be 0.3..=0.95 (0.53 is FAR 1e-4 on LFW)"));
+    }
+    if !(0.0..=0.5).contains(&f.match_margin) {
+        return Err(invalid("face.match_margin", "must be 0..=0.5"));
+    }
+    if !(0.0..=1.0).contains(&f.liveness_threshold) {
+        return Err(invalid("face.liveness_threshold", "must be 0..=1"));
+    }
+    if !(1..=30).contains(&f.agreement.frames) {
+        return Err(invalid("face.agreement.frames", "must be 1..=30"));
+    }
+    if let Some(d) = &f.door {
+        if !cfg.doors.iter().any(|x| &x.name == d) {
+            return Err(invalid("face.door", format!("no door `{d}`")));
+        }
+    }
+    if let Some(CameraConfig::Files { fps, .. }) = &f.camera {
+        if !(0.1..=60.0).contains(fps) {
+            return Err(invalid("face.camera.fps", "must be 0.1..=60"));
+        }
     }
     if cfg.homeassistant.discovery_prefix.is_empty() || cfg.homeassistant.discovery_prefix.contains(['+', '#']) {
         return Err(invalid("homeassistant.discovery_prefix", "a plain topic prefix"));

@@ -93,6 +93,10 @@ pub enum Body {
         /// The command that caused it (remote unlock).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         request_id: Option<String>,
+        /// Face decisions: a coarse match bucket (`high`, `medium`, `low`), never the score,
+        /// never an image or an embedding.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        face_match: Option<String>,
     },
     Door {
         door: String,
@@ -190,6 +194,37 @@ impl NewEvent {
                 frame: Some(bits.into()),
                 detail: detail.map(|d| d.code().to_string()),
                 request_id: None,
+                face_match: None,
+            },
+        }
+    }
+
+    /// A face decision (`method` `face`, or `face_and_card` when a card completed it). Carries no
+    /// image, no embedding and no score: at most the coarse bucket of a match.
+    pub fn access_face(
+        ts_ms: i64,
+        decision: Decision,
+        method: Method,
+        door: &str,
+        resident: Option<&str>,
+        card: Option<CardId>,
+        face_match: Option<&str>,
+    ) -> NewEvent {
+        NewEvent {
+            kind: EventType::Access,
+            ts_ms,
+            body: Body::Access {
+                decision: if decision.granted { "granted" } else { "denied" }.into(),
+                reason: decision.reason.code().into(),
+                method,
+                door: door.into(),
+                reader: None,
+                resident: resident.map(str::to_string),
+                card: card.map(CardInfo::from),
+                frame: None,
+                detail: None,
+                request_id: None,
+                face_match: face_match.map(str::to_string),
             },
         }
     }
@@ -209,6 +244,7 @@ impl NewEvent {
                 frame: None,
                 detail: None,
                 request_id: None,
+                face_match: None,
             },
         }
     }
@@ -229,6 +265,7 @@ impl NewEvent {
                 frame: None,
                 detail: Some(format!("{duration_ms} ms")),
                 request_id: Some(request_id.into()),
+                face_match: None,
             },
         }
     }

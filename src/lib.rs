@@ -22,6 +22,7 @@ pub mod hw;
 pub mod model;
 pub mod mqtt;
 pub mod policy;
+pub mod privacy;
 pub mod runtime;
 pub mod stats;
 pub mod store;

@@ -21,6 +21,10 @@ pub struct Stats {
     pub mqtt_inflight: AtomicU64,
     pub mqtt_online: AtomicBool,
     pub commands_ok: AtomicU64,
+    /// Frames the face path has analysed.
+    pub face_frames: AtomicU64,
+    /// The camera's state (`disabled` without a face path).
+    camera: Mutex<&'static str>,
     rejections: Mutex<BTreeMap<&'static str, u64>>,
     command_rejections: Mutex<BTreeMap<&'static str, u64>>,
     heartbeats: Mutex<BTreeMap<String, u64>>,
@@ -93,6 +97,20 @@ impl Stats {
     }
 
     /// A stage says it is alive.
+    pub fn set_camera(&self, state: &'static str) {
+        if let Ok(mut c) = self.camera.lock() {
+            *c = state;
+        }
+    }
+
+    pub fn camera(&self) -> &'static str {
+        match self.camera.lock().map(|c| *c) {
+            Ok("") => "disabled",
+            Ok(s) => s,
+            Err(_) => "unknown",
+        }
+    }
+
     pub fn beat(&self, stage: &str) {
         let now = MonoTime::now().as_nanos();
         let mut h = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());

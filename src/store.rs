@@ -30,6 +30,13 @@ const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 /// Command request ids already seen (id → wall ms), and their arrival order for pruning.
 const REQUESTS: TableDefinition<&str, i64> = TableDefinition::new("requests");
 const REQUEST_LOG: TableDefinition<u64, &str> = TableDefinition::new("request_log");
+/// Face consents: resident id → [`FaceConsent`] (JSON). Separate from every other record (Art. 2:
+/// separate consent).
+const CONSENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("face_consents");
+/// Face templates, sealed (encrypted and bound to the resident id; see `privacy`): resident id →
+/// blob. Never an image. The invariant kept by every write: a template exists only for a resident
+/// who exists, whose mode admits face, and who has a face consent.
+const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("face_templates");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -59,6 +66,18 @@ pub enum StoreError {
     StaleVersion { offered: u64, applied: u64 },
     #[error("roster version {0} was applied with different content: a new snapshot needs a new version")]
     VersionConflict(u64),
+    #[error("resident `{0}` has no face consent: record their separate consent first (SPC 2021 Art. 2)")]
+    NoConsent(String),
+    #[error("resident `{0}` has mode `card`: face is off for them, so no template may be stored")]
+    FaceOff(String),
+}
+
+/// A resident's separate consent to face recognition (Art. 2), with the version of the published
+/// processing rules they were shown.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FaceConsent {
+    pub granted_ms: i64,
+    pub rules_version: String,
 }
 
 /// A change to the roster: the one unit of change for the CLI and the MQTT commands alike.
@@ -108,6 +127,48 @@ struct Tables<'t> {
     residents: redb::Table<'t, &'static str, &'static [u8]>,
     creds: redb::Table<'t, &'static str, &'static [u8]>,
     meta: redb::Table<'t, &'static str, u64>,
+    consents: redb::Table<'t, &'static str, &'static [u8]>,
+    templates: redb::Table<'t, &'static str, &'static [u8]>,
+}
+
+/// Delete every template that the invariant no longer allows (resident gone, mode `card`, no
+/// consent), in the caller's transaction. Returns the resident ids whose template went.
+fn enforce_template_invariant(t: &mut Tables<'_>) -> Result<Vec<String>, StoreError> {
+    let mut ids = Vec::new();
+    for row in t.templates.iter()? {
+        let (k, _) = row?;
+        ids.push(k.value().to_string());
+    }
+    let mut gone = Vec::new();
+    for id in ids {
+        let allowed = match t.residents.get(id.as_str())? {
+            Some(v) => {
+                let r: Resident = decode("residents", v.value())?;
+                r.mode.admits_face() && t.consents.get(id.as_str())?.is_some()
+            }
+            None => false,
+        };
+        if !allowed {
+            t.templates.remove(id.as_str())?;
+            gone.push(id);
+        }
+    }
+    // A removed resident's consent goes with them.
+    let mut orphans = Vec::new();
+    for row in t.consents.iter()? {
+        let (k, _) = row?;
+        orphans.push(k.value().to_string());
+    }
+    for id in orphans {
+        if t.residents.get(id.as_str())?.is_none() {
+            t.consents.remove(id.as_str())?;
+        }
+    }
+    if !gone.is_empty() {
+        let g = t.meta.get("templates_generation")?.map(|v| v.value()).unwrap_or(0);
+        t.meta.insert("templates_generation", g + 1)?;
+    }
+    Ok(gone)
 }
 
 macro_rules! db_err {
@@ -316,11 +377,18 @@ impl Store {
                 residents: tx.open_table(RESIDENTS)?,
                 creds: tx.open_table(CREDENTIALS)?,
                 meta: tx.open_table(META)?,
+                consents: tx.open_table(CONSENTS)?,
+                templates: tx.open_table(TEMPLATES)?,
             };
             if let Some(c) = claim {
                 self.claim_in(&tx, &mut t.meta, c)?;
             }
             let (out, touched) = f(&mut t)?;
+            // Turning face off (mode `card`, removal, a sync without the resident) deletes the
+            // template in the same transaction as the change: at once, never later.
+            for id in enforce_template_invariant(&mut t)? {
+                tracing::info!(resident = %id, "face template deleted (face turned off or resident removed)");
+            }
             if !touched.is_empty() {
                 let mut by_holder: std::collections::HashMap<ResidentId, Vec<Credential>> =
                     std::collections::HashMap::new();
@@ -526,6 +594,83 @@ impl Store {
         }
     }
 
+    // ---- face consent and templates -----------------------------------------------------
+
+    /// Record a resident's separate face consent (durable before it returns).
+    pub fn record_face_consent(&self, id: &ResidentId, rules_version: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.mutate(now_ms, None, |t| {
+            if t.residents.get(id.as_str())?.is_none() {
+                return Err(StoreError::NoResident(id.to_string()));
+            }
+            let c = FaceConsent { granted_ms: now_ms, rules_version: rules_version.to_string() };
+            t.consents.insert(id.as_str(), encode(&c).as_slice())?;
+            Ok(((), Vec::new()))
+        })
+    }
+
+    /// Withdraw the face consent; the template goes in the same transaction. Returns whether a
+    /// template was deleted.
+    pub fn withdraw_face_consent(&self, id: &ResidentId, now_ms: i64) -> Result<bool, StoreError> {
+        self.mutate(now_ms, None, |t| {
+            t.consents.remove(id.as_str())?;
+            let had = t.templates.get(id.as_str())?.is_some();
+            Ok((had, Vec::new()))
+        })
+    }
+
+    pub fn face_consent(&self, id: &ResidentId) -> Result<Option<FaceConsent>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(CONSENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        t.get(id.as_str())?.map(|v| decode("face_consents", v.value())).transpose()
+    }
+
+    /// Store a sealed template; refused without a face consent or with mode `card`.
+    pub fn put_template(&self, id: &ResidentId, sealed: &[u8], now_ms: i64) -> Result<(), StoreError> {
+        self.mutate(now_ms, None, |t| {
+            let r: Resident = match t.residents.get(id.as_str())? {
+                Some(v) => decode("residents", v.value())?,
+                None => return Err(StoreError::NoResident(id.to_string())),
+            };
+            if !r.mode.admits_face() {
+                return Err(StoreError::FaceOff(id.to_string()));
+            }
+            if t.consents.get(id.as_str())?.is_none() {
+                return Err(StoreError::NoConsent(id.to_string()));
+            }
+            t.templates.insert(id.as_str(), sealed)?;
+            let g = t.meta.get("templates_generation")?.map(|v| v.value()).unwrap_or(0);
+            t.meta.insert("templates_generation", g + 1)?;
+            Ok(((), Vec::new()))
+        })
+    }
+
+    /// Every sealed template (resident id, blob).
+    pub fn templates(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(TEMPLATES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Changes whenever a template is added or deleted (the face thread reloads on a change).
+    pub fn templates_generation(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(META)?;
+        Ok(t.get("templates_generation")?.map(|v| v.value()).unwrap_or(0))
+    }
+
     // ---- the event outbox ---------------------------------------------------------------
 
     /// Append events durably, assigning consecutive sequence numbers. `build(seq)` makes each
@@ -700,6 +845,45 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("s.redb")).unwrap();
         (dir, s)
+    }
+
+    #[test]
+    fn a_template_needs_consent_and_a_face_mode_and_goes_when_face_is_turned_off() {
+        let (_d, s) = open();
+        s.add_resident(&resident("a", AccessMode::FaceOrCard), &[card("a", 1)], 0).unwrap();
+        s.add_resident(&resident("c", AccessMode::Card), &[card("c", 3)], 0).unwrap();
+        let blob = b"sealed".as_slice();
+        assert!(matches!(s.put_template(&rid("a"), blob, 1), Err(StoreError::NoConsent(_))));
+        s.record_face_consent(&rid("a"), "v1", 1).unwrap();
+        s.record_face_consent(&rid("c"), "v1", 1).unwrap();
+        assert!(matches!(s.put_template(&rid("c"), blob, 1), Err(StoreError::FaceOff(_))));
+        let g0 = s.templates_generation().unwrap();
+        s.put_template(&rid("a"), blob, 2).unwrap();
+        assert_eq!(s.templates().unwrap(), vec![("a".to_string(), blob.to_vec())]);
+        assert!(s.templates_generation().unwrap() > g0);
+        assert_eq!(s.face_consent(&rid("a")).unwrap().unwrap().rules_version, "v1");
+        // Mode to card: the template goes in the same transaction.
+        s.set_mode(&rid("a"), AccessMode::Card, 3).unwrap();
+        assert!(s.templates().unwrap().is_empty());
+        // Withdrawing consent deletes it too.
+        s.set_mode(&rid("a"), AccessMode::FaceOrCard, 4).unwrap();
+        s.put_template(&rid("a"), blob, 5).unwrap();
+        assert!(s.withdraw_face_consent(&rid("a"), 6).unwrap());
+        assert!(s.templates().unwrap().is_empty());
+        assert!(s.face_consent(&rid("a")).unwrap().is_none());
+        // Removing the resident deletes it.
+        s.record_face_consent(&rid("a"), "v1", 7).unwrap();
+        s.put_template(&rid("a"), blob, 8).unwrap();
+        s.remove_resident(&rid("a"), 9).unwrap();
+        assert!(s.templates().unwrap().is_empty());
+        assert!(s.face_consent(&rid("a")).unwrap().is_none(), "the consent goes with the resident");
+        // A sync that leaves the resident out deletes it.
+        s.add_resident(&resident("b", AccessMode::FaceAndCard), &[card("b", 2)], 10).unwrap();
+        s.record_face_consent(&rid("b"), "v1", 10).unwrap();
+        s.put_template(&rid("b"), blob, 10).unwrap();
+        let snapshot = vec![(resident("c", AccessMode::Card), vec![card("c", 3)])];
+        s.apply(RosterOp::Sync { version: 1, digest: 1, residents: snapshot }, None, 11).unwrap();
+        assert!(s.templates().unwrap().is_empty());
     }
 
     #[test]

@@ -5,11 +5,13 @@
 pub mod align;
 pub mod detect;
 pub mod engine;
+pub mod enrol;
 pub mod eval;
 pub mod image;
 pub mod liveness;
 pub mod matcher;
 pub mod quality;
 pub mod source;
+pub mod stage;
 pub mod tools;
 pub mod track;

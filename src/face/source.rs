@@ -85,9 +85,17 @@ impl FrameSource for DirSource {
             }
         }
         self.last = Some(Instant::now());
-        let path = &self.files[self.next_index % self.files.len()];
-        self.next_index = (self.next_index + 1) % self.files.len();
-        std::fs::read(path).map(RawFrame::Jpeg).map_err(|e| SourceError::Gone(format!("{}: {e}", path.display())))
+        if self.next_index >= self.files.len() {
+            // Each loop reads the directory again, so its frames can be changed while playing;
+            // an empty or vanished directory keeps the old list until it is back.
+            let old = (std::mem::take(&mut self.files), self.next_index);
+            if self.reopen().is_err() {
+                (self.files, self.next_index) = (old.0, 0);
+            }
+        }
+        let path = self.files[self.next_index].clone();
+        self.next_index += 1;
+        std::fs::read(&path).map(RawFrame::Jpeg).map_err(|e| SourceError::Gone(format!("{}: {e}", path.display())))
     }
 
     fn reopen(&mut self) -> Result<(), SourceError> {

@@ -650,7 +650,88 @@ pub fn demo_config(dir: &Path) -> anyhow::Result<String> {
     let hw = t["hardware"].as_table_mut().context("hardware")?;
     hw.insert("backend".into(), "sim".into());
     hw["sim"].as_table_mut().context("sim")?.insert("socket".into(), abs.join("sim.sock").display().to_string().into());
+    if let Some(face) = demo_face() {
+        let mut f = toml::Table::new();
+        f.insert("enabled".into(), true.into());
+        f.insert("onnxruntime_library".into(), face.runtime.onnxruntime_library.display().to_string().into());
+        f.insert("models_dir".into(), face.runtime.models_dir.display().to_string().into());
+        let mut cam = toml::Table::new();
+        cam.insert("kind".into(), "files".into());
+        cam.insert("dir".into(), abs.join("camera").display().to_string().into());
+        cam.insert("fps".into(), 5.0.into());
+        f.insert("camera".into(), cam.into());
+        t.insert("face".into(), f.into());
+    }
     Ok(toml::to_string(&t)?)
+}
+
+/// What the demo needs for its face part: the runtime, the models and LFW photos (found as the
+/// tests find them). Without them the demo is card-only.
+pub struct DemoFace {
+    pub runtime: config::FaceConfig,
+    pub lfw: PathBuf,
+}
+
+pub fn demo_face() -> Option<DemoFace> {
+    let f = crate::face::tools::locate(&config::FaceConfig::default());
+    let mut runtime = f.clone();
+    runtime.onnxruntime_library = f.onnxruntime_library.canonicalize().ok()?;
+    runtime.models_dir = f.models_dir.canonicalize().ok()?;
+    let data =
+        std::env::var_os("MENSHEN_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| runtime.models_dir.join("../data"));
+    let lfw = data.join("lfw/images_deepfunneled");
+    lfw.join("Colin_Powell").is_dir().then_some(DemoFace { runtime, lfw })
+}
+
+/// The demo's face resident r-1004 (face_or_card): consent, then enrolment from two LFW photos.
+pub const DEMO_FACE_ENROL: [&str; 2] = ["Colin_Powell_0040", "Colin_Powell_0049"];
+/// Other photos of the same person, played by the demo camera.
+pub const DEMO_FACE_SHOW: [&str; 2] = ["Colin_Powell_0095", "Colin_Powell_0133"];
+
+pub fn demo_enrol(cfg_path: &Path, face: &DemoFace) -> anyhow::Result<()> {
+    let cfg = config::load(cfg_path)?;
+    let rid = ResidentId::new("r-1004").map_err(anyhow::Error::msg)?;
+    {
+        let s = Store::open(&cfg.store_path())?;
+        if s.templates()?.iter().any(|(id, _)| id == "r-1004") {
+            return Ok(());
+        }
+        if s.resident(&rid)?.is_none() {
+            let c = CardId { format: Format::H10301, facility: 7, number: 44444 };
+            let cred = Credential {
+                credential: CredentialKind::Card(c),
+                resident: rid.clone(),
+                validity: Validity::default(),
+            };
+            let r = Resident {
+                id: rid.clone(),
+                mode: AccessMode::FaceOrCard,
+                validity: Validity::default(),
+                schedule: None,
+            };
+            s.add_resident(&r, &[cred], wall_ms())?;
+        }
+        s.record_face_consent(&rid, &cfg.rules_version(), wall_ms())?;
+    }
+    let photos: Vec<PathBuf> =
+        DEMO_FACE_ENROL.iter().map(|n| face.lfw.join("Colin_Powell").join(format!("{n}.jpg"))).collect();
+    enrol_face(cfg_path, "r-1004", &photos, 2, wall_ms())
+}
+
+/// Put these frames in front of the demo camera (a grey frame when empty: no face).
+pub fn demo_show(camera: &Path, frames: &[PathBuf]) -> anyhow::Result<()> {
+    let tmp = camera.with_extension("next");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    if frames.is_empty() {
+        image::RgbImage::from_pixel(640, 480, image::Rgb([120, 120, 120])).save(tmp.join("00.jpg"))?;
+    }
+    for (i, f) in frames.iter().enumerate() {
+        std::fs::copy(f, tmp.join(format!("{i:02}.jpg")))?;
+    }
+    let _ = std::fs::remove_dir_all(camera);
+    std::fs::rename(&tmp, camera)?;
+    Ok(())
 }
 
 /// Seed the demo residents (once).

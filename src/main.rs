@@ -184,10 +184,22 @@ fn demo(no_script: bool, exit_after_script: bool) -> anyhow::Result<()> {
     let cfg = config::load(&cfg_path)?;
     cli::init_logging(cfg.log.format, &cfg.log.level);
     cli::seed_demo(&cfg)?;
+    let face = cli::demo_face();
+    let camera = dir.join("camera");
+    if let Some(f) = &face {
+        cli::demo_show(&camera, &[])?;
+        cli::demo_enrol(&cfg_path, f)?;
+    }
     println!("Menshen demo: simulated hardware, config {}", cfg_path.display());
     println!(
         "Residents: r-1001 card 7:12345 (card) · r-1002 card 7:22222 (face_and_card) · r-1003 card 7:33333 (expired)"
     );
+    match &face {
+        Some(_) => println!(
+            "           r-1004 card 7:44444 (face_or_card; consented; face enrolled from two LFW photos, sealed in the store)"
+        ),
+        None => println!("Face part off: no ONNX Runtime/models/LFW found (scripts/setup-runtime.sh --dest target/menshen-runtime)"),
+    }
     println!(
         "Events go to mqtt://{}:{} under {} (kept in the outbox while no broker is there).",
         cfg.mqtt.host,
@@ -206,6 +218,17 @@ fn demo(no_script: bool, exit_after_script: bool) -> anyhow::Result<()> {
             };
         }
         if !no_script {
+            if let Some(f) = &face {
+                println!("\n▶ r-1004 walks up to the camera (other LFW photos of the same person): face_or_card opens the door");
+                let frames: Vec<_> =
+                    cli::DEMO_FACE_SHOW.iter().map(|n| f.lfw.join("Colin_Powell").join(format!("{n}.jpg"))).collect();
+                if let Err(e) = cli::demo_show(&camera, &frames) {
+                    println!("  camera error: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(4_000)).await;
+                let _ = cli::demo_show(&camera, &[]);
+                tokio::time::sleep(Duration::from_millis(3_500)).await;
+            }
             let socket = cfg.hardware.sim.socket.clone();
             for (what, op) in cli::demo_script() {
                 println!("\n▶ {what}");

@@ -814,6 +814,8 @@ async fn admin_stage(cfg: Arc<Config>, store: Arc<Store>, stats: Arc<Stats>, shu
                     "roster_version": roster.unwrap_or(0),
                     "roster_fingerprint": fp.unwrap_or_default(),
                     "stats": stats.snapshot(),
+                    "camera": stats.camera(),
+                    "face_frames": stats.face_frames.load(Ordering::Relaxed),
                     "stale_stages": stats.stale_stages(5_000_000_000),
                 });
                 if wr.write_all(format!("{reply}\n").as_bytes()).await.is_err() {

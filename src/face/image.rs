@@ -44,6 +44,12 @@ impl Rgb {
         if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
             return Err(DecodeError::UnknownFormat);
         }
+        // A JPEG must end with its EOI marker (perhaps followed by padding): decoders fill a
+        // truncated frame with grey and call it good, so a cut-off camera frame is refused here.
+        // In entropy-coded data 0xFF is always stuffed, so FF D9 only appears as the marker.
+        if format == image::ImageFormat::Jpeg && !bytes.windows(2).rev().take(1024).any(|w| w == [0xFF, 0xD9]) {
+            return Err(DecodeError::Corrupt("truncated JPEG (no end-of-image marker)".into()));
+        }
         let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
         let mut limits = image::Limits::default();
         limits.max_image_width = Some(MAX_SIDE);
@@ -288,6 +294,10 @@ mod tests {
         let ok = Rgb::decode(&jpeg).unwrap();
         assert_eq!((ok.width, ok.height), (32, 32));
         assert!(Rgb::decode(&jpeg[..jpeg.len() / 2]).is_err(), "a truncated JPEG is refused");
+        assert!(Rgb::decode(&jpeg[..jpeg.len() - 2]).is_err(), "even by two bytes");
+        let mut padded = jpeg.clone();
+        padded.extend_from_slice(&[0; 100]);
+        assert!(Rgb::decode(&padded).is_ok(), "padding after the end marker is fine");
         let mut flipped = jpeg.clone();
         for b in flipped.iter_mut().skip(200).take(40) {
             *b = 0xFF;

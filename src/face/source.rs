@@ -123,10 +123,87 @@ impl FrameSource for DirSource {
     }
 }
 
+/// Reader threads whose read is still blocked (a hung device); a new one is started only while
+/// there are fewer than [`MAX_BLOCKED_READERS`], so a camera that hangs every read cannot leak
+/// threads.
+static BLOCKED_READERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+pub const MAX_BLOCKED_READERS: usize = 3;
+
+type Opener = Box<dyn Fn() -> Result<Box<dyn FrameSource>, SourceError> + Send>;
+
+/// Any source, read on its own thread so that a read that never returns (a hung device, a file
+/// that blocks) is a stall reported within the timeout instead of a hung face thread.
+pub struct Threaded {
+    open: Opener,
+    name: String,
+    rx: Option<std::sync::mpsc::Receiver<Result<RawFrame, SourceError>>>,
+}
+
+impl std::fmt::Debug for Threaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Threaded({})", self.name)
+    }
+}
+
+impl Threaded {
+    pub fn open(open: Opener) -> Result<Threaded, SourceError> {
+        let mut t = Threaded { open, name: String::new(), rx: None };
+        t.reopen()?;
+        Ok(t)
+    }
+}
+
+impl FrameSource for Threaded {
+    fn next(&mut self, timeout: Duration) -> Result<RawFrame, SourceError> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let rx = self.rx.as_ref().ok_or_else(|| SourceError::Gone("not open".into()))?;
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(SourceError::Stalled(timeout)),
+            Err(RecvTimeoutError::Disconnected) => Err(SourceError::Gone("the reader ended".into())),
+        }
+    }
+
+    fn reopen(&mut self) -> Result<(), SourceError> {
+        use std::sync::atomic::Ordering;
+        // Drop the old reader's channel first: it ends at its next frame.
+        self.rx = None;
+        if BLOCKED_READERS.load(Ordering::SeqCst) >= MAX_BLOCKED_READERS {
+            return Err(SourceError::Gone("camera reads are hanging".into()));
+        }
+        let mut src = (self.open)()?;
+        self.name = src.describe();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        BLOCKED_READERS.fetch_add(1, Ordering::SeqCst);
+        let spawned = std::thread::Builder::new().name("camera".into()).spawn(move || {
+            loop {
+                let r = src.next(Duration::from_secs(30));
+                let gone = matches!(r, Err(SourceError::Gone(_)));
+                if tx.send(r).is_err() || gone {
+                    break;
+                }
+            }
+            BLOCKED_READERS.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            BLOCKED_READERS.fetch_sub(1, Ordering::SeqCst);
+            return Err(SourceError::Gone(format!("no reader thread: {e}")));
+        }
+        self.rx = Some(rx);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
 /// The camera's state as `health` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CameraState {
+    /// Opened, no frame yet.
+    Starting,
     Ok,
     /// No frame within the stall timeout.
     Stalled,
@@ -164,7 +241,7 @@ pub enum ReadResult {
 
 impl Supervisor {
     pub fn new(corrupt_limit: u32) -> Supervisor {
-        Supervisor { corrupt_limit: corrupt_limit.max(1), corrupt_run: 0, state: CameraState::Ok }
+        Supervisor { corrupt_limit: corrupt_limit.max(1), corrupt_run: 0, state: CameraState::Starting }
     }
 
     /// The new state (returned if it changed, for one report per change) and the action.
@@ -206,6 +283,8 @@ mod tests {
     #[test]
     fn supervisor_reports_each_change_once_and_recovers() {
         let mut s = Supervisor::new(3);
+        assert_eq!(s.state, CameraState::Starting);
+        assert_eq!(s.on_read(ReadResult::Decoded), (Some(CameraState::Ok), Action::Process), "the first frame");
         assert_eq!(s.on_read(ReadResult::Decoded), (None, Action::Process));
         assert_eq!(s.on_read(ReadResult::Corrupt), (None, Action::Skip), "one corrupt frame is skipped");
         assert_eq!(s.on_read(ReadResult::Corrupt), (None, Action::Skip));

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::detect::primary;
 use super::engine::{DetectorOptions, Engine};
 use super::matcher::{Gallery, Identity};
-use super::source::{Action, DirSource, FrameSource, ReadResult, SourceError, Supervisor};
+use super::source::{Action, DirSource, FrameSource, ReadResult, SourceError, Supervisor, Threaded};
 use super::track::{FrameOutcome, Tracker, Verdict};
 use crate::clock::MonoTime;
 use crate::config::{CameraConfig, Config};
@@ -37,10 +37,15 @@ pub struct FaceVerdict {
 /// How long one read may take before the camera counts as stalled (≤ 5 s, REQUIREMENTS D3).
 pub const STALL: Duration = Duration::from_secs(2);
 
+/// Open the configured camera, read on its own thread ([`Threaded`]).
 pub fn open_source(cam: &CameraConfig) -> Result<Box<dyn FrameSource>, SourceError> {
-    match cam {
-        CameraConfig::Files { dir, fps } => Ok(Box::new(DirSource::open(dir, *fps)?)),
-    }
+    let cam = cam.clone();
+    let opener = Box::new(move || -> Result<Box<dyn FrameSource>, SourceError> {
+        match &cam {
+            CameraConfig::Files { dir, fps } => Ok(Box::new(DirSource::open(dir, *fps)?)),
+        }
+    });
+    Ok(Box::new(Threaded::open(opener)?))
 }
 
 fn load_gallery(store: &Store, key: &TemplateKey, dim: usize) -> Gallery {
@@ -121,6 +126,7 @@ pub fn run(
     let mut generation = store.templates_generation().unwrap_or(0);
     let mut gallery = load_gallery(&store, &key, engine.dim());
     tracing::info!(templates = gallery.len(), door = %door, "face path running");
+    stats.set_camera("starting");
     let mut tracker = Tracker::new(cfg.face.agreement);
     let mut sup = Supervisor::new(5);
     let mut source: Option<Box<dyn FrameSource>> = None;
@@ -128,14 +134,15 @@ pub fn run(
     let epoch = Instant::now();
     let report = |state: super::source::CameraState| {
         let s = match state {
+            super::source::CameraState::Starting => "starting",
             super::source::CameraState::Ok => "ok",
             super::source::CameraState::Stalled => "stalled",
             super::source::CameraState::Corrupt => "corrupt",
             super::source::CameraState::Gone => "gone",
         };
         stats.set_camera(s);
-        if s == "ok" {
-            tracing::info!(camera = s, "camera recovered");
+        if s == "ok" || s == "starting" {
+            tracing::info!(camera = s, "camera frames arriving");
         } else {
             tracing::warn!(camera = s, "camera fault: recovering (cards keep working)");
         }

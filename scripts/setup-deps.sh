@@ -2,7 +2,8 @@
 # Install what the tests need on a fresh Debian machine: mosquitto (a real broker the tests start
 # on loopback ports, also with TLS), openssl (test certificates), systemd-analyze (unit checks),
 # python3-jinja2 (renders the Home Assistant command template as HA would), python3-yaml and npm
-# (the AsyncAPI document check). Idempotent; uses sudo when not root.
+# (the AsyncAPI document check), libclang and OpenCV (camera sources). Idempotent; uses sudo when
+# not root.
 set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -13,6 +14,10 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 python3 -c 'import jinja2' 2>/dev/null || need+=(python3-jinja2)
 python3 -c 'import yaml' 2>/dev/null || need+=(python3-yaml)
+# libclang: bindgen for the v4l crate (V4L2 camera) and for the opencv crate; OpenCV itself for
+# the `opencv` feature (RTSP/video sources), which the test command builds and tests too.
+[ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || need+=(libclang-dev clang)
+pkg-config --exists opencv4 2>/dev/null || need+=(libopencv-dev pkg-config)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   $SUDO apt-get update -qq

@@ -17,6 +17,11 @@ fi
 # compare the Rust pipeline against.
 scripts/setup-pyref.sh
 cargo test --lib --bins --tests
+# The `opencv` feature (OpenCV VideoCapture: RTSP and video files): lints, its unit tests and a
+# video made from the smoke images at test time read through the face pipeline.
+cargo clippy --all-targets --features opencv -- -D warnings
+cargo test --features opencv --lib face::ocv
+cargo test --features opencv --test opencv_source
 # Face accuracy: the LFW protocol through the Rust pipeline (about 3 minutes).
 scripts/check-lfw.sh
 scripts/check-systemd.sh

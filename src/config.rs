@@ -130,6 +130,33 @@ pub enum CameraConfig {
         #[serde(default = "default_fps")]
         fps: f32,
     },
+    /// An OpenCV `VideoCapture` URL or file: RTSP IP cameras, video files (needs a build with the
+    /// `opencv` feature; without it the daemon reports the camera as `error`).
+    Opencv { url: String },
+    /// A V4L2 device (USB/CSI camera), reopened by path after an unplug.
+    V4l2 {
+        #[serde(default = "default_video_device")]
+        device: PathBuf,
+        #[serde(default = "default_cam_width")]
+        width: u32,
+        #[serde(default = "default_cam_height")]
+        height: u32,
+        #[serde(default = "default_pixel_format")]
+        format: crate::face::v4l2::PixelFormat,
+    },
+}
+
+fn default_video_device() -> PathBuf {
+    "/dev/video0".into()
+}
+fn default_cam_width() -> u32 {
+    640
+}
+fn default_cam_height() -> u32 {
+    480
+}
+fn default_pixel_format() -> crate::face::v4l2::PixelFormat {
+    crate::face::v4l2::PixelFormat::Mjpeg
 }
 
 fn default_fps() -> f32 {
@@ -717,10 +744,16 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             return Err(invalid("face.door", format!("no door `{d}`")));
         }
     }
-    if let Some(CameraConfig::Files { fps, .. }) = &f.camera {
-        if !(0.1..=60.0).contains(fps) {
+    match &f.camera {
+        Some(CameraConfig::Files { fps, .. }) if !(0.1..=60.0).contains(fps) => {
             return Err(invalid("face.camera.fps", "must be 0.1..=60"));
         }
+        Some(CameraConfig::V4l2 { width, height, .. })
+            if !(160..=4096).contains(width) || !(120..=4096).contains(height) || width % 2 != 0 =>
+        {
+            return Err(invalid("face.camera.width", "width 160..=4096 (even) and height 120..=4096"));
+        }
+        _ => {}
     }
     if cfg.homeassistant.discovery_prefix.is_empty() || cfg.homeassistant.discovery_prefix.contains(['+', '#']) {
         return Err(invalid("homeassistant.discovery_prefix", "a plain topic prefix"));

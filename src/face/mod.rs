@@ -10,8 +10,11 @@ pub mod eval;
 pub mod image;
 pub mod liveness;
 pub mod matcher;
+#[cfg(feature = "opencv")]
+pub mod ocv;
 pub mod quality;
 pub mod source;
 pub mod stage;
 pub mod tools;
 pub mod track;
+pub mod v4l2;

@@ -15,7 +15,17 @@ use super::image::{DecodeError, Rgb};
 #[derive(Debug, Clone)]
 pub enum RawFrame {
     Jpeg(Vec<u8>),
-    Yuyv { width: u32, height: u32, data: Vec<u8> },
+    Yuyv {
+        width: u32,
+        height: u32,
+        data: Vec<u8>,
+    },
+    /// Packed BGR (as OpenCV delivers it).
+    Bgr {
+        width: u32,
+        height: u32,
+        data: Vec<u8>,
+    },
 }
 
 impl RawFrame {
@@ -23,6 +33,17 @@ impl RawFrame {
         match self {
             RawFrame::Jpeg(b) => Rgb::decode(b),
             RawFrame::Yuyv { width, height, data } => Rgb::from_yuyv(*width, *height, data),
+            RawFrame::Bgr { width, height, data } => {
+                let n = *width as usize * *height as usize * 3;
+                if data.len() < n || *width < 16 || *height < 16 {
+                    return Err(DecodeError::Corrupt(format!(
+                        "BGR frame of {} bytes does not fill {width}x{height}",
+                        data.len()
+                    )));
+                }
+                let rgb = data[..n].chunks_exact(3).flat_map(|p| [p[2], p[1], p[0]]).collect();
+                Ok(Rgb { width: *width, height: *height, data: rgb })
+            }
         }
     }
 }

@@ -232,6 +232,8 @@ pub fn load(cfg: &FaceConfig) -> Result<Runtime, RuntimeError> {
             .map_err(|x| err(x.to_string()))?
             .with_intra_threads(cfg.threads)
             .map_err(|x| err(x.to_string()))?
+            .with_inter_threads(1)
+            .map_err(|x| err(x.to_string()))?
             .commit_from_file(&path)
             .map_err(|x| err(x.to_string()))?;
         let input = session.inputs().first().ok_or_else(|| err("the model has no input".into()))?;

@@ -146,6 +146,27 @@ pub enum CameraConfig {
     },
 }
 
+impl CameraConfig {
+    /// For messages: the source, with any credentials in a URL hidden.
+    pub fn describe(&self) -> String {
+        match self {
+            CameraConfig::Files { dir, fps } => format!("files in {} at {fps} fps", dir.display()),
+            CameraConfig::Opencv { url } => format!("OpenCV {}", redact_url(url)),
+            CameraConfig::V4l2 { device, width, height, format } => {
+                format!("V4L2 {} {width}x{height} {format:?}", device.display())
+            }
+        }
+    }
+}
+
+/// `rtsp://user:pass@host/…` → `rtsp://***@host/…`: credentials never reach a log or a message.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(a), Some(b)) if b > a => format!("{}://***@{}", &url[..a], &url[b + 1..]),
+        _ => url.to_string(),
+    }
+}
+
 fn default_video_device() -> PathBuf {
     "/dev/video0".into()
 }

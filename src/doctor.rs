@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Config};
+use crate::config::{self, CameraConfig, Config};
+use crate::face::source::SourceError;
 use crate::hw;
 use crate::store::{Store, StoreError};
 
@@ -43,6 +44,8 @@ pub struct DoctorOpts {
     /// Unit files looked at for the watchdog check.
     pub unit_paths: Vec<PathBuf>,
     pub broker_timeout: Duration,
+    /// Frames the camera check reads.
+    pub camera_frames: usize,
 }
 
 impl Default for DoctorOpts {
@@ -55,6 +58,7 @@ impl Default for DoctorOpts {
                 "/usr/lib/systemd/system/menshen.service".into(),
             ],
             broker_timeout: Duration::from_secs(5),
+            camera_frames: 5,
         }
     }
 }
@@ -132,6 +136,128 @@ async fn check_face(cfg: &Config) -> Check {
         ),
         Ok(Err(e)) => check("onnx", Status::Fail, e.to_string(), Some(e.hint())),
         Err(e) => check("onnx", Status::Fail, e.to_string(), None),
+    }
+}
+
+/// One read of the camera check.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CameraRead {
+    Frame { width: u32, height: u32 },
+    Corrupt(String),
+    Stalled,
+    Gone(String),
+}
+
+/// Judge the camera from what `frames` reads delivered in `elapsed`. `want` is the size the
+/// config asks for (V4L2), if any.
+pub fn judge_camera(want: Option<(u32, u32)>, reads: &[CameraRead], elapsed: Duration) -> (Status, String) {
+    let frames: Vec<(u32, u32)> = reads
+        .iter()
+        .filter_map(|r| match r {
+            CameraRead::Frame { width, height } => Some((*width, *height)),
+            _ => None,
+        })
+        .collect();
+    if let Some(CameraRead::Gone(why)) = reads.iter().find(|r| matches!(r, CameraRead::Gone(_))) {
+        return (Status::Fail, format!("camera gone: {why}"));
+    }
+    let corrupt: Vec<&String> = reads
+        .iter()
+        .filter_map(|r| match r {
+            CameraRead::Corrupt(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    if let Some(first) = corrupt.first() {
+        return (Status::Fail, format!("{} of {} frames corrupt (first: {first})", corrupt.len(), reads.len()));
+    }
+    if frames.is_empty() {
+        return (Status::Fail, format!("no frame within {:.1} s (stalled)", elapsed.as_secs_f32()));
+    }
+    if let Some(&(w, h)) = frames.iter().find(|&&s| want.is_some_and(|want| want != s)) {
+        let (ww, wh) = want.unwrap_or_default();
+        return (Status::Fail, format!("delivers {w}x{h}, the config asks for {ww}x{wh}"));
+    }
+    let fps = frames.len() as f32 / elapsed.as_secs_f32().max(1e-3);
+    let (w, h) = frames[0];
+    let stalls = reads.len() - frames.len();
+    let msg = format!("{} frames of {w}x{h} in {:.1} s ({fps:.1} fps)", frames.len(), elapsed.as_secs_f32());
+    if stalls > 0 {
+        (Status::Warn, format!("{msg}; {stalls} reads stalled"))
+    } else {
+        (Status::Ok, msg)
+    }
+}
+
+fn camera_fix(cam: &CameraConfig) -> &'static str {
+    match cam {
+        CameraConfig::Files { .. } => "put JPEG or PNG frames in face.camera.dir",
+        CameraConfig::V4l2 { .. } => {
+            "check the cable and `ls -l /dev/video*`; the menshen user needs the video group; \
+             `v4l2-ctl -d DEVICE --list-formats-ext` lists the formats and sizes the camera offers"
+        }
+        CameraConfig::Opencv { .. } => {
+            "check the URL, the credentials and the network; the stream should play in ffplay or VLC"
+        }
+    }
+}
+
+/// The camera opens and delivers frames at the configured format. With the daemon running, the
+/// camera is its own (a V4L2 device streams to one reader), so its reported state is used.
+async fn check_camera(cfg: &Config, n: usize) -> Check {
+    if !cfg.face.enabled {
+        return check("camera", Status::Skip, "face.enabled = false (card-only gate)", None);
+    }
+    let Some(cam) = cfg.face.camera.clone() else {
+        return check("camera", Status::Warn, "face.enabled but no face.camera: no face verdicts will come", None);
+    };
+    let fix = camera_fix(&cam);
+    if let Ok(st) = crate::app::status(cfg) {
+        let state = st["camera"].as_str().unwrap_or("unknown").to_string();
+        let status = if state == "ok" { Status::Ok } else { Status::Fail };
+        return check(
+            "camera",
+            status,
+            format!("in use by the running daemon, which reports it `{state}`"),
+            (status == Status::Fail).then_some(fix),
+        );
+    }
+    let want = match &cam {
+        CameraConfig::V4l2 { width, height, .. } => Some((*width, *height)),
+        _ => None,
+    };
+    let read = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let mut reads = Vec::new();
+        let mut source = match crate::face::stage::open_source(&cam) {
+            Ok(s) => s,
+            Err(e) => return (vec![CameraRead::Gone(e.to_string())], started.elapsed()),
+        };
+        while reads.len() < n {
+            let r = match source.next(crate::face::stage::STALL) {
+                Ok(raw) => match raw.decode() {
+                    Ok(img) => CameraRead::Frame { width: img.width, height: img.height },
+                    Err(e) => CameraRead::Corrupt(e.to_string()),
+                },
+                Err(SourceError::Stalled(_)) => CameraRead::Stalled,
+                Err(SourceError::Gone(why)) => CameraRead::Gone(why),
+            };
+            let stop = matches!(r, CameraRead::Gone(_) | CameraRead::Stalled);
+            reads.push(r);
+            if stop {
+                break;
+            }
+        }
+        (reads, started.elapsed())
+    })
+    .await;
+    let desc = cfg.face.camera.as_ref().map(CameraConfig::describe).unwrap_or_default();
+    match read {
+        Ok((reads, elapsed)) => {
+            let (st, msg) = judge_camera(want, &reads, elapsed);
+            check("camera", st, format!("{desc}: {msg}"), (st == Status::Fail).then_some(fix))
+        }
+        Err(e) => check("camera", Status::Fail, format!("{desc}: {e}"), Some(fix)),
     }
 }
 
@@ -351,7 +477,7 @@ pub async fn run(config_path: &Path, opts: &DoctorOpts) -> Vec<Check> {
         }
     };
     out.push(check_gpio(&cfg).await);
-    out.push(check("camera", Status::Skip, "no camera configured (card-only gate)", None));
+    out.push(check_camera(&cfg, opts.camera_frames).await);
     out.push(check_face(&cfg).await);
     out.push(check_broker(&cfg, opts.broker_timeout).await);
     let (st, msg) = judge_clock(crate::clock::wall_ms(), synchronised());
@@ -391,6 +517,21 @@ pub fn print(checks: &[Check], json: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn camera_judgement() {
+        let f = |width, height| CameraRead::Frame { width, height };
+        let s = Duration::from_secs(1);
+        let (st, msg) = judge_camera(Some((640, 480)), &[f(640, 480), f(640, 480)], s);
+        assert_eq!(st, Status::Ok, "{msg}");
+        assert!(msg.contains("2 frames of 640x480"), "{msg}");
+        assert_eq!(judge_camera(Some((640, 480)), &[f(1280, 720)], s).0, Status::Fail, "size not as configured");
+        assert_eq!(judge_camera(None, &[f(1280, 720)], s).0, Status::Ok, "no size asked");
+        assert_eq!(judge_camera(None, &[f(64, 64), CameraRead::Corrupt("EOI".into())], s).0, Status::Fail);
+        assert_eq!(judge_camera(None, &[CameraRead::Stalled], s).0, Status::Fail);
+        assert_eq!(judge_camera(None, &[f(64, 64), CameraRead::Stalled], s).0, Status::Warn);
+        assert_eq!(judge_camera(None, &[CameraRead::Gone("unplugged".into())], s).0, Status::Fail);
+    }
 
     #[test]
     fn disk_thresholds() {

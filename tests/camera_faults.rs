@@ -7,20 +7,13 @@
 mod common;
 
 use common::{wait_for, Gate, GateOpts};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 fn ok(out: std::process::Output) {
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
-fn shared() -> PathBuf {
-    std::env::var_os("MENSHEN_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models"))
-        .canonicalize()
-        .unwrap()
-}
+use common::shared_models as shared;
 
 fn camera(gate: &Gate) -> String {
     gate.status().map(|s| s["camera"].as_str().unwrap_or("").to_string()).unwrap_or_default()
@@ -55,19 +48,8 @@ fn corrupt_gone_and_stalled_cameras_are_reported_and_recovered_while_cards_work(
     std::fs::create_dir_all(&cam).unwrap();
     let good = std::fs::read(shared().join("../data/smoke/George_W_Bush_0001.jpg")).unwrap();
     std::fs::write(cam.join("00.jpg"), &good).unwrap();
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/menshen-runtime/lib/libonnxruntime.so.1.31.1");
-    let models = shared();
+    gate.enable_face(&cam, 10.0);
     gate.edit_config(|t| {
-        let mut face = toml::Table::new();
-        face.insert("enabled".into(), true.into());
-        face.insert("onnxruntime_library".into(), lib.display().to_string().into());
-        face.insert("models_dir".into(), models.display().to_string().into());
-        let mut c = toml::Table::new();
-        c.insert("kind".into(), "files".into());
-        c.insert("dir".into(), cam.display().to_string().into());
-        c.insert("fps".into(), 10.0.into());
-        face.insert("camera".into(), c.into());
-        t.insert("face".into(), face.into());
         t["mqtt"].as_table_mut().unwrap().insert("enabled".into(), false.into());
     });
     ok(gate.resident(&["add", "r-1", "--card", "H10301:7:100"]));

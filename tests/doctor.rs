@@ -105,3 +105,83 @@ fn the_broker_check_uses_the_configured_credentials() {
     assert!(c["broker"]["message"].as_str().unwrap().contains("refused the login"), "{:?}", c["broker"]);
     assert!(c["broker"]["fix"].as_str().unwrap().contains("password_file"));
 }
+
+#[test]
+fn the_camera_check_reads_frames_and_names_each_fault() {
+    let mut gate = Gate::new(GateOpts::default());
+    let cam = gate.dir.path().join("camera");
+    std::fs::create_dir_all(&cam).unwrap();
+    let good = std::fs::read(common::shared_models().join("../data/smoke/George_W_Bush_0001.jpg")).unwrap();
+    std::fs::write(cam.join("00.jpg"), &good).unwrap();
+    gate.enable_face(&cam, 20.0);
+    let (_, c) = doctor(&gate, &[]);
+    assert_eq!(status(&c, "onnx"), "ok", "{:?}", c["onnx"]);
+    let (w, h) = image_size(&good);
+    assert_eq!(status(&c, "camera"), "ok", "{:?}", c["camera"]);
+    let msg = c["camera"]["message"].as_str().unwrap();
+    assert!(msg.contains(&format!("5 frames of {w}x{h}")), "{msg}");
+    // A truncated JPEG among the frames.
+    std::fs::write(cam.join("01.jpg"), &good[..good.len() / 2]).unwrap();
+    let (code, c) = doctor(&gate, &[]);
+    assert_eq!(code, 1);
+    assert_eq!(status(&c, "camera"), "fail", "{:?}", c["camera"]);
+    assert!(c["camera"]["message"].as_str().unwrap().contains("corrupt"), "{:?}", c["camera"]);
+    assert!(c["camera"]["fix"].as_str().unwrap().contains("face.camera.dir"));
+    // No frames at all, then no camera directory.
+    std::fs::remove_file(cam.join("00.jpg")).unwrap();
+    std::fs::remove_file(cam.join("01.jpg")).unwrap();
+    let (_, c) = doctor(&gate, &[]);
+    assert_eq!(status(&c, "camera"), "fail", "{:?}", c["camera"]);
+    assert!(c["camera"]["message"].as_str().unwrap().contains("gone"), "{:?}", c["camera"]);
+    std::fs::remove_dir(&cam).unwrap();
+    let (_, c) = doctor(&gate, &[]);
+    assert_eq!(status(&c, "camera"), "fail", "{:?}", c["camera"]);
+    // A V4L2 device that does not exist (none exists here): a clear failure with the fix.
+    gate.edit_config(|t| {
+        let mut v = toml::Table::new();
+        v.insert("kind".into(), "v4l2".into());
+        v.insert("device".into(), "/dev/video-menshen-test".into());
+        t["face"].as_table_mut().unwrap().insert("camera".into(), v.into());
+    });
+    let (_, c) = doctor(&gate, &[]);
+    assert_eq!(status(&c, "camera"), "fail", "{:?}", c["camera"]);
+    assert!(c["camera"]["message"].as_str().unwrap().contains("/dev/video-menshen-test"), "{:?}", c["camera"]);
+    assert!(c["camera"]["fix"].as_str().unwrap().contains("video group"));
+    // With the daemon running, its own report of the camera is used.
+    std::fs::create_dir_all(&cam).unwrap();
+    std::fs::write(cam.join("00.jpg"), &good).unwrap();
+    gate.enable_face(&cam, 10.0);
+    gate.edit_config(|t| {
+        t["mqtt"].as_table_mut().unwrap().insert("enabled".into(), false.into());
+    });
+    gate.start_sim();
+    gate.start_daemon();
+    assert!(common::wait_for(std::time::Duration::from_secs(30), || gate
+        .status()
+        .is_some_and(|s| s["camera"] == "ok")));
+    let (_, c) = doctor(&gate, &[]);
+    assert_eq!(status(&c, "camera"), "ok", "{:?}", c["camera"]);
+    assert!(c["camera"]["message"].as_str().unwrap().contains("running daemon"), "{:?}", c["camera"]);
+    // Card-only: skipped.
+    gate.edit_config(|t| {
+        t["face"].as_table_mut().unwrap().insert("enabled".into(), false.into());
+    });
+    let (_, c) = doctor(&gate, &[]);
+    assert_eq!(status(&c, "camera"), "skip", "{:?}", c["camera"]);
+}
+
+/// Width and height from a JPEG's SOF marker.
+fn image_size(jpeg: &[u8]) -> (u32, u32) {
+    let mut i = 2;
+    while i + 9 < jpeg.len() {
+        let marker = jpeg[i + 1];
+        let len = u16::from_be_bytes([jpeg[i + 2], jpeg[i + 3]]) as usize;
+        if (0xC0..=0xC2).contains(&marker) {
+            let h = u16::from_be_bytes([jpeg[i + 5], jpeg[i + 6]]) as u32;
+            let w = u16::from_be_bytes([jpeg[i + 7], jpeg[i + 8]]) as u32;
+            return (w, h);
+        }
+        i += 2 + len;
+    }
+    panic!("no SOF marker");
+}

@@ -14,12 +14,7 @@ fn ok(out: std::process::Output) {
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
-fn shared() -> PathBuf {
-    let models = std::env::var_os("MENSHEN_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models"));
-    models.canonicalize().unwrap()
-}
+use common::shared_models as shared;
 
 fn lfw(name: &str) -> PathBuf {
     shared().join("../data/lfw/images_deepfunneled").join(name.rsplit_once('_').unwrap().0).join(format!("{name}.jpg"))
@@ -46,23 +41,13 @@ fn faces_open_the_door_only_as_each_residents_mode_allows() {
     let broker = Broker::start(common::free_port());
     let mut gate = Gate::new(GateOpts { mqtt_port: broker.port, pulse_ms: 300, ..Default::default() });
     let cam = gate.dir.path().join("camera");
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/menshen-runtime/lib/libonnxruntime.so.1.31.1");
-    let models = shared();
+    gate.enable_face(&cam, 8.0);
     gate.edit_config(|t| {
-        let mut face = toml::Table::new();
-        face.insert("enabled".into(), true.into());
-        face.insert("onnxruntime_library".into(), lib.display().to_string().into());
-        face.insert("models_dir".into(), models.display().to_string().into());
-        let mut camera = toml::Table::new();
-        camera.insert("kind".into(), "files".into());
-        camera.insert("dir".into(), cam.display().to_string().into());
-        camera.insert("fps".into(), 8.0.into());
-        face.insert("camera".into(), camera.into());
+        let face = t["face"].as_table_mut().unwrap();
         let mut agreement = toml::Table::new();
         agreement.insert("window_ms".into(), 3000.into());
         agreement.insert("cooldown_ms".into(), 1500.into());
         face.insert("agreement".into(), agreement.into());
-        t.insert("face".into(), face.into());
     });
     ok(gate.resident(&["add", "alice", "--mode", "face_or_card", "--card", "H10301:7:1001"]));
     ok(gate.resident(&["add", "bob", "--mode", "face_and_card", "--card", "H10301:7:1002"]));

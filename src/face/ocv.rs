@@ -31,12 +31,7 @@ impl OpenCvSource {
 }
 
 /// Credentials in an RTSP URL are never shown.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(a), Some(b)) if b > a => format!("{}://***@{}", &url[..a], &url[b + 1..]),
-        _ => url.to_string(),
-    }
-}
+use crate::config::redact_url as redact;
 
 impl FrameSource for OpenCvSource {
     fn next(&mut self, _timeout: Duration) -> Result<RawFrame, SourceError> {

@@ -15,6 +15,16 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_menshen");
 
+/// The shared models directory (`MENSHEN_MODELS_DIR`, else `../shared/models`); the face images
+/// are in `../data` beside it.
+pub fn shared_models() -> PathBuf {
+    std::env::var_os("MENSHEN_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models"))
+        .canonicalize()
+        .expect("the shared models directory (set MENSHEN_MODELS_DIR)")
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -262,6 +272,26 @@ impl Gate {
         let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&self.config).unwrap()).unwrap();
         f(&mut t);
         std::fs::write(&self.config, toml::to_string(&t).unwrap()).unwrap();
+    }
+
+    /// Turn the face path on: the real ONNX Runtime (installed by the test command) and models
+    /// (`MENSHEN_MODELS_DIR` or `../shared/models`), with a file camera playing `camera` at `fps`.
+    /// Further changes go through `edit_config`.
+    pub fn enable_face(&self, camera: &Path, fps: f64) {
+        let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/menshen-runtime/lib/libonnxruntime.so.1.31.1");
+        let models = shared_models();
+        self.edit_config(|t| {
+            let mut face = toml::Table::new();
+            face.insert("enabled".into(), true.into());
+            face.insert("onnxruntime_library".into(), lib.display().to_string().into());
+            face.insert("models_dir".into(), models.display().to_string().into());
+            let mut c = toml::Table::new();
+            c.insert("kind".into(), "files".into());
+            c.insert("dir".into(), camera.display().to_string().into());
+            c.insert("fps".into(), fps.into());
+            face.insert("camera".into(), c.into());
+            t.insert("face".into(), face.into());
+        });
     }
 
     pub fn cli(&self, args: &[&str]) -> std::process::Output {

@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMAS = os.path.join(ROOT, "docs", "schemas")
 
 VERBS = ["unlock", "resident.upsert", "resident.remove", "resident.set_mode", "credential.add",
-         "credential.remove", "roster.sync", "rules.get", "health.get", "events.backfill"]
+         "credential.remove", "roster.sync", "rules.get", "health.get", "events.backfill", "consent.record",
+         "consent.withdraw"]
 SITE_VERBS = [v for v in VERBS if v != "unlock"]
 EVENTS = ["access", "door", "alarm", "privacy", "system"]
 
@@ -64,6 +65,11 @@ def main():
                           "description": "Periodic health (mqtt.health_interval_secs), not retained.",
                           "messages": {"health": message("health", "health.json", "Health report")}}
     send("publishHealth", "health", 1, False, "Periodic health: uptime, camera, outbox depth, store size, rejected inputs.")
+    channels["identity"] = {"address": "menshen/v1/{site}/{gate}/identity", "parameters": gate_params,
+                            "description": "Retained: the Ed25519 key that signs deletion receipts, republished after "
+                                           "every reconnect.",
+                            "messages": {"identity": message("identity", "identity.json", "Gate identity", True)}}
+    send("publishIdentity", "identity", 1, True, "Retained receipt-signing key (P7).")
     for kind in ["lock", "door"]:
         ch = f"state{kind.capitalize()}"
         channels[ch] = {"address": f"menshen/v1/{{site}}/{{gate}}/state/{kind}/{{door}}", "parameters": door_params,

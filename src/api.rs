@@ -106,6 +106,7 @@ fn store_error(e: StoreError) -> CmdError {
         StoreError::InvalidResident(_)
         | StoreError::ResidentExists(_)
         | StoreError::NoConsent(_)
+        | StoreError::InvalidConsent(_)
         | StoreError::FaceOff(_) => ErrorCode::InvalidValue,
         StoreError::Locked | StoreError::NewerSchema { .. } | StoreError::Db(_) | StoreError::Corrupt { .. } => {
             ErrorCode::InternalError
@@ -233,6 +234,39 @@ async fn execute(ctx: &ApiCtx, req: &Request, now: i64) -> Result<Value, CmdErro
             Ok(json!({"version": version, "sha256": sha, "text": text}))
         }
         Command::HealthGet => Ok(health(&ctx.cfg, &ctx.store, &ctx.stats, ctx.started).await),
+        Command::ConsentRecord(a) => {
+            let req = crate::privacy::ConsentRequest {
+                channel: a.channel.clone(),
+                retention_days: a.retention_days,
+                minor: a.minor,
+                guardian: a.guardian.as_ref().map(|g| g.to_string()),
+                shown_rules: Some((a.rules_version.clone(), a.rules_sha256.clone())),
+            };
+            let consent = crate::privacy::consent_for(&ctx.cfg, &req, now)
+                .map_err(|e| CmdError::new(ErrorCode::InvalidValue, e))?;
+            // The request id is claimed in the consent's own transaction: a replay is refused.
+            let (store, id, c, r) = (ctx.store.clone(), a.resident.clone(), consent.clone(), rid.to_string());
+            tokio::task::spawn_blocking(move || {
+                store.record_face_consent(&id, &c, Some(Claim { request_id: &r, now_ms: now }), now)
+            })
+            .await
+            .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?
+            .map_err(store_error)?;
+            emit(ctx, NewEvent::consent(now, "consent_recorded", a.resident.as_str(), Some(rid))).await;
+            Ok(json!({"resident": a.resident, "consent": consent}))
+        }
+        Command::ConsentWithdraw(id) => {
+            let (store, rid2, r) = (ctx.store.clone(), id.clone(), rid.to_string());
+            let deleted = tokio::task::spawn_blocking(move || {
+                store.withdraw_face_consent(&rid2, Some(Claim { request_id: &r, now_ms: now }), now)
+            })
+            .await
+            .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?
+            .map_err(store_error)?;
+            emit(ctx, NewEvent::consent(now, "consent_withdrawn", id.as_str(), Some(rid))).await;
+            // The receipt follows on event/privacy within a second (the privacy stage).
+            Ok(json!({"resident": id, "template_deleted": deleted}))
+        }
         Command::EventsBackfill { from_seq, limit } => {
             let store = ctx.store.clone();
             let (from, lim) = (*from_seq, *limit);

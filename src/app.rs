@@ -37,6 +37,7 @@ use crate::face::track::{score_bucket, Verdict};
 use crate::hw::{self, Edge, Gpio, Relay};
 use crate::model::Day;
 use crate::policy::{self, Attempt, CardPart, Decision, FacePart, Now, Reason};
+use crate::privacy::shred::Privacy;
 use crate::stats::{GrantTrace, Stats};
 use crate::store::Store;
 use crate::wiegand::{Decoder, Line, Outcome, Rejection, WEdge};
@@ -141,6 +142,15 @@ impl App {
         })
         .await?
         .with_context(|| format!("opening the store {}", cfg.store_path().display()))?;
+        // Configuration changes are audited (P9): a hash of the effective configuration.
+        let fingerprint = {
+            use sha2::Digest;
+            let h = sha2::Sha256::digest(format!("{cfg:?}").as_bytes());
+            u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+        };
+        if let Err(error) = store.note_config(fingerprint, wall_ms()) {
+            tracing::error!(%error, "configuration change not audited");
+        }
         let store = Arc::new(store);
         let now = MonoTime::now();
         let mut door_parts = Vec::new();
@@ -187,6 +197,18 @@ impl App {
         let wake = Arc::new(Notify::new());
         let board = Arc::new(crate::mqtt::StateBoard::default());
         let started = MonoTime::now();
+        // The privacy keys: loaded once, shared by the face path (opening templates) and the
+        // privacy stage (destroying keys, signing receipts). Without them, cards still work.
+        let privacy = match Privacy::open(&cfg) {
+            Ok(p) => {
+                board.set("identity", p.identity().to_string().into_bytes());
+                Some(Arc::new(p))
+            }
+            Err(error) => {
+                tracing::error!(%error, "privacy keys unusable: no face path, deletions wait for the keys");
+                None
+            }
+        };
 
         let mut door_cmds = HashMap::new();
         for d in doors {
@@ -217,10 +239,11 @@ impl App {
             let face_rx = if cfg.face.enabled && cfg.face.camera.is_some() {
                 let (tx, rx) = mpsc::channel::<FaceVerdict>(16);
                 let (cfg, store, stats, tok) = (cfg.clone(), store.clone(), stats.clone(), shutdown.clone());
+                let privacy = privacy.clone();
                 tasks.push((
                     "face".into(),
                     tokio::task::spawn_blocking(move || {
-                        crate::face::stage::run(cfg, store, stats.clone(), tok.clone(), tx);
+                        crate::face::stage::run(cfg, store, stats.clone(), tok.clone(), tx, privacy);
                         // A face path that ends on its own (no runtime, no key) leaves the card
                         // path running: wait for shutdown instead of failing the daemon.
                         while !tok.is_cancelled() {
@@ -257,6 +280,11 @@ impl App {
             let ctx = StageCtx { stats: stats.clone(), shutdown: shutdown.clone(), name: "outbox".into() };
             let (store, cfg, wake) = (store.clone(), cfg.clone(), wake.clone());
             tasks.push(("outbox".into(), tokio::spawn(outbox_stage(ctx, cfg, store, ev_rx, wake))));
+        }
+        if let Some(privacy) = privacy {
+            let ctx = StageCtx { stats: stats.clone(), shutdown: shutdown.clone(), name: "privacy".into() };
+            let (store, cfg, wake) = (store.clone(), cfg.clone(), wake.clone());
+            tasks.push(("privacy".into(), tokio::spawn(privacy_stage(ctx, cfg, store, privacy, wake))));
         }
         if let Some((commands, outgoing)) = link_parts {
             let link = crate::mqtt::LinkCtx {
@@ -438,6 +466,13 @@ fn face_decision(
     wall: i64,
 ) -> Option<(Decision, Option<String>, Option<&'static str>)> {
     let now = now_for(cfg, wall);
+    if let Verdict::Matched { resident, .. } = &v.verdict {
+        // A face use restarts the retention clock (P7); a lost record only makes the template
+        // expire sooner.
+        if let Err(error) = store.touch_template(resident, wall) {
+            tracing::warn!(%error, "face use not recorded");
+        }
+    }
     let (decision, resident, bucket) = match &v.verdict {
         Verdict::Matched { resident, score } => match face_resident(store, resident) {
             Ok(Some(r)) if r.mode == crate::model::AccessMode::FaceAndCard => {
@@ -701,6 +736,70 @@ async fn apply(door: &str, relay: &mut Relay, actions: Vec<Action>, events: &mps
                 // The outbox stage only closes after every producer is gone.
                 let _ = events.send(ev).await;
             }
+        }
+    }
+}
+
+/// The privacy stage (REQUIREMENTS P7, P9): within a second of a change that deleted a template,
+/// its data key is destroyed and the signed receipt stored as `event/privacy`; the retention
+/// sweep runs every minute and the audit file is pruned to its retention daily. At start it also
+/// destroys data keys that no template refers to (an enrolment cut short).
+async fn privacy_stage(ctx: StageCtx, cfg: Arc<Config>, store: Arc<Store>, privacy: Arc<Privacy>, wake: Arc<Notify>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_sweep: Option<MonoTime> = None;
+    let mut last_prune: Option<MonoTime> = None;
+    {
+        let (st, p) = (store.clone(), privacy.clone());
+        match tokio::task::spawn_blocking(move || p.destroy_orphans(&st)).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(n, "data keys without a template destroyed"),
+            Ok(Err(error)) => tracing::error!(%error, "orphan data keys not checked"),
+            _ => {}
+        }
+    }
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        ctx.stats.beat(&ctx.name);
+        let now = MonoTime::now();
+        let sweep = last_sweep.is_none_or(|t| now.saturating_sub(t) >= Duration::from_secs(60));
+        let prune = last_prune.is_none_or(|t| now.saturating_sub(t) >= Duration::from_secs(86_400));
+        let backfill = !ctx.stats.mqtt_online.load(Ordering::Relaxed);
+        let audit_keep_ms = i64::from(cfg.privacy.audit_retention_days) * 86_400_000;
+        let (st, p) = (store.clone(), privacy.clone());
+        let res = tokio::task::spawn_blocking(move || {
+            let wall = wall_ms();
+            if prune {
+                match st.prune_audit(wall - audit_keep_ms) {
+                    Ok(n) if n > 0 => tracing::info!(n, "audit records past their retention pruned"),
+                    Ok(_) => {}
+                    Err(error) => tracing::error!(%error, "audit file not pruned"),
+                }
+            }
+            if sweep {
+                p.sweep(&st, wall, backfill)
+            } else {
+                p.settle(&st, wall, backfill)
+            }
+        })
+        .await;
+        if sweep {
+            last_sweep = Some(now);
+        }
+        if prune {
+            last_prune = Some(now);
+        }
+        match res {
+            Ok(Ok(receipts)) if !receipts.is_empty() => {
+                ctx.stats.events_stored.fetch_add(receipts.len() as u64, Ordering::Relaxed);
+                wake.notify_one();
+            }
+            Ok(Err(error)) => {
+                ctx.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, "deletion not completed yet (retried every second)");
+            }
+            _ => {}
         }
     }
 }

@@ -85,6 +85,25 @@ pub enum Command {
     /// Accuracy evaluations of the face pipeline.
     #[command(subcommand)]
     Eval(EvalCmd),
+    /// Print the gate's identity: site, gate and the Ed25519 key that signs deletion receipts
+    /// (the daemon also publishes it, retained, on `identity`).
+    Identity {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Check a deletion receipt (the receipt, or the `event/privacy` message carrying it) against
+    /// the gate's published key: `--key ed25519:<hex>`, or else this gate's own key. Exit 0 if
+    /// it verifies, 1 if not.
+    VerifyReceipt {
+        file: PathBuf,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// The audit trail (append-only, hash-chained).
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Run the face pipeline on image files and print what it sees (boxes, landmarks, liveness;
     /// never the embedding).
     FaceProbe {
@@ -96,6 +115,69 @@ pub enum Command {
         #[arg(long)]
         models: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Check the whole chain; report the first broken record. Exit 0 if intact, 1 if not.
+    Verify {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Check this file instead of the gate's (a copy handed to an auditor).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `menshen identity`.
+pub fn identity(config_path: &Path) -> anyhow::Result<serde_json::Value> {
+    let cfg = config::load(config_path)?;
+    let signer = crate::privacy::Signer::load(&cfg.signing_key_path())?;
+    Ok(serde_json::json!({
+        "site": cfg.gate.site, "gate": cfg.gate.gate, "receipt_key": signer.public_key_text(),
+        "algorithm": "Ed25519", "receipt_format": "menshen-receipt-v1",
+    }))
+}
+
+/// `menshen verify-receipt`: Ok(message) if it verifies, Err(why) if not.
+pub fn verify_receipt(file: &Path, key: Option<&str>, config_path: &Path) -> anyhow::Result<Result<String, String>> {
+    use crate::privacy::receipt::{parse_public_key, Receipt};
+    let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let public = match key {
+        Some(k) => parse_public_key(k).ok_or_else(|| anyhow::anyhow!("--key: expected ed25519:<64 hex digits>"))?,
+        None => {
+            let cfg = config::load(config_path)?;
+            crate::privacy::Signer::load(&cfg.signing_key_path())?.public_key()
+        }
+    };
+    let r = match Receipt::from_json(&text) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    Ok(r.verify(&public)
+        .map(|()| {
+            format!(
+                "valid: gate {}/{} destroyed the face template of {} ({}) at {} ms; receipt {}",
+                r.site, r.gate, r.resident, r.why, r.deleted_at_ms, r.receipt_id
+            )
+        })
+        .map_err(|e| e.to_string()))
+}
+
+/// `menshen audit verify`.
+pub fn audit_verify(config_path: &Path, file: Option<&Path>) -> anyhow::Result<crate::privacy::audit::Verdict> {
+    let path = match file {
+        Some(f) => f.to_path_buf(),
+        None => config::load(config_path)?.store_path().with_file_name("audit.jsonl"),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => anyhow::bail!("{}: {e}", path.display()),
+    };
+    Ok(crate::privacy::audit::verify_text(&text))
 }
 
 #[derive(Debug, Subcommand)]
@@ -288,6 +370,26 @@ pub enum ResidentCmd {
         #[command(flatten)]
         store: StoreArgs,
         id: String,
+        /// Days without face use after which the template is deleted (default
+        /// `privacy.default_retention_days`; at most `privacy.max_retention_days`).
+        #[arg(long)]
+        retention_days: Option<u32>,
+        /// How the consent was given (a short word: cli, paper, app, bms).
+        #[arg(long, default_value = "cli")]
+        channel: String,
+        /// The resident is a minor: `--guardian` names who consented for them.
+        #[arg(long)]
+        minor: bool,
+        /// The guardian's opaque reference (never a name).
+        #[arg(long)]
+        guardian: Option<String>,
+    },
+    /// Everything the gate holds about a resident, as JSON: mode, masked cards, consent, whether
+    /// a face template exists and when it was last used. Never the template itself.
+    Export {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
     },
     /// Withdraw the face consent: the face template is deleted in the same transaction.
     WithdrawConsent {
@@ -432,13 +534,13 @@ fn enrol_face(config_path: &Path, id: &str, photos: &[PathBuf], min_good: usize,
     if s.face_consent(&rid)?.is_none() {
         anyhow::bail!(crate::store::StoreError::NoConsent(id.to_string()));
     }
-    let key = crate::privacy::TemplateKey::load_or_create(&cfg.template_key_path())?;
+    let privacy = crate::privacy::shred::Privacy::open(&cfg)?;
     let face = crate::face::tools::locate(&cfg.face);
     let options = engine::DetectorOptions { long_side: cfg.face.detector_long_side, ..Default::default() };
     let mut eng = crate::face::tools::engine(&face, options)?;
     let mut gallery = Gallery::new(eng.dim());
     for (owner, blob) in s.templates()? {
-        gallery.add(&owner, &key.open(&owner, &blob)?)?;
+        gallery.add(&owner, &privacy.keyring.open_template(&owner, &blob)?)?;
     }
     let mut frames = Vec::new();
     for p in photos {
@@ -452,7 +554,12 @@ fn enrol_face(config_path: &Path, id: &str, photos: &[PathBuf], min_good: usize,
         match_threshold: cfg.face.match_threshold,
     };
     let template = enrol::enrol(&mut eng, &frames, id, &gallery, &rules)?;
-    s.put_template(&rid, &key.seal(id, &template), now)?;
+    let (key_id, sealed) = privacy.keyring.seal(id, &template)?;
+    if let Err(e) = s.put_template(&rid, &key_id, &sealed, now) {
+        // The data key was written first: it goes with the refused template.
+        privacy.keyring.destroy(&key_id)?;
+        return Err(e.into());
+    }
     println!("face of {id} enrolled from {} photo(s); template sealed in the store (no image kept)", photos.len());
     Ok(())
 }
@@ -462,7 +569,34 @@ fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
     Ok(Store::open(&cfg.store_path())?)
 }
 
+/// Run a resident command, then carry any deletion it caused to the end: keys destroyed,
+/// receipts signed into the outbox (published when the daemon next runs).
 pub fn resident_cmd(cmd: ResidentCmd) -> anyhow::Result<()> {
+    let config_path = match &cmd {
+        ResidentCmd::Add { store, .. }
+        | ResidentCmd::List { store }
+        | ResidentCmd::SetMode { store, .. }
+        | ResidentCmd::AddCard { store, .. }
+        | ResidentCmd::RemoveCard { store, .. }
+        | ResidentCmd::Remove { store, .. }
+        | ResidentCmd::Consent { store, .. }
+        | ResidentCmd::WithdrawConsent { store, .. }
+        | ResidentCmd::Export { store, .. }
+        | ResidentCmd::EnrolFace { store, .. } => store.config.clone(),
+    };
+    resident_cmd_inner(cmd)?;
+    let cfg = config::load(&config_path)?;
+    let s = Store::open(&cfg.store_path())?;
+    if !s.pending_deletions()?.is_empty() {
+        let privacy = crate::privacy::shred::Privacy::open(&cfg)?;
+        for r in privacy.settle(&s, wall_ms(), true)? {
+            println!("face template of {} deleted ({}); key destroyed; receipt {}", r.resident, r.why, r.receipt_id);
+        }
+    }
+    Ok(())
+}
+
+fn resident_cmd_inner(cmd: ResidentCmd) -> anyhow::Result<()> {
     let now = wall_ms();
     match cmd {
         ResidentCmd::Add { store, id, mode, cards, card_valid_until, valid_from, valid_until } => {
@@ -535,17 +669,29 @@ pub fn resident_cmd(cmd: ResidentCmd) -> anyhow::Result<()> {
             let n = s.remove_resident(&id, now)?;
             println!("resident {id} removed with {n} card(s)");
         }
-        ResidentCmd::Consent { store, id } => {
+        ResidentCmd::Consent { store, id, retention_days, channel, minor, guardian } => {
             let cfg = config::load(&store.config)?;
             let s = Store::open(&cfg.store_path())?;
             let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
-            s.record_face_consent(&id, &cfg.rules_version(), now)?;
-            println!("face consent of {id} recorded (rules {})", cfg.rules_version());
+            let req = crate::privacy::ConsentRequest { channel, retention_days, minor, guardian, shown_rules: None };
+            let c = crate::privacy::consent_for(&cfg, &req, now).map_err(anyhow::Error::msg)?;
+            s.record_face_consent(&id, &c, None, now)?;
+            println!(
+                "face consent of {id} recorded (rules {}, sha256 {}…, template kept at most {} days without use)",
+                c.rules_version,
+                &c.rules_sha256[..12],
+                c.retention_days
+            );
+        }
+        ResidentCmd::Export { store, id } => {
+            let s = open_store(&store)?;
+            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
+            println!("{}", serde_json::to_string_pretty(&crate::privacy::export(&s, &id)?)?);
         }
         ResidentCmd::WithdrawConsent { store, id } => {
             let s = open_store(&store)?;
             let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
-            let deleted = s.withdraw_face_consent(&id, now)?;
+            let deleted = s.withdraw_face_consent(&id, None, now)?;
             println!("face consent of {id} withdrawn; template {}", if deleted { "deleted" } else { "none stored" });
         }
         ResidentCmd::EnrolFace { store, id, photos, min_good } => {
@@ -711,7 +857,9 @@ pub fn demo_enrol(cfg_path: &Path, face: &DemoFace) -> anyhow::Result<()> {
             };
             s.add_resident(&r, &[cred], wall_ms())?;
         }
-        s.record_face_consent(&rid, &cfg.rules_version(), wall_ms())?;
+        let req = crate::privacy::ConsentRequest { channel: "cli".into(), ..Default::default() };
+        let c = crate::privacy::consent_for(&cfg, &req, wall_ms()).map_err(anyhow::Error::msg)?;
+        s.record_face_consent(&rid, &c, None, wall_ms())?;
     }
     let photos: Vec<PathBuf> =
         DEMO_FACE_ENROL.iter().map(|n| face.lfw.join("Colin_Powell").join(format!("{n}.jpg"))).collect();

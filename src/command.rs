@@ -44,10 +44,14 @@ pub enum Verb {
     HealthGet,
     #[serde(rename = "events.backfill")]
     EventsBackfill,
+    #[serde(rename = "consent.record")]
+    ConsentRecord,
+    #[serde(rename = "consent.withdraw")]
+    ConsentWithdraw,
 }
 
 impl Verb {
-    pub const ALL: [Verb; 10] = [
+    pub const ALL: [Verb; 12] = [
         Verb::Unlock,
         Verb::ResidentUpsert,
         Verb::ResidentRemove,
@@ -58,6 +62,8 @@ impl Verb {
         Verb::RulesGet,
         Verb::HealthGet,
         Verb::EventsBackfill,
+        Verb::ConsentRecord,
+        Verb::ConsentWithdraw,
     ];
 
     pub fn name(self) -> &'static str {
@@ -72,6 +78,8 @@ impl Verb {
             Verb::RulesGet => "rules.get",
             Verb::HealthGet => "health.get",
             Verb::EventsBackfill => "events.backfill",
+            Verb::ConsentRecord => "consent.record",
+            Verb::ConsentWithdraw => "consent.withdraw",
         }
     }
 
@@ -89,6 +97,8 @@ impl Verb {
                 | Verb::CredentialAdd
                 | Verb::CredentialRemove
                 | Verb::RosterSync
+                | Verb::ConsentRecord
+                | Verb::ConsentWithdraw
         )
     }
 }
@@ -336,6 +346,31 @@ struct ResidentArgs {
     resident: ResidentId,
 }
 
+/// `consent.record`: the resident's separate consent to face processing (P3), as given through
+/// the BMS. There is no field for "irrevocable" or "unlimited": unknown fields are refused, and
+/// the retention is bounded by the site's limit.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentArgs {
+    pub resident: ResidentId,
+    /// The rules version and sha256 the resident was shown (from `rules.get`).
+    pub rules_version: String,
+    pub rules_sha256: String,
+    /// How it was given (`bms`, `app`, `paper`, ...).
+    #[serde(default = "default_channel")]
+    pub channel: String,
+    #[serde(default)]
+    pub retention_days: Option<u32>,
+    #[serde(default)]
+    pub minor: bool,
+    #[serde(default)]
+    pub guardian: Option<ResidentId>,
+}
+
+fn default_channel() -> String {
+    "bms".into()
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SetModeArgs {
@@ -401,6 +436,8 @@ pub enum Command {
     RulesGet,
     HealthGet,
     EventsBackfill { from_seq: u64, limit: usize },
+    ConsentRecord(ConsentArgs),
+    ConsentWithdraw(ResidentId),
 }
 
 /// A command ready to execute.
@@ -705,6 +742,23 @@ fn verb_args(verb: Verb, obj: Map<String, Value>, limits: &Limits) -> Result<Com
             args::<Empty>(obj)?;
             Command::HealthGet
         }
+        Verb::ConsentRecord => {
+            let a: ConsentArgs = args(obj)?;
+            if a.retention_days == Some(0) || a.retention_days.is_some_and(|d| d > crate::store::MAX_RETENTION_DAYS) {
+                return Err(CmdError::new(
+                    ErrorCode::InvalidValue,
+                    format!(
+                        "retention_days must be 1..={}: a consent is never unlimited",
+                        crate::store::MAX_RETENTION_DAYS
+                    ),
+                ));
+            }
+            if a.minor && a.guardian.is_none() {
+                return Err(CmdError::new(ErrorCode::InvalidValue, "a minor's consent names the guardian who gave it"));
+            }
+            Command::ConsentRecord(a)
+        }
+        Verb::ConsentWithdraw => Command::ConsentWithdraw(args::<ResidentArgs>(obj)?.resident),
         Verb::EventsBackfill => {
             let a: BackfillArgs = args(obj)?;
             let limit = a.limit.unwrap_or(1_000);

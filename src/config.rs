@@ -253,8 +253,8 @@ fn default_ha_prefix() -> String {
     "homeassistant".into()
 }
 
-/// The published processing rules (REQUIREMENTS P4).
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+/// The published processing rules (REQUIREMENTS P4) and the privacy keys and periods.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacyConfig {
     /// The rules text; without it, the built-in template (`config/processing-rules.md`) is used.
@@ -263,10 +263,45 @@ pub struct PrivacyConfig {
     /// The version the rules text is known by (consents name it).
     #[serde(default)]
     pub rules_version: Option<String>,
-    /// The key that seals face templates at rest (32 bytes, created 0600 on first use);
-    /// default `<state_dir>/template.key`.
+    /// The device key that wraps each template's data key (32 bytes, created 0600 on first use;
+    /// a systemd credential `menshen-device-key` takes precedence); default
+    /// `<state_dir>/device.key`.
+    #[serde(default, alias = "template_key_file")]
+    pub device_key_file: Option<PathBuf>,
+    /// The Ed25519 seed that signs deletion receipts (created 0600 on first use; a systemd
+    /// credential `menshen-signing-key` takes precedence); default `<state_dir>/signing.key`.
     #[serde(default)]
-    pub template_key_file: Option<PathBuf>,
+    pub signing_key_file: Option<PathBuf>,
+    /// The retention a consent gets when it names none (days without face use).
+    #[serde(default = "default_retention")]
+    pub default_retention_days: u32,
+    /// The longest retention a consent may name (at most 3650).
+    #[serde(default = "default_retention")]
+    pub max_retention_days: u32,
+    /// How long audit records are kept (default 3 years).
+    #[serde(default = "default_audit_retention")]
+    pub audit_retention_days: u32,
+}
+
+fn default_retention() -> u32 {
+    365
+}
+fn default_audit_retention() -> u32 {
+    1095
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig {
+            rules_file: None,
+            rules_version: None,
+            device_key_file: None,
+            signing_key_file: None,
+            default_retention_days: default_retention(),
+            max_retention_days: default_retention(),
+            audit_retention_days: default_audit_retention(),
+        }
+    }
 }
 
 impl Config {
@@ -274,8 +309,15 @@ impl Config {
     pub fn rules_version(&self) -> String {
         self.privacy.rules_version.clone().unwrap_or_else(|| BUILTIN_RULES_VERSION.to_string())
     }
-    pub fn template_key_path(&self) -> PathBuf {
-        self.privacy.template_key_file.clone().unwrap_or_else(|| self.gate.state_dir.join("template.key"))
+    pub fn device_key_path(&self) -> PathBuf {
+        self.privacy.device_key_file.clone().unwrap_or_else(|| self.gate.state_dir.join("device.key"))
+    }
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.privacy.signing_key_file.clone().unwrap_or_else(|| self.gate.state_dir.join("signing.key"))
+    }
+    /// The data keys, one file each.
+    pub fn keyring_dir(&self) -> PathBuf {
+        self.gate.state_dir.join("keys")
     }
 }
 
@@ -737,6 +779,16 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     }
     if m.password_file.is_some() && m.username.is_none() {
         return Err(invalid("mqtt.username", "a password_file needs a username"));
+    }
+    let p = &cfg.privacy;
+    if p.max_retention_days == 0 || p.max_retention_days > crate::store::MAX_RETENTION_DAYS {
+        return Err(invalid("privacy.max_retention_days", "must be 1..=3650: no consent is unlimited"));
+    }
+    if p.default_retention_days == 0 || p.default_retention_days > p.max_retention_days {
+        return Err(invalid("privacy.default_retention_days", "must be 1..=max_retention_days"));
+    }
+    if p.audit_retention_days < 365 {
+        return Err(invalid("privacy.audit_retention_days", "audit records are kept at least a year"));
     }
     if cfg.privacy.rules_file.is_some() && cfg.privacy.rules_version.as_deref().unwrap_or("").is_empty() {
         return Err(invalid("privacy.rules_version", "a rules_file needs its version (consents name it)"));

@@ -111,7 +111,7 @@ pub enum Body {
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
     },
-    /// A resident's own choices (P2) and, later, consent and deletion receipts.
+    /// A resident's own choices (P2), consent changes (P3) and deletion receipts (P7).
     Privacy {
         privacy: String,
         resident: String,
@@ -121,6 +121,9 @@ pub enum Body {
         to_mode: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         request_id: Option<String>,
+        /// With `template_deleted`: the signed deletion receipt (P7).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        receipt: Option<Box<crate::privacy::Receipt>>,
     },
     System {
         event: String,
@@ -281,6 +284,39 @@ impl NewEvent {
                 from_mode: Some(from.into()),
                 to_mode: Some(to.into()),
                 request_id: request_id.map(str::to_string),
+                receipt: None,
+            },
+        }
+    }
+
+    /// A face template and its key were destroyed: the signed receipt (P7).
+    pub fn template_deleted(ts_ms: i64, r: &crate::privacy::Receipt) -> NewEvent {
+        NewEvent {
+            kind: EventType::Privacy,
+            ts_ms,
+            body: Body::Privacy {
+                privacy: "template_deleted".into(),
+                resident: r.resident.clone(),
+                from_mode: None,
+                to_mode: None,
+                request_id: None,
+                receipt: Some(Box::new(r.clone())),
+            },
+        }
+    }
+
+    /// A face consent was recorded or withdrawn (P3): `consent_recorded` / `consent_withdrawn`.
+    pub fn consent(ts_ms: i64, what: &str, resident: &str, request_id: Option<&str>) -> NewEvent {
+        NewEvent {
+            kind: EventType::Privacy,
+            ts_ms,
+            body: Body::Privacy {
+                privacy: what.into(),
+                resident: resident.into(),
+                from_mode: None,
+                to_mode: None,
+                request_id: request_id.map(str::to_string),
+                receipt: None,
             },
         }
     }

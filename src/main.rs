@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use menshen::cli::{self, Cli, Command, SimCmd, TestCmd};
+use menshen::cli::{self, AuditCmd, Cli, Command, SimCmd, TestCmd};
 use menshen::config;
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -70,6 +70,52 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },
+        Command::Identity { config: path } => match cli::identity(&path) {
+            Ok(v) => {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::VerifyReceipt { file, key, config: path } => match cli::verify_receipt(&file, key.as_deref(), &path) {
+            Ok(Ok(msg)) => {
+                println!("{msg}");
+                ExitCode::SUCCESS
+            }
+            Ok(Err(why)) => {
+                println!("NOT valid: {why}");
+                ExitCode::from(1)
+            }
+            Err(e) => fail(e),
+        },
+        Command::Audit(AuditCmd::Verify { config: path, file, json }) => {
+            match cli::audit_verify(&path, file.as_deref()) {
+                Ok(v) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&v).unwrap_or_default());
+                    } else if let Some(b) = &v.broken {
+                        let seq = b.seq.map_or("unreadable".to_string(), |s| s.to_string());
+                        println!(
+                            "BROKEN at record {seq} (line {}): {}; {} records before it verify",
+                            b.line, b.why, v.records
+                        );
+                    } else {
+                        println!(
+                            "intact: {} records, seq {}..{}",
+                            v.records,
+                            v.first_seq.unwrap_or(0),
+                            v.last_seq.unwrap_or(0)
+                        );
+                    }
+                    if v.broken.is_some() {
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Resident(cmd) => match cli::resident_cmd(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),

@@ -252,6 +252,13 @@ impl CredentialKind {
         }
     }
 
+    /// For logs and the audit trail: the card number masked.
+    pub fn masked(&self) -> String {
+        match self {
+            CredentialKind::Card(c) => format!("card {}", c.masked()),
+        }
+    }
+
     /// Every credential kind here is a non-face way in.
     pub fn is_non_face(&self) -> bool {
         true

@@ -16,6 +16,7 @@ use std::path::Path;
 
 use crate::model::{AccessMode, Credential, Resident, ResidentId};
 use crate::policy::{guard, GuardError};
+use crate::privacy::audit::{AuditEntry, AuditLog};
 use crate::wiegand::CardId;
 
 /// Bumped when the layout of a table changes; a newer file is refused, an older one migrated.
@@ -37,6 +38,13 @@ const CONSENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("face_consen
 /// blob. Never an image. The invariant kept by every write: a template exists only for a resident
 /// who exists, whose mode admits face, and who has a face consent.
 const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("face_templates");
+/// Per template: resident id → [`TemplateMeta`] (JSON): its data key id, when enrolled, last used.
+const TEMPLATE_META: TableDefinition<&str, &[u8]> = TableDefinition::new("face_template_meta");
+/// Templates deleted whose data key is still to be destroyed and receipted: key id →
+/// [`PendingDeletion`] (JSON). Written in the deleting transaction; emptied by `privacy::shred`.
+const DELETIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("pending_deletions");
+/// Audit records written with their change, waiting to be moved to the audit file: seq → JSON.
+const AUDIT_PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_pending");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -70,14 +78,101 @@ pub enum StoreError {
     NoConsent(String),
     #[error("resident `{0}` has mode `card`: face is off for them, so no template may be stored")]
     FaceOff(String),
+    #[error("invalid consent: {0}")]
+    InvalidConsent(String),
 }
 
-/// A resident's separate consent to face recognition (Art. 2), with the version of the published
-/// processing rules they were shown.
+/// A resident's separate consent to face recognition (REQUIREMENTS P3, SPC Art. 2, PIPL Art. 29):
+/// for face processing alone, naming the published rules they were shown. There is no field that
+/// could make it irrevocable or unlimited: it can always be withdrawn, and the template it covers
+/// is deleted after `retention_days` without face use.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FaceConsent {
     pub granted_ms: i64,
     pub rules_version: String,
+    /// SHA-256 of the rules text shown (hex).
+    #[serde(default)]
+    pub rules_sha256: String,
+    /// Always `gate_access`: recognition at this gate, nothing else (P8).
+    #[serde(default = "default_purpose")]
+    pub purpose: String,
+    /// Days without face use after which the template is deleted.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// How it was given: `bms`, `cli`, `paper`, `app`, ... (a short word).
+    #[serde(default)]
+    pub channel: String,
+    /// The resident is a minor: their guardian consents (PIPL Art. 31).
+    #[serde(default)]
+    pub minor: bool,
+    /// For a minor: the guardian who consented (an opaque reference, never a name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guardian: Option<String>,
+}
+
+/// The longest retention a consent may name (10 years); there is no unlimited consent.
+pub const MAX_RETENTION_DAYS: u32 = 3650;
+const DAY_MS: i64 = 86_400_000;
+
+impl FaceConsent {
+    /// What every stored consent must be (P3).
+    pub fn validate(&self) -> Result<(), String> {
+        let word = |s: &str| {
+            !s.is_empty() && s.len() <= 32 && s.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+        };
+        if self.rules_version.is_empty() || self.rules_version.len() > 64 {
+            return Err("rules_version must name the published rules (1-64 characters)".into());
+        }
+        if self.rules_sha256.len() != 64 || !self.rules_sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err("rules_sha256 must be the 64-digit SHA-256 of the rules text".into());
+        }
+        if self.purpose != "gate_access" {
+            return Err(format!("purpose `{}`: the only purpose is `gate_access` (P8)", self.purpose));
+        }
+        if self.retention_days == 0 || self.retention_days > MAX_RETENTION_DAYS {
+            return Err(format!(
+                "retention_days must be 1..={MAX_RETENTION_DAYS} (got {}): a consent is never unlimited",
+                self.retention_days
+            ));
+        }
+        if !word(&self.channel) {
+            return Err("channel must be a short word (bms, cli, paper, app)".into());
+        }
+        match (&self.guardian, self.minor) {
+            (Some(g), _) => {
+                ResidentId::new(g).map_err(|e| format!("guardian: {e}"))?;
+            }
+            (None, true) => return Err("a minor's consent is given by a guardian: name the guardian".into()),
+            (None, false) => {}
+        }
+        Ok(())
+    }
+}
+
+fn default_purpose() -> String {
+    "gate_access".into()
+}
+fn default_retention_days() -> u32 {
+    365
+}
+
+/// Bookkeeping of one stored template (no biometric data).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TemplateMeta {
+    pub key_id: String,
+    pub enrolled_ms: i64,
+    pub last_used_ms: i64,
+}
+
+/// A template deleted from the store whose key is still to be destroyed and receipted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PendingDeletion {
+    pub resident: String,
+    pub key_id: String,
+    /// `face_turned_off`, `consent_withdrawn`, `resident_removed`, `retention_expired`.
+    pub why: String,
+    pub at_ms: i64,
 }
 
 /// A change to the roster: the one unit of change for the CLI and the MQTT commands alike.
@@ -129,6 +224,27 @@ struct Tables<'t> {
     meta: redb::Table<'t, &'static str, u64>,
     consents: redb::Table<'t, &'static str, &'static [u8]>,
     templates: redb::Table<'t, &'static str, &'static [u8]>,
+    template_meta: redb::Table<'t, &'static str, &'static [u8]>,
+    deletions: redb::Table<'t, &'static str, &'static [u8]>,
+    /// Audit records of this transaction (written with it).
+    audit: Vec<AuditEntry>,
+    now_ms: i64,
+}
+
+/// Delete one template in the caller's transaction: the row and its bookkeeping go, a pending
+/// deletion (to destroy its key and sign the receipt) and an audit record are written.
+fn delete_template_in(t: &mut Tables<'_>, id: &str, why: &str) -> Result<bool, StoreError> {
+    let Some(blob) = t.templates.remove(id)?.map(|v| v.value().to_vec()) else { return Ok(false) };
+    t.template_meta.remove(id)?;
+    let key_id = crate::privacy::keys::key_id_of(&blob).unwrap_or_default();
+    if !key_id.is_empty() {
+        let p = PendingDeletion { resident: id.to_string(), key_id: key_id.clone(), why: why.into(), at_ms: t.now_ms };
+        t.deletions.insert(key_id.as_str(), encode(&p).as_slice())?;
+    }
+    t.audit.push(AuditEntry::new(t.now_ms, "deletion", Some(id), format!("face template and its key {key_id}: {why}")));
+    let g = t.meta.get("templates_generation")?.map(|v| v.value()).unwrap_or(0);
+    t.meta.insert("templates_generation", g + 1)?;
+    Ok(true)
 }
 
 /// Delete every template that the invariant no longer allows (resident gone, mode `card`, no
@@ -141,15 +257,21 @@ fn enforce_template_invariant(t: &mut Tables<'_>) -> Result<Vec<String>, StoreEr
     }
     let mut gone = Vec::new();
     for id in ids {
-        let allowed = match t.residents.get(id.as_str())? {
+        let why = match t.residents.get(id.as_str())? {
             Some(v) => {
                 let r: Resident = decode("residents", v.value())?;
-                r.mode.admits_face() && t.consents.get(id.as_str())?.is_some()
+                if !r.mode.admits_face() {
+                    Some("face_turned_off")
+                } else if t.consents.get(id.as_str())?.is_none() {
+                    Some("consent_withdrawn")
+                } else {
+                    None
+                }
             }
-            None => false,
+            None => Some("resident_removed"),
         };
-        if !allowed {
-            t.templates.remove(id.as_str())?;
+        if let Some(why) = why {
+            delete_template_in(t, &id, why)?;
             gone.push(id);
         }
     }
@@ -162,11 +284,8 @@ fn enforce_template_invariant(t: &mut Tables<'_>) -> Result<Vec<String>, StoreEr
     for id in orphans {
         if t.residents.get(id.as_str())?.is_none() {
             t.consents.remove(id.as_str())?;
+            t.audit.push(AuditEntry::new(t.now_ms, "consent_withdrawn", Some(&id), "resident removed"));
         }
-    }
-    if !gone.is_empty() {
-        let g = t.meta.get("templates_generation")?.map(|v| v.value()).unwrap_or(0);
-        t.meta.insert("templates_generation", g + 1)?;
     }
     Ok(gone)
 }
@@ -209,6 +328,8 @@ pub struct OutboxEntry {
 pub struct Store {
     db: Database,
     path: std::path::PathBuf,
+    /// The audit file beside the store (`audit.jsonl`).
+    audit: AuditLog,
     /// Request ids younger than this are never forgotten (at least the longest command lifetime).
     request_min_age_ms: i64,
     /// Beyond this many remembered request ids, the oldest (past the minimum age) are pruned.
@@ -232,6 +353,7 @@ impl Store {
         let db = Database::create(path)?;
         let store = Store {
             db,
+            audit: AuditLog::new(&path.with_file_name("audit.jsonl")),
             path: path.to_path_buf(),
             request_min_age_ms: 24 * 3600 * 1000,
             request_keep: 10_000,
@@ -260,9 +382,87 @@ impl Store {
             tx.open_table(JOURNAL)?;
             tx.open_table(REQUESTS)?;
             tx.open_table(REQUEST_LOG)?;
+            tx.open_table(CONSENTS)?;
+            tx.open_table(TEMPLATES)?;
+            tx.open_table(TEMPLATE_META)?;
+            tx.open_table(DELETIONS)?;
+            tx.open_table(AUDIT_PENDING)?;
         }
         tx.commit()?;
+        self.flush_audit();
         Ok(())
+    }
+
+    /// The audit file.
+    pub fn audit_path(&self) -> &Path {
+        self.audit.path()
+    }
+
+    /// Move audit records from the store to the audit file (after each change, and at open). A
+    /// failure is logged and retried at the next change: the records stay in the store.
+    pub fn flush_audit(&self) {
+        let run = || -> Result<usize, StoreError> {
+            let pending: Vec<(u64, AuditEntry)> = {
+                let tx = self.db.begin_read()?;
+                let t = tx.open_table(AUDIT_PENDING)?;
+                let mut out = Vec::new();
+                for row in t.iter()? {
+                    let (k, v) = row?;
+                    out.push((k.value(), decode("audit_pending", v.value())?));
+                }
+                out
+            };
+            if pending.is_empty() {
+                return Ok(0);
+            }
+            let n = self.audit.append(&pending).map_err(|e| StoreError::Db(format!("audit file: {e}")))?;
+            let tx = self.db.begin_write()?;
+            {
+                let mut t = tx.open_table(AUDIT_PENDING)?;
+                for (k, _) in &pending {
+                    t.remove(*k)?;
+                }
+            }
+            tx.commit()?;
+            Ok(n)
+        };
+        if let Err(error) = run() {
+            tracing::error!(%error, "audit records not yet moved to the audit file (kept in the store; retried)");
+        }
+    }
+
+    /// Record an audit entry on its own (config changes, ...), durably, then move it to the file.
+    pub fn audit(&self, e: AuditEntry) -> Result<(), StoreError> {
+        self.mutate(e.ts_ms, None, |t| {
+            t.audit.push(e);
+            Ok(((), Vec::new()))
+        })
+    }
+
+    /// Audit a configuration change: `fingerprint` is a hash of the effective configuration;
+    /// when it differs from the one last seen, a `config_changed` record is written. Returns
+    /// whether it changed.
+    pub fn note_config(&self, fingerprint: u64, now_ms: i64) -> Result<bool, StoreError> {
+        self.mutate(now_ms, None, |t| {
+            let before = t.meta.get("config_fingerprint")?.map(|v| v.value());
+            if before == Some(fingerprint) {
+                return Ok((false, Vec::new()));
+            }
+            t.meta.insert("config_fingerprint", fingerprint)?;
+            let was = before.map_or("none".to_string(), |b| format!("{b:016x}"));
+            t.audit.push(AuditEntry::new(
+                now_ms,
+                "config_changed",
+                None,
+                format!("fingerprint {fingerprint:016x} (was {was})"),
+            ));
+            Ok((true, Vec::new()))
+        })
+    }
+
+    /// Drop audit records older than `before_ms` from the audit file.
+    pub fn prune_audit(&self, before_ms: i64) -> Result<usize, StoreError> {
+        self.audit.prune(before_ms).map_err(|e| StoreError::Db(format!("audit file: {e}")))
     }
 
     /// Retention of request ids and delivered events (from the configuration).
@@ -379,6 +579,10 @@ impl Store {
                 meta: tx.open_table(META)?,
                 consents: tx.open_table(CONSENTS)?,
                 templates: tx.open_table(TEMPLATES)?,
+                template_meta: tx.open_table(TEMPLATE_META)?,
+                deletions: tx.open_table(DELETIONS)?,
+                audit: Vec::new(),
+                now_ms,
             };
             if let Some(c) = claim {
                 self.claim_in(&tx, &mut t.meta, c)?;
@@ -387,7 +591,7 @@ impl Store {
             // Turning face off (mode `card`, removal, a sync without the resident) deletes the
             // template in the same transaction as the change: at once, never later.
             for id in enforce_template_invariant(&mut t)? {
-                tracing::info!(resident = %id, "face template deleted (face turned off or resident removed)");
+                tracing::info!(resident = %id, "face template deleted (face turned off, consent withdrawn or resident removed)");
             }
             if !touched.is_empty() {
                 let mut by_holder: std::collections::HashMap<ResidentId, Vec<Credential>> =
@@ -404,10 +608,22 @@ impl Store {
                     }
                 }
             }
-            out
+            if !t.audit.is_empty() {
+                let mut pending = tx.open_table(AUDIT_PENDING)?;
+                let mut n = t.meta.get("next_audit")?.map(|v| v.value()).unwrap_or(1);
+                for e in &t.audit {
+                    pending.insert(n, encode(e).as_slice())?;
+                    n += 1;
+                }
+                t.meta.insert("next_audit", n)?;
+            }
+            (out, !t.audit.is_empty())
         };
         tx.commit()?;
-        Ok(out)
+        if out.1 {
+            self.flush_audit();
+        }
+        Ok(out.0)
     }
 
     fn claim_in(
@@ -473,6 +689,22 @@ impl Store {
         self.mutate(now_ms, claim, |t| match op {
             RosterOp::Nothing => Ok((OpOutcome::Done, Vec::new())),
             RosterOp::Upsert { resident, credentials } => {
+                let before = t.residents.get(resident.id.as_str())?.map(|v| decode::<Resident>("residents", v.value()));
+                match before.transpose()? {
+                    None => t.audit.push(AuditEntry::new(
+                        now_ms,
+                        "resident_added",
+                        Some(resident.id.as_str()),
+                        format!("mode {}", resident.mode.name()),
+                    )),
+                    Some(b) if b.mode != resident.mode => t.audit.push(AuditEntry::new(
+                        now_ms,
+                        "mode_changed",
+                        Some(resident.id.as_str()),
+                        format!("{} -> {}", b.mode.name(), resident.mode.name()),
+                    )),
+                    Some(_) => {}
+                }
                 t.residents.insert(resident.id.as_str(), encode(&resident).as_slice())?;
                 if let Some(cs) = credentials {
                     remove_credentials_of(&mut t.creds, &resident.id)?;
@@ -490,6 +722,12 @@ impl Store {
                 let before = r.mode;
                 r.mode = mode;
                 t.residents.insert(id.as_str(), encode(&r).as_slice())?;
+                t.audit.push(AuditEntry::new(
+                    now_ms,
+                    "mode_changed",
+                    Some(id.as_str()),
+                    format!("{} -> {}", before.name(), mode.name()),
+                ));
                 Ok((OpOutcome::ModeChanged { before }, vec![id]))
             }
             RosterOp::AddCredential(c) => {
@@ -498,6 +736,12 @@ impl Store {
                     None => return Err(StoreError::NoResident(c.resident.to_string())),
                 };
                 put_credential(&mut t.creds, &r, &c)?;
+                t.audit.push(AuditEntry::new(
+                    now_ms,
+                    "credential_added",
+                    Some(c.resident.as_str()),
+                    c.credential.masked(),
+                ));
                 Ok((OpOutcome::Done, vec![c.resident]))
             }
             RosterOp::RemoveCredential(key) => {
@@ -506,6 +750,12 @@ impl Store {
                     None => return Err(StoreError::NoCredential(key)),
                 };
                 let holder = c.resident.clone();
+                t.audit.push(AuditEntry::new(
+                    now_ms,
+                    "credential_removed",
+                    Some(holder.as_str()),
+                    c.credential.masked(),
+                ));
                 Ok((OpOutcome::CredentialRemoved(c), vec![holder]))
             }
             RosterOp::RemoveResident(id) => {
@@ -513,6 +763,12 @@ impl Store {
                     return Err(StoreError::NoResident(id.to_string()));
                 }
                 let n = remove_credentials_of(&mut t.creds, &id)?;
+                t.audit.push(AuditEntry::new(
+                    now_ms,
+                    "resident_removed",
+                    Some(id.as_str()),
+                    format!("{n} credentials"),
+                ));
                 Ok((OpOutcome::ResidentRemoved { credentials: n }, Vec::new()))
             }
             RosterOp::Sync { version, digest, residents } => {
@@ -525,6 +781,22 @@ impl Store {
                     return Err(StoreError::VersionConflict(version));
                 }
                 let before = t.residents.len()?;
+                let mut old_modes = std::collections::HashMap::new();
+                for row in t.residents.iter()? {
+                    let (k, v) = row?;
+                    let r: Resident = decode("residents", v.value())?;
+                    old_modes.insert(k.value().to_string(), r.mode);
+                }
+                for (r, _) in &residents {
+                    if let Some(m) = old_modes.get(r.id.as_str()).filter(|m| **m != r.mode) {
+                        t.audit.push(AuditEntry::new(
+                            now_ms,
+                            "mode_changed",
+                            Some(r.id.as_str()),
+                            format!("{} -> {} (roster.sync {version})", m.name(), r.mode.name()),
+                        ));
+                    }
+                }
                 t.residents.retain(|_, _| false)?;
                 t.creds.retain(|_, _| false)?;
                 let mut touched = Vec::with_capacity(residents.len());
@@ -540,6 +812,12 @@ impl Store {
                 t.meta.insert("roster_version", version)?;
                 t.meta.insert("roster_digest", digest)?;
                 let removed = before.saturating_sub(residents.len() as u64) as usize;
+                t.audit.push(AuditEntry::new(
+                    now_ms,
+                    "roster_synced",
+                    None,
+                    format!("version {version}: {} residents, {n_creds} credentials", residents.len()),
+                ));
                 Ok((OpOutcome::Synced { residents: residents.len(), credentials: n_creds, removed }, touched))
             }
         })
@@ -557,6 +835,12 @@ impl Store {
             for c in credentials {
                 put_credential(&mut t.creds, r, c)?;
             }
+            t.audit.push(AuditEntry::new(
+                now_ms,
+                "resident_added",
+                Some(r.id.as_str()),
+                format!("mode {}", r.mode.name()),
+            ));
             Ok(((), vec![r.id.clone()]))
         })
     }
@@ -596,23 +880,54 @@ impl Store {
 
     // ---- face consent and templates -----------------------------------------------------
 
-    /// Record a resident's separate face consent (durable before it returns).
-    pub fn record_face_consent(&self, id: &ResidentId, rules_version: &str, now_ms: i64) -> Result<(), StoreError> {
-        self.mutate(now_ms, None, |t| {
+    /// Record a resident's separate face consent (durable before it returns). Checked here so
+    /// that no path can store a consent that is bundled, unlimited or without its rules.
+    pub fn record_face_consent(
+        &self,
+        id: &ResidentId,
+        c: &FaceConsent,
+        claim: Option<Claim<'_>>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        c.validate().map_err(StoreError::InvalidConsent)?;
+        self.mutate(now_ms, claim, |t| {
             if t.residents.get(id.as_str())?.is_none() {
                 return Err(StoreError::NoResident(id.to_string()));
             }
-            let c = FaceConsent { granted_ms: now_ms, rules_version: rules_version.to_string() };
-            t.consents.insert(id.as_str(), encode(&c).as_slice())?;
+            t.consents.insert(id.as_str(), encode(c).as_slice())?;
+            let guardian = c.guardian.as_deref().map(|g| format!(", guardian {g}")).unwrap_or_default();
+            t.audit.push(AuditEntry::new(
+                now_ms,
+                "consent_recorded",
+                Some(id.as_str()),
+                format!(
+                    "rules {} (sha256 {}), purpose {}, retention {} days, channel {}{guardian}",
+                    c.rules_version,
+                    c.rules_sha256.get(..12).unwrap_or(""),
+                    c.purpose,
+                    c.retention_days,
+                    c.channel
+                ),
+            ));
             Ok(((), Vec::new()))
         })
     }
 
     /// Withdraw the face consent; the template goes in the same transaction. Returns whether a
     /// template was deleted.
-    pub fn withdraw_face_consent(&self, id: &ResidentId, now_ms: i64) -> Result<bool, StoreError> {
-        self.mutate(now_ms, None, |t| {
-            t.consents.remove(id.as_str())?;
+    pub fn withdraw_face_consent(
+        &self,
+        id: &ResidentId,
+        claim: Option<Claim<'_>>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.mutate(now_ms, claim, |t| {
+            if t.residents.get(id.as_str())?.is_none() {
+                return Err(StoreError::NoResident(id.to_string()));
+            }
+            if t.consents.remove(id.as_str())?.is_some() {
+                t.audit.push(AuditEntry::new(now_ms, "consent_withdrawn", Some(id.as_str()), "by the resident"));
+            }
             let had = t.templates.get(id.as_str())?.is_some();
             Ok((had, Vec::new()))
         })
@@ -620,16 +935,13 @@ impl Store {
 
     pub fn face_consent(&self, id: &ResidentId) -> Result<Option<FaceConsent>, StoreError> {
         let tx = self.db.begin_read()?;
-        let t = match tx.open_table(CONSENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
+        let t = tx.open_table(CONSENTS)?;
         t.get(id.as_str())?.map(|v| decode("face_consents", v.value())).transpose()
     }
 
-    /// Store a sealed template; refused without a face consent or with mode `card`.
-    pub fn put_template(&self, id: &ResidentId, sealed: &[u8], now_ms: i64) -> Result<(), StoreError> {
+    /// Store a sealed template under data key `key_id`; refused without a face consent or with
+    /// mode `card`. A template it replaces is deleted (its key destroyed, a receipt signed).
+    pub fn put_template(&self, id: &ResidentId, key_id: &str, sealed: &[u8], now_ms: i64) -> Result<(), StoreError> {
         self.mutate(now_ms, None, |t| {
             let r: Resident = match t.residents.get(id.as_str())? {
                 Some(v) => decode("residents", v.value())?,
@@ -641,11 +953,125 @@ impl Store {
             if t.consents.get(id.as_str())?.is_none() {
                 return Err(StoreError::NoConsent(id.to_string()));
             }
+            delete_template_in(t, id.as_str(), "replaced_by_new_enrolment")?;
             t.templates.insert(id.as_str(), sealed)?;
+            let meta = TemplateMeta { key_id: key_id.to_string(), enrolled_ms: now_ms, last_used_ms: now_ms };
+            t.template_meta.insert(id.as_str(), encode(&meta).as_slice())?;
+            t.audit.push(AuditEntry::new(
+                now_ms,
+                "enrolment",
+                Some(id.as_str()),
+                format!("face template, key {key_id}"),
+            ));
             let g = t.meta.get("templates_generation")?.map(|v| v.value()).unwrap_or(0);
             t.meta.insert("templates_generation", g + 1)?;
             Ok(((), Vec::new()))
         })
+    }
+
+    /// A template's bookkeeping (no biometric data).
+    pub fn template_meta(&self, id: &ResidentId) -> Result<Option<TemplateMeta>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(TEMPLATE_META)?;
+        t.get(id.as_str())?.map(|v| decode("face_template_meta", v.value())).transpose()
+    }
+
+    /// Note a face use (a match that opened or paired), for the retention clock.
+    pub fn touch_template(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write()?;
+        // Not fsynced on its own: a lost touch only makes the template expire sooner.
+        tx.set_durability(Durability::None).map_err(|e| StoreError::Db(e.to_string()))?;
+        {
+            let mut t = tx.open_table(TEMPLATE_META)?;
+            let meta = t.get(id)?.map(|v| decode::<TemplateMeta>("face_template_meta", v.value())).transpose()?;
+            if let Some(mut m) = meta {
+                m.last_used_ms = m.last_used_ms.max(now_ms);
+                t.insert(id, encode(&m).as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Delete every template not used for longer than its consent's retention period (P7).
+    /// Returns the residents whose template went.
+    pub fn expire_templates(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        self.mutate(now_ms, None, |t| {
+            let mut expired = Vec::new();
+            for row in t.template_meta.iter()? {
+                let (k, v) = row?;
+                let m: TemplateMeta = decode("face_template_meta", v.value())?;
+                let days = match t.consents.get(k.value())? {
+                    Some(c) => decode::<FaceConsent>("face_consents", c.value())?.retention_days,
+                    None => 0,
+                };
+                if now_ms - m.enrolled_ms.max(m.last_used_ms) > i64::from(days) * DAY_MS {
+                    expired.push(k.value().to_string());
+                }
+            }
+            for id in &expired {
+                delete_template_in(t, id, "retention_expired")?;
+            }
+            Ok((expired, Vec::new()))
+        })
+    }
+
+    /// Deletions whose key is still to be destroyed and receipted, oldest first.
+    pub fn pending_deletions(&self) -> Result<Vec<PendingDeletion>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(DELETIONS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (_, v) = row?;
+            out.push(decode::<PendingDeletion>("pending_deletions", v.value())?);
+        }
+        out.sort_by_key(|d| d.at_ms);
+        Ok(out)
+    }
+
+    /// A deletion is done: its receipt event goes into the outbox and the pending row goes, in
+    /// one durable transaction (a crash before it repeats the deletion step, never loses it).
+    pub fn complete_deletion(
+        &self,
+        key_id: &str,
+        event: impl FnOnce(u64) -> Vec<u8>,
+    ) -> Result<OutboxEntry, StoreError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate).map_err(|e| StoreError::Db(e.to_string()))?;
+        let entry = {
+            let mut meta = tx.open_table(META)?;
+            let mut outbox = tx.open_table(OUTBOX)?;
+            let mut del = tx.open_table(DELETIONS)?;
+            del.remove(key_id)?;
+            let seq = meta.get("next_seq")?.map(|v| v.value()).unwrap_or(1);
+            let json = event(seq);
+            outbox.insert(seq, json.as_slice())?;
+            meta.insert("next_seq", seq + 1)?;
+            OutboxEntry { seq, json }
+        };
+        tx.commit()?;
+        Ok(entry)
+    }
+
+    /// Every data key id the store still refers to (templates and pending deletions).
+    pub fn referenced_key_ids(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let mut out = std::collections::HashSet::new();
+        for row in tx.open_table(TEMPLATE_META)?.iter()? {
+            let (_, v) = row?;
+            out.insert(decode::<TemplateMeta>("face_template_meta", v.value())?.key_id);
+        }
+        for row in tx.open_table(DELETIONS)?.iter()? {
+            let (k, _) = row?;
+            out.insert(k.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// Compact the file as far as redb allows (free pages are released; see `docs/privacy.md`).
+    /// Needs exclusive access: used by the CLI, not by the running daemon.
+    pub fn compact(&mut self) -> Result<bool, StoreError> {
+        self.db.compact().map_err(|e| StoreError::Db(e.to_string()))
     }
 
     /// Every sealed template (resident id, blob).
@@ -847,43 +1273,149 @@ mod tests {
         (dir, s)
     }
 
+    fn consent(days: u32) -> FaceConsent {
+        FaceConsent {
+            granted_ms: 0,
+            rules_version: "v1".into(),
+            rules_sha256: "ab".repeat(32),
+            purpose: "gate_access".into(),
+            retention_days: days,
+            channel: "cli".into(),
+            minor: false,
+            guardian: None,
+        }
+    }
+
+    /// A sealed-template-shaped blob naming key id `k` (the store only reads the key id).
+    fn blob(k: u8) -> (String, Vec<u8>) {
+        let kid = [k; 16];
+        (crate::privacy::hex(&kid), [b"MTv2".as_slice(), &kid, &[0u8; 40]].concat())
+    }
+
+    fn whys(s: &Store) -> Vec<(String, String)> {
+        s.pending_deletions().unwrap().into_iter().map(|d| (d.resident, d.why)).collect()
+    }
+
     #[test]
     fn a_template_needs_consent_and_a_face_mode_and_goes_when_face_is_turned_off() {
         let (_d, s) = open();
         s.add_resident(&resident("a", AccessMode::FaceOrCard), &[card("a", 1)], 0).unwrap();
         s.add_resident(&resident("c", AccessMode::Card), &[card("c", 3)], 0).unwrap();
-        let blob = b"sealed".as_slice();
-        assert!(matches!(s.put_template(&rid("a"), blob, 1), Err(StoreError::NoConsent(_))));
-        s.record_face_consent(&rid("a"), "v1", 1).unwrap();
-        s.record_face_consent(&rid("c"), "v1", 1).unwrap();
-        assert!(matches!(s.put_template(&rid("c"), blob, 1), Err(StoreError::FaceOff(_))));
+        let (k1, b1) = blob(1);
+        assert!(matches!(s.put_template(&rid("a"), &k1, &b1, 1), Err(StoreError::NoConsent(_))));
+        s.record_face_consent(&rid("a"), &consent(30), None, 1).unwrap();
+        s.record_face_consent(&rid("c"), &consent(30), None, 1).unwrap();
+        assert!(matches!(s.put_template(&rid("c"), &k1, &b1, 1), Err(StoreError::FaceOff(_))));
         let g0 = s.templates_generation().unwrap();
-        s.put_template(&rid("a"), blob, 2).unwrap();
-        assert_eq!(s.templates().unwrap(), vec![("a".to_string(), blob.to_vec())]);
+        s.put_template(&rid("a"), &k1, &b1, 2).unwrap();
+        assert_eq!(s.templates().unwrap(), vec![("a".to_string(), b1.clone())]);
         assert!(s.templates_generation().unwrap() > g0);
         assert_eq!(s.face_consent(&rid("a")).unwrap().unwrap().rules_version, "v1");
-        // Mode to card: the template goes in the same transaction.
+        assert_eq!(s.referenced_key_ids().unwrap().into_iter().collect::<Vec<_>>(), vec![k1.clone()]);
+        // Mode to card: the template goes in the same transaction, its key is queued for
+        // destruction with the reason.
         s.set_mode(&rid("a"), AccessMode::Card, 3).unwrap();
         assert!(s.templates().unwrap().is_empty());
+        assert!(s.template_meta(&rid("a")).unwrap().is_none());
+        assert_eq!(whys(&s), vec![("a".into(), "face_turned_off".into())]);
+        let e = s.complete_deletion(&k1, |seq| format!("receipt {seq}").into_bytes()).unwrap();
+        assert!(whys(&s).is_empty());
+        assert_eq!(s.outbox_after(0, 10).unwrap(), vec![e]);
         // Withdrawing consent deletes it too.
         s.set_mode(&rid("a"), AccessMode::FaceOrCard, 4).unwrap();
-        s.put_template(&rid("a"), blob, 5).unwrap();
-        assert!(s.withdraw_face_consent(&rid("a"), 6).unwrap());
+        let (k2, b2) = blob(2);
+        s.put_template(&rid("a"), &k2, &b2, 5).unwrap();
+        assert!(s.withdraw_face_consent(&rid("a"), None, 6).unwrap());
         assert!(s.templates().unwrap().is_empty());
         assert!(s.face_consent(&rid("a")).unwrap().is_none());
         // Removing the resident deletes it.
-        s.record_face_consent(&rid("a"), "v1", 7).unwrap();
-        s.put_template(&rid("a"), blob, 8).unwrap();
+        s.record_face_consent(&rid("a"), &consent(30), None, 7).unwrap();
+        let (k3, b3) = blob(3);
+        s.put_template(&rid("a"), &k3, &b3, 8).unwrap();
+        // Re-enrolling replaces the template: the old key is destroyed too.
+        let (k4, b4) = blob(4);
+        s.put_template(&rid("a"), &k4, &b4, 8).unwrap();
         s.remove_resident(&rid("a"), 9).unwrap();
         assert!(s.templates().unwrap().is_empty());
         assert!(s.face_consent(&rid("a")).unwrap().is_none(), "the consent goes with the resident");
         // A sync that leaves the resident out deletes it.
         s.add_resident(&resident("b", AccessMode::FaceAndCard), &[card("b", 2)], 10).unwrap();
-        s.record_face_consent(&rid("b"), "v1", 10).unwrap();
-        s.put_template(&rid("b"), blob, 10).unwrap();
+        s.record_face_consent(&rid("b"), &consent(30), None, 10).unwrap();
+        let (k5, b5) = blob(5);
+        s.put_template(&rid("b"), &k5, &b5, 10).unwrap();
         let snapshot = vec![(resident("c", AccessMode::Card), vec![card("c", 3)])];
         s.apply(RosterOp::Sync { version: 1, digest: 1, residents: snapshot }, None, 11).unwrap();
         assert!(s.templates().unwrap().is_empty());
+        assert_eq!(
+            whys(&s),
+            vec![
+                ("a".into(), "consent_withdrawn".into()),
+                ("a".into(), "replaced_by_new_enrolment".into()),
+                ("a".into(), "resident_removed".into()),
+                ("b".into(), "resident_removed".into()),
+            ]
+        );
+        // Every change is in the audit file, chained, with no template bytes.
+        let text = std::fs::read_to_string(s.audit_path()).unwrap();
+        let v = crate::privacy::audit::verify_text(&text);
+        assert_eq!(v.broken, None);
+        for kind in [
+            "resident_added",
+            "consent_recorded",
+            "enrolment",
+            "mode_changed",
+            "deletion",
+            "consent_withdrawn",
+            "resident_removed",
+            "roster_synced",
+        ] {
+            assert!(text.contains(&format!("\"kind\":\"{kind}\"")), "{kind} missing:\n{text}");
+        }
+        assert!(!text.contains("MTv2"));
+    }
+
+    #[test]
+    fn the_retention_sweep_deletes_exactly_the_templates_unused_for_too_long() {
+        let (_d, s) = open();
+        let day = DAY_MS;
+        for (i, (id, days)) in [("short", 30u32), ("long", 365), ("used", 30)].into_iter().enumerate() {
+            s.add_resident(&resident(id, AccessMode::FaceOrCard), &[card(id, i as u64 + 1)], 0).unwrap();
+            s.record_face_consent(&rid(id), &consent(days), None, 0).unwrap();
+            let (k, b) = blob(i as u8 + 1);
+            s.put_template(&rid(id), &k, &b, 0).unwrap();
+        }
+        s.touch_template("used", 20 * day).unwrap();
+        assert!(s.expire_templates(30 * day).unwrap().is_empty(), "nothing is past its period yet");
+        // The clock jumps 31 days: only `short` (30 days, unused) goes; `used` was seen on day 20.
+        assert_eq!(s.expire_templates(31 * day).unwrap(), vec!["short".to_string()]);
+        assert_eq!(whys(&s), vec![("short".into(), "retention_expired".into())]);
+        assert_eq!(s.expire_templates(51 * day).unwrap(), vec!["used".to_string()]);
+        assert_eq!(s.expire_templates(365 * day).unwrap(), Vec::<String>::new());
+        assert_eq!(s.expire_templates(366 * day).unwrap(), vec!["long".to_string()]);
+        assert!(s.templates().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_consent_cannot_be_unlimited_bundled_or_without_its_rules() {
+        let mut c = consent(0);
+        assert!(c.validate().unwrap_err().contains("never unlimited"));
+        c.retention_days = MAX_RETENTION_DAYS + 1;
+        assert!(c.validate().is_err());
+        c.retention_days = 30;
+        assert_eq!(c.validate(), Ok(()));
+        c.purpose = "marketing".into();
+        assert!(c.validate().is_err(), "face processing for gate access only");
+        c.purpose = "gate_access".into();
+        c.rules_sha256 = "short".into();
+        assert!(c.validate().is_err());
+        c.rules_sha256 = "ab".repeat(32);
+        c.minor = true;
+        assert!(c.validate().unwrap_err().contains("guardian"));
+        c.guardian = Some("g-1".into());
+        assert_eq!(c.validate(), Ok(()));
+        // Unknown fields (an "irrevocable" flag) are refused when a record is read.
+        let json = serde_json::to_string(&c).unwrap().replace("}", ",\"irrevocable\":true}");
+        assert!(serde_json::from_str::<FaceConsent>(&json).is_err());
     }
 
     #[test]

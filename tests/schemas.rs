@@ -74,6 +74,13 @@ fn good_commands_pass_both_the_schema_and_the_parser() {
         ("rules.get", json!({})),
         ("health.get", json!({"request_id": "h"})),
         ("events.backfill", json!({"from_seq": 10, "limit": 100})),
+        (
+            "consent.record",
+            json!({"resident": "r1", "rules_version": "v1", "rules_sha256": "ab".repeat(32), "channel": "app",
+                   "retention_days": 90, "minor": true, "guardian": "g-1"}),
+        ),
+        ("consent.record", json!({"resident": "r1", "rules_version": "v1", "rules_sha256": "AB".repeat(32)})),
+        ("consent.withdraw", json!({"resident": "r1", "request_id": "w-1"})),
     ];
     for (verb, p) in good {
         validate(&format!("cmd-{verb}.json"), &p).unwrap();
@@ -94,6 +101,25 @@ fn bad_commands_fail_both_the_schema_and_the_parser() {
         ("health.get", json!({"verbose": true})),
         ("events.backfill", json!({"from_seq": 1, "limit": 0})),
         ("rules.get", json!({"request_id": ""})),
+        // No consent can be irrevocable, unlimited, or a minor's without a guardian.
+        (
+            "consent.record",
+            json!({"resident": "r1", "rules_version": "v1", "rules_sha256": "ab".repeat(32), "irrevocable": true}),
+        ),
+        (
+            "consent.record",
+            json!({"resident": "r1", "rules_version": "v1", "rules_sha256": "ab".repeat(32), "retention_days": 0}),
+        ),
+        (
+            "consent.record",
+            json!({"resident": "r1", "rules_version": "v1", "rules_sha256": "ab".repeat(32), "retention_days": 100000}),
+        ),
+        (
+            "consent.record",
+            json!({"resident": "r1", "rules_version": "v1", "rules_sha256": "ab".repeat(32), "minor": true}),
+        ),
+        ("consent.record", json!({"resident": "r1", "rules_version": "v1"})),
+        ("consent.withdraw", json!({"resident": "r1", "also_delete_cards": true})),
     ];
     for (verb, p) in bad {
         assert!(validate(&format!("cmd-{verb}.json"), &p).is_err(), "schema accepted {verb} {p}");
@@ -132,6 +158,25 @@ fn events_built_by_the_code_match_their_schemas() {
         NewEvent::door(NOW, "front", menshen::door::DoorEvent::Forced),
         NewEvent::alarm(NOW, "reader_line_stuck", Some("front"), None),
         NewEvent::mode_changed(NOW, "r1", "card", "face_or_card", Some("req-2")),
+        NewEvent::consent(NOW, "consent_recorded", "r1", Some("req-3")),
+        NewEvent::template_deleted(NOW, &{
+            let d = menshen::store::PendingDeletion {
+                resident: "r1".into(),
+                key_id: "0f".repeat(16),
+                why: "face_turned_off".into(),
+                at_ms: NOW,
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let p = menshen::privacy::shred::Privacy::open_at(
+                &dir.path().join("keys"),
+                &dir.path().join("device.key"),
+                &dir.path().join("signing.key"),
+                "s",
+                "g",
+            )
+            .unwrap();
+            p.receipt(&d, NOW)
+        }),
         NewEvent::system(NOW, "roster_changed", Some("x".into())),
     ];
     for (i, e) in evs.iter().enumerate() {

@@ -22,7 +22,7 @@ use super::source::{Action, DirSource, FrameSource, ReadResult, SourceError, Sup
 use super::track::{FrameOutcome, Tracker, Verdict};
 use crate::clock::MonoTime;
 use crate::config::{CameraConfig, Config};
-use crate::privacy::TemplateKey;
+use crate::privacy::Keyring;
 use crate::stats::Stats;
 use crate::store::Store;
 
@@ -57,13 +57,13 @@ pub fn open_source(cam: &CameraConfig) -> Result<Box<dyn FrameSource>, SourceErr
     Ok(Box::new(Threaded::open(opener)?))
 }
 
-fn load_gallery(store: &Store, key: &TemplateKey, dim: usize) -> Gallery {
+fn load_gallery(store: &Store, key: &Keyring, dim: usize) -> Gallery {
     let mut g = Gallery::new(dim);
     match store.templates() {
         Ok(ts) => {
             for (owner, blob) in ts {
                 match key
-                    .open(&owner, &blob)
+                    .open_template(&owner, &blob)
                     .map_err(|e| e.to_string())
                     .and_then(|t| g.add(&owner, &t).map_err(|e| e.to_string()))
                 {
@@ -114,6 +114,7 @@ pub fn run(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
     out: mpsc::Sender<FaceVerdict>,
+    privacy: Option<Arc<crate::privacy::shred::Privacy>>,
 ) {
     let name = "face";
     let Some(cam) = cfg.face.camera.clone() else { return };
@@ -122,10 +123,10 @@ pub fn run(
         tracing::error!(error = %why, "face path not started: cards keep working");
         stats.set_camera("error");
     };
-    let key = match TemplateKey::load_or_create(&cfg.template_key_path()) {
-        Ok(k) => k,
-        Err(e) => return fail(e.to_string()),
+    let Some(privacy) = privacy else {
+        return fail("the privacy keys could not be loaded (see the log above)".into());
     };
+    let key = &privacy.keyring;
     let face_cfg = crate::face::tools::locate(&cfg.face);
     let options = DetectorOptions { long_side: cfg.face.detector_long_side, ..Default::default() };
     let mut engine = match crate::face::tools::engine(&face_cfg, options) {
@@ -133,7 +134,7 @@ pub fn run(
         Err(e) => return fail(format!("{e:#}")),
     };
     let mut generation = store.templates_generation().unwrap_or(0);
-    let mut gallery = load_gallery(&store, &key, engine.dim());
+    let mut gallery = load_gallery(&store, key, engine.dim());
     tracing::info!(templates = gallery.len(), door = %door, "face path running");
     stats.set_camera("starting");
     let mut tracker = Tracker::new(cfg.face.agreement);
@@ -163,7 +164,7 @@ pub fn run(
             if let Ok(g) = store.templates_generation() {
                 if g != generation {
                     generation = g;
-                    gallery = load_gallery(&store, &key, engine.dim());
+                    gallery = load_gallery(&store, key, engine.dim());
                     tracing::info!(templates = gallery.len(), "face templates reloaded");
                 }
             }

@@ -137,6 +137,11 @@ impl App {
         let store = tokio::task::spawn_blocking(move || {
             Store::open(&store_path).map(|mut s| {
                 s.set_retention(min_age, keep, journal);
+                // Release free pages (where deleted, encrypted templates may linger) as far as
+                // redb allows; only possible while nothing else uses the store.
+                if let Err(error) = s.compact() {
+                    tracing::warn!(%error, "store not compacted");
+                }
                 s
             })
         })

@@ -586,12 +586,13 @@ pub fn resident_cmd(cmd: ResidentCmd) -> anyhow::Result<()> {
     };
     resident_cmd_inner(cmd)?;
     let cfg = config::load(&config_path)?;
-    let s = Store::open(&cfg.store_path())?;
+    let mut s = Store::open(&cfg.store_path())?;
     if !s.pending_deletions()?.is_empty() {
         let privacy = crate::privacy::shred::Privacy::open(&cfg)?;
         for r in privacy.settle(&s, wall_ms(), true)? {
             println!("face template of {} deleted ({}); key destroyed; receipt {}", r.resident, r.why, r.receipt_id);
         }
+        s.compact()?;
     }
     Ok(())
 }

@@ -1564,4 +1564,96 @@ mod tests {
         assert_eq!(s.oldest_kept_seq().unwrap(), Some(2));
         assert_eq!(s.outbox_depth().unwrap(), 2);
     }
+    /// Cards as (number, expired).
+    type Cards = Vec<(u8, bool)>;
+
+    /// One random roster change, as the BMS or the CLI could send it.
+    #[derive(Debug, Clone)]
+    enum Change {
+        Upsert { who: u8, mode: u8, cards: Cards },
+        SetMode { who: u8, mode: u8 },
+        AddCard { who: u8, card: u8, expired: bool },
+        RemoveCard { card: u8 },
+        Remove { who: u8 },
+        Sync { entries: Vec<(u8, u8, Cards)> },
+    }
+
+    fn arb_change() -> impl proptest::strategy::Strategy<Value = Change> {
+        use proptest::prelude::*;
+        let cards = proptest::collection::vec((0..6u8, any::<bool>()), 0..3);
+        prop_oneof![
+            (0..4u8, 0..3u8, cards.clone()).prop_map(|(who, mode, cards)| Change::Upsert { who, mode, cards }),
+            (0..4u8, 0..3u8).prop_map(|(who, mode)| Change::SetMode { who, mode }),
+            (0..4u8, 0..6u8, any::<bool>()).prop_map(|(who, card, expired)| Change::AddCard { who, card, expired }),
+            (0..6u8).prop_map(|card| Change::RemoveCard { card }),
+            (0..4u8).prop_map(|who| Change::Remove { who }),
+            proptest::collection::vec((0..4u8, 0..3u8, cards), 0..4).prop_map(|entries| Change::Sync { entries }),
+        ]
+    }
+
+    const MODES: [AccessMode; 3] = [AccessMode::Card, AccessMode::FaceOrCard, AccessMode::FaceAndCard];
+    const NOW_MS: i64 = 1_000_000;
+
+    fn cred(who: u8, card: u8, expired: bool) -> Credential {
+        let mut c = self::card(&format!("p{who}"), u64::from(card) + 1);
+        if expired {
+            c.validity.valid_until_ms = Some(NOW_MS - 1);
+        }
+        c
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// The Art. 10 guard over whole rosters (P1): whatever sequence of changes is offered,
+        /// every state the store accepts leaves each resident whose mode admits face with a
+        /// card that is valid now. Refused changes change nothing.
+        #[test]
+        fn no_accepted_roster_leaves_anyone_face_only(changes in proptest::collection::vec(arb_change(), 1..16)) {
+            let (_d, s) = open();
+            let mut version = 0;
+            for ch in changes {
+                let before = s.fingerprint().unwrap();
+                let res = match ch.clone() {
+                    Change::Upsert { who, mode, cards } => {
+                        let r = resident(&format!("p{who}"), MODES[mode as usize]);
+                        let creds = cards.iter().map(|(c, e)| cred(who, *c, *e)).collect();
+                        s.apply(RosterOp::Upsert { resident: r, credentials: Some(creds) }, None, NOW_MS).map(|_| ())
+                    }
+                    Change::SetMode { who, mode } => {
+                        s.set_mode(&rid(&format!("p{who}")), MODES[mode as usize], NOW_MS).map(|_| ())
+                    }
+                    Change::AddCard { who, card, expired } => s.add_credential(&cred(who, card, expired), NOW_MS),
+                    Change::RemoveCard { card } => {
+                        s.remove_credential(&cred(0, card, false).credential.key(), NOW_MS).map(|_| ())
+                    }
+                    Change::Remove { who } => s.remove_resident(&rid(&format!("p{who}")), NOW_MS).map(|_| ()),
+                    Change::Sync { entries } => {
+                        version += 1;
+                        let mut seen = std::collections::HashSet::new();
+                        let residents = entries
+                            .into_iter()
+                            .filter(|(who, _, _)| seen.insert(*who))
+                            .map(|(who, mode, cards)| {
+                                let r = resident(&format!("p{who}"), MODES[mode as usize]);
+                                (r, cards.iter().map(|(c, e)| cred(who, *c, *e)).collect())
+                            })
+                            .collect();
+                        s.apply(RosterOp::Sync { version, digest: version, residents }, None, NOW_MS).map(|_| ())
+                    }
+                };
+                if res.is_err() {
+                    proptest::prop_assert_eq!(&before, &s.fingerprint().unwrap(), "a refused {:?} changed the store", ch);
+                }
+                for r in s.residents().unwrap() {
+                    if r.mode.admits_face() {
+                        let cards = s.credentials_of(&r.id).unwrap();
+                        proptest::prop_assert!(
+                            cards.iter().any(|c| c.validity.check(NOW_MS) == crate::model::ValidityState::Valid),
+                            "{} has mode {:?} and no valid card after {:?}", r.id, r.mode, ch
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -78,7 +78,7 @@ fn faces_open_the_door_only_as_each_residents_mode_allows() {
     let dup = run(photo_args("bob", &["Colin_Powell_0170"].map(lfw)));
     assert!(String::from_utf8_lossy(&dup.stderr).contains("already matches resident `alice`"), "{dup:?}");
     // The store holds no image and no plaintext template: only sealed blobs.
-    let key = std::fs::read(gate.dir.path().join("state/template.key")).unwrap();
+    let key = std::fs::read(gate.dir.path().join("state/device.key")).unwrap();
     assert_eq!(key.len(), 32);
 
     // 1. Alice (face_or_card), photos she was not enrolled with: the door opens, by face.

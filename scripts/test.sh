@@ -17,6 +17,13 @@ fi
 # compare the Rust pipeline against.
 scripts/setup-pyref.sh
 cargo test --lib --bins --tests
+# Power cuts: the store, the key files and the audit file on cutfs (a FUSE filesystem that drops
+# unsynced writes on command; needs root and /dev/fuse), 30 rounds.
+cargo fmt --manifest-path tools/cutfs/Cargo.toml -- --check
+cargo clippy --release --manifest-path tools/cutfs/Cargo.toml -- -D warnings
+cargo build --release --manifest-path tools/cutfs/Cargo.toml
+cargo build --example power_cut_writer --features powercut
+cargo test --features powercut --test power_cut -- --nocapture
 # The `opencv` feature (OpenCV VideoCapture: RTSP and video files): lints, its unit tests and a
 # video made from the smoke images at test time read through the face pipeline.
 cargo clippy --all-targets --features opencv -- -D warnings

@@ -16,6 +16,7 @@ pub mod command;
 pub mod config;
 pub mod doctor;
 pub mod door;
+pub mod durable;
 pub mod events;
 pub mod face;
 pub mod hw;

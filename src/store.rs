@@ -348,9 +348,14 @@ impl Store {
     /// Open (or create) the store file, creating its directory if needed.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
+            crate::durable::create_dir_all(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
         }
+        let new = !path.exists();
         let db = Database::create(path)?;
+        if new {
+            // The new file's name must survive a power cut too, not only its contents.
+            crate::durable::sync_parent(path).map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
+        }
         let store = Store {
             db,
             audit: AuditLog::new(&path.with_file_name("audit.jsonl")),

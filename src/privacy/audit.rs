@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::hex;
@@ -160,17 +160,33 @@ impl AuditLog {
         &self.path
     }
 
+    /// The last record's seq and hash. A last line cut short by a power cut (an append that was
+    /// never fsynced, so its records are still waiting in the store) is removed first; nothing
+    /// else is ever removed, so an altered record stays for `verify` to find.
     fn read_tail(&self) -> std::io::Result<(u64, String)> {
-        let f = match std::fs::File::open(&self.path) {
-            Ok(f) => f,
+        let text = match std::fs::read(&self.path) {
+            Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, GENESIS.into())),
             Err(e) => return Err(e),
         };
         let mut last = (0, GENESIS.to_string());
-        for line in std::io::BufReader::new(f).lines() {
-            if let Ok(r) = serde_json::from_str::<AuditRecord>(&line?) {
-                last = (r.seq, r.hash);
+        let lines: Vec<&[u8]> = text.split_inclusive(|b| *b == b'\n').collect();
+        let mut torn = false;
+        for (i, line) in lines.iter().enumerate() {
+            let complete = line.ends_with(b"\n");
+            match serde_json::from_slice::<AuditRecord>(line.strip_suffix(b"\n").unwrap_or(line)) {
+                Ok(r) if complete => last = (r.seq, r.hash),
+                // Only the last line can be cut short by a power cut; a damaged record in the
+                // middle is evidence and stays.
+                _ => torn = i + 1 == lines.len(),
             }
+        }
+        let good_end = if torn { text.len() - lines.last().map_or(0, |l| l.len()) } else { text.len() };
+        if torn && good_end < text.len() {
+            tracing::warn!(path = %self.path.display(), bytes = text.len() - good_end, "audit file: a record cut short by a power cut removed (it is written again from the store)");
+            let f = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+            f.set_len(good_end as u64)?;
+            f.sync_all()?;
         }
         Ok(last)
     }
@@ -198,9 +214,13 @@ impl AuditLog {
         }
         if n > 0 {
             use std::os::unix::fs::OpenOptionsExt;
+            let new = !self.path.exists();
             let mut f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path)?;
             f.write_all(out.as_bytes())?;
             f.sync_data()?;
+            if new {
+                crate::durable::sync_parent(&self.path)?;
+            }
         }
         let len = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
         *tail = Some((seq, hash, len));
@@ -237,6 +257,7 @@ impl AuditLog {
             std::fs::write(&tmp, keep)?;
             std::fs::File::open(&tmp)?.sync_all()?;
             std::fs::rename(&tmp, &self.path)?;
+            crate::durable::sync_parent(&self.path)?;
         }
         Ok(dropped)
     }
@@ -275,11 +296,30 @@ mod tests {
         assert_eq!(verify_text(&forged).broken.unwrap().seq, Some(3));
         // A cut-off last line.
         assert_eq!(verify_text(&text[..text.len() - 5]).broken.unwrap().line, 4);
+        // A last record cut short by a power cut is removed and written again; a damaged record
+        // in the middle is kept (evidence).
+        let whole = std::fs::read_to_string(log.path()).unwrap();
+        std::fs::write(log.path(), &whole[..whole.len() - 7]).unwrap();
+        let again = AuditLog::new(log.path());
+        assert_eq!(again.append(&[(4, e(40, "mode_changed")), (5, e(45, "deletion"))]).unwrap(), 2);
+        let v = verify_text(&std::fs::read_to_string(log.path()).unwrap());
+        assert_eq!((v.records, v.broken), (5, None));
+        let fixed = std::fs::read_to_string(log.path()).unwrap();
+        let lines: Vec<&str> = fixed.split_inclusive('\n').collect();
+        let cut_middle = [lines[0], &lines[1][..20], lines[2], lines[3], lines[4]].concat();
+        std::fs::write(log.path(), &cut_middle).unwrap();
+        let again = AuditLog::new(log.path());
+        assert_eq!(again.append(&[(6, e(60, "deletion"))]).unwrap(), 1);
+        let after = std::fs::read_to_string(log.path()).unwrap();
+        assert!(after.starts_with(&cut_middle), "nothing but a torn last line is ever removed");
+        assert_eq!(verify_text(&after).broken.unwrap().line, 2);
+        std::fs::write(log.path(), &fixed).unwrap();
+        let log = AuditLog::new(log.path());
         // Pruning keeps a chain that verifies from its new first record.
         assert_eq!(log.prune(25).unwrap(), 2);
         let v = verify_text(&std::fs::read_to_string(log.path()).unwrap());
-        assert_eq!((v.records, v.first_seq, v.broken), (2, Some(3), None));
-        assert_eq!(log.append(&[(5, e(50, "deletion"))]).unwrap(), 1);
+        assert_eq!((v.records, v.first_seq, v.broken), (3, Some(3), None));
+        assert_eq!(log.append(&[(6, e(50, "deletion"))]).unwrap(), 1);
         assert_eq!(verify_text(&std::fs::read_to_string(log.path()).unwrap()).broken, None);
     }
 }

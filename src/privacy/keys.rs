@@ -67,12 +67,7 @@ fn write_new_0600(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     sync_dir(path)
 }
 
-fn sync_dir(path: &Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
-        _ => Ok(()),
-    }
-}
+use crate::durable::sync_parent as sync_dir;
 
 impl DeviceKey {
     /// The systemd credential if the service has one, else the key file, created (0600,
@@ -89,7 +84,7 @@ impl DeviceKey {
         }
         let err = |why: String| SealError::Key { path: file.display().to_string(), why };
         if let Some(dir) = file.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+            crate::durable::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         }
         let mut key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut key);
@@ -168,7 +163,7 @@ impl Keyring {
     pub fn open(dir: &Path, device: DeviceKey) -> Result<Keyring, SealError> {
         use std::os::unix::fs::PermissionsExt;
         let err = |why: String| SealError::Keyring { path: dir.display().to_string(), why };
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        crate::durable::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| err(e.to_string()))?;
         Ok(Keyring { dir: dir.to_path_buf(), device })
     }

@@ -112,7 +112,7 @@ impl Signer {
         }
         if !path.exists() {
             if let Some(dir) = file.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+                crate::durable::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
             }
             let mut seed = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut seed);
@@ -124,7 +124,10 @@ impl Signer {
                 .mode(0o600)
                 .open(file)
                 .map_err(|e| err(e.to_string()))?;
-            f.write_all(&seed).and_then(|_| f.sync_all()).map_err(|e| err(e.to_string()))?;
+            f.write_all(&seed)
+                .and_then(|_| f.sync_all())
+                .and_then(|_| crate::durable::sync_parent(file))
+                .map_err(|e| err(e.to_string()))?;
         }
         let seed = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
         if seed.len() != 32 {

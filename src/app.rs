@@ -920,6 +920,7 @@ async fn admin_stage(cfg: Arc<Config>, store: Arc<Store>, stats: Arc<Stats>, shu
                     "stats": stats.snapshot(),
                     "camera": stats.camera(),
                     "face_frames": stats.face_frames.load(Ordering::Relaxed),
+                    "frames_rejected": stats.frames_rejected.load(Ordering::Relaxed),
                     "stale_stages": stats.stale_stages(5_000_000_000),
                 });
                 if wr.write_all(format!("{reply}\n").as_bytes()).await.is_err() {

@@ -374,9 +374,17 @@ async fn session(ctx: &mut LinkCtx, opts: MqttOptions, backoff: &mut Backoff) ->
     let mut pending_acks: Vec<u64> = Vec::new(); // acknowledged, not yet removed from the outbox
 
     // Subscriptions first (they do not count as publishes), then the retained announcements.
-    let mut filters = vec![Filter::new(format!("{root}cmd/+"), QoS::AtLeastOnce)];
+    // Retain As Published: a command published with the retain flag keeps it even when it reaches
+    // us live, so it is refused (M3) instead of being carried out and left on the broker for the
+    // next subscriber.
+    let command_filter = |topic: String| {
+        let mut f = Filter::new(topic, QoS::AtLeastOnce);
+        f.preserve_retain = true;
+        f
+    };
+    let mut filters = vec![command_filter(format!("{root}cmd/+"))];
     if ctx.cfg.mqtt.site_commands {
-        filters.push(Filter::new(format!("menshen/v1/{}/{SITE_SCOPE}/cmd/+", ctx.cfg.gate.site), QoS::AtLeastOnce));
+        filters.push(command_filter(format!("menshen/v1/{}/{SITE_SCOPE}/cmd/+", ctx.cfg.gate.site)));
     }
     if client.try_subscribe_many(filters).is_err() {
         return SessionEnd::Lost("client queue full".into());

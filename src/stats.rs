@@ -23,6 +23,8 @@ pub struct Stats {
     pub commands_ok: AtomicU64,
     /// Frames the face path has analysed.
     pub face_frames: AtomicU64,
+    /// Frames refused because they did not decode (truncated, corrupt, empty, too small).
+    pub frames_rejected: AtomicU64,
     /// The camera's state (`disabled` without a face path).
     camera: Mutex<&'static str>,
     rejections: Mutex<BTreeMap<&'static str, u64>>,

@@ -192,6 +192,7 @@ pub fn run(
                 Ok(f) => (ReadResult::Decoded, Some(f)),
                 Err(e) => {
                     tracing::debug!(error = %e, "corrupt frame skipped");
+                    stats.frames_rejected.fetch_add(1, Ordering::Relaxed);
                     (ReadResult::Corrupt, None)
                 }
             },

@@ -943,7 +943,9 @@ async fn watchdog_stage(stats: Arc<Stats>, shutdown: CancellationToken) {
     }
     let period = Duration::from_micros(usec / 2);
     let max_age = (usec * 1_000).max(3_000_000_000);
-    let mut tick = tokio::time::interval(period);
+    // The first ping comes one period after start, so READY=1 (sent once every stage is spawned)
+    // always comes first.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -135,10 +135,7 @@ pub enum AuditCmd {
 pub fn identity(config_path: &Path) -> anyhow::Result<serde_json::Value> {
     let cfg = config::load(config_path)?;
     let signer = crate::privacy::Signer::load(&cfg.signing_key_path())?;
-    Ok(serde_json::json!({
-        "site": cfg.gate.site, "gate": cfg.gate.gate, "receipt_key": signer.public_key_text(),
-        "algorithm": "Ed25519", "receipt_format": "menshen-receipt-v1",
-    }))
+    Ok(signer.identity(&cfg.gate.site, &cfg.gate.gate))
 }
 
 /// `menshen verify-receipt`: Ok(message) if it verifies, Err(why) if not.

@@ -436,14 +436,6 @@ impl Store {
         }
     }
 
-    /// Record an audit entry on its own (config changes, ...), durably, then move it to the file.
-    pub fn audit(&self, e: AuditEntry) -> Result<(), StoreError> {
-        self.mutate(e.ts_ms, None, |t| {
-            t.audit.push(e);
-            Ok(((), Vec::new()))
-        })
-    }
-
     /// Audit a configuration change: `fingerprint` is a hash of the effective configuration;
     /// when it differs from the one last seen, a `config_changed` record is written. Returns
     /// whether it changed.

@@ -59,7 +59,8 @@ impl std::fmt::Debug for DeviceKey {
     }
 }
 
-fn write_new_0600(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Create `path` (0600, failing if it exists), write, fsync it and its directory.
+pub(crate) fn write_new_0600(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     f.write_all(bytes)?;

@@ -116,18 +116,7 @@ impl Signer {
             }
             let mut seed = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut seed);
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(file)
-                .map_err(|e| err(e.to_string()))?;
-            f.write_all(&seed)
-                .and_then(|_| f.sync_all())
-                .and_then(|_| crate::durable::sync_parent(file))
-                .map_err(|e| err(e.to_string()))?;
+            super::keys::write_new_0600(file, &seed).map_err(|e| err(e.to_string()))?;
         }
         let seed = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
         if seed.len() != 32 {
@@ -147,6 +136,17 @@ impl Signer {
     /// `ed25519:<hex>`, as published and as receipts name it.
     pub fn public_key_text(&self) -> String {
         format!("ed25519:{}", hex(self.pair.public_key().as_ref()))
+    }
+
+    /// The identity message (retained `identity` topic, `menshen identity`).
+    pub fn identity(&self, site: &str, gate: &str) -> serde_json::Value {
+        serde_json::json!({
+            "site": site,
+            "gate": gate,
+            "receipt_key": self.public_key_text(),
+            "algorithm": "Ed25519",
+            "receipt_format": "menshen-receipt-v1",
+        })
     }
 
     /// Fill in `key` and `signature`.

@@ -115,12 +115,6 @@ impl Privacy {
 
     /// The identity message (retained `identity` topic, `menshen identity`).
     pub fn identity(&self) -> serde_json::Value {
-        serde_json::json!({
-            "site": self.site,
-            "gate": self.gate,
-            "receipt_key": self.signer.public_key_text(),
-            "algorithm": "Ed25519",
-            "receipt_format": "menshen-receipt-v1",
-        })
+        self.signer.identity(&self.site, &self.gate)
     }
 }

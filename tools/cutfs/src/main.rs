@@ -152,6 +152,17 @@ impl State {
         Ok(ino)
     }
 
+    /// Add a new, empty file or directory; its attributes.
+    fn create_node(&mut self, parent: u64, name: &OsStr, dir: bool, mode: u32) -> Result<FileAttr, Errno> {
+        let body = if dir {
+            Body::Dir { entries: BTreeMap::new(), durable: BTreeMap::new() }
+        } else {
+            Body::File { data: Vec::new(), durable: Vec::new(), pending: Vec::new() }
+        };
+        let ino = self.add(parent, name, body, (mode & 0o7777) as u16)?;
+        self.attr(ino).ok_or(Errno::EIO)
+    }
+
     /// The power cut: rebuild from what was durable (plus, with `rng`, some unsynced writes).
     fn cut(&mut self, mut rng: Option<Rng>) {
         // Reachable from the root through durable entries only.
@@ -298,9 +309,8 @@ impl Filesystem for CutFs {
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         let mut s = self.state();
         live!(s, reply);
-        let body = Body::Dir { entries: BTreeMap::new(), durable: BTreeMap::new() };
-        match s.add(parent.0, name, body, (mode & 0o7777) as u16) {
-            Ok(ino) => reply.entry(&TTL, &s.attr(ino).expect("just added"), Generation(0)),
+        match s.create_node(parent.0, name, true, mode) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -320,9 +330,8 @@ impl Filesystem for CutFs {
         if mode & libc::S_IFMT != libc::S_IFREG {
             return reply.error(Errno::EPERM);
         }
-        let body = Body::File { data: Vec::new(), durable: Vec::new(), pending: Vec::new() };
-        match s.add(parent.0, name, body, (mode & 0o7777) as u16) {
-            Ok(ino) => reply.entry(&TTL, &s.attr(ino).expect("just added"), Generation(0)),
+        match s.create_node(parent.0, name, false, mode) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -339,15 +348,8 @@ impl Filesystem for CutFs {
     ) {
         let mut s = self.state();
         live!(s, reply);
-        let body = Body::File { data: Vec::new(), durable: Vec::new(), pending: Vec::new() };
-        match s.add(parent.0, name, body, (mode & 0o7777) as u16) {
-            Ok(ino) => reply.created(
-                &TTL,
-                &s.attr(ino).expect("just added"),
-                Generation(0),
-                FileHandle(0),
-                FopenFlags::FOPEN_DIRECT_IO,
-            ),
+        match s.create_node(parent.0, name, false, mode) {
+            Ok(a) => reply.created(&TTL, &a, Generation(0), FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(e),
         }
     }

@@ -417,10 +417,12 @@ async fn reader_stage(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<Reade
                 batch.push(WEdge { line: Line::D1, high: e.high, at: e.at });
             }
             batch.sort_by_key(|e| e.at);
+            ctx.stats.wiegand_edges.fetch_add(batch.len() as u64, Ordering::Relaxed);
             for e in batch.drain(..) {
                 results.extend(dec.on_edge(e).map(|o| emit(o, e.at)));
             }
         }
+        ctx.stats.wiegand_frames.fetch_add(results.len() as u64, Ordering::Relaxed);
         for o in results {
             if out.send(o).await.is_err() {
                 return;

@@ -25,6 +25,10 @@ pub struct Stats {
     pub face_frames: AtomicU64,
     /// Frames refused because they did not decode (truncated, corrupt, empty, too small).
     pub frames_rejected: AtomicU64,
+    /// Wiegand edges the reader stages have taken from their lines (both lines, all readers).
+    pub wiegand_edges: AtomicU64,
+    /// Wiegand frames the reader stages have ended (cards and rejections), all readers.
+    pub wiegand_frames: AtomicU64,
     /// The camera's state (`disabled` without a face path).
     camera: Mutex<&'static str>,
     rejections: Mutex<BTreeMap<&'static str, u64>>,
@@ -176,6 +180,8 @@ impl Stats {
             mqtt_connects: self.mqtt_connects.load(Ordering::Relaxed),
             mqtt_inflight: self.mqtt_inflight.load(Ordering::Relaxed),
             mqtt_online: self.mqtt_online.load(Ordering::Relaxed),
+            wiegand_edges: self.wiegand_edges.load(Ordering::Relaxed),
+            wiegand_frames: self.wiegand_frames.load(Ordering::Relaxed),
             wiegand_rejections: self.rejections(),
             commands_ok: self.commands_ok.load(Ordering::Relaxed),
             command_rejections: self.command_rejections(),
@@ -202,6 +208,10 @@ pub struct StatsSnapshot {
     pub mqtt_online: bool,
     pub commands_ok: u64,
     pub command_rejections: BTreeMap<&'static str, u64>,
+    /// Edges read from the Wiegand lines: with `wiegand_frames`, tells a silent reader (no
+    /// edges) from a reader whose frames never end (edges, no frames).
+    pub wiegand_edges: u64,
+    pub wiegand_frames: u64,
     pub wiegand_rejections: BTreeMap<&'static str, u64>,
     /// Granted card decisions, last edge → relay command, split by hop.
     pub card_latency: LatencySnapshot,

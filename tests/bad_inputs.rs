@@ -321,19 +321,31 @@ fn every_bad_input_is_a_clear_counted_error_that_changes_nothing() {
                 );
             }
             Input::Wiegand { bits, pulse_us, interval_us, code } => {
-                gate.world(WorldOp::Raw {
+                let played = gate.world(WorldOp::Raw {
                     reader: "front".into(),
                     bits: bits.clone(),
                     pulse_us: *pulse_us,
                     interval_us: *interval_us,
                 });
                 let counted = |st: &Value| code.iter().map(|k| rejections(st, k)).sum::<u64>();
-                assert!(
-                    wait_for(Duration::from_secs(3), || counted(&gate.status().unwrap()) > counted(&before)),
-                    "{}: not counted as {code:?}: {}",
-                    c.name,
-                    gate.status().unwrap()["stats"]["wiegand_rejections"]
-                );
+                if !wait_for(Duration::from_secs(10), || counted(&gate.status().unwrap()) > counted(&before)) {
+                    // Say where the frame stopped: never read (no edges), read but never ended
+                    // (edges, no frame), or ended as something else.
+                    let after = gate.status().unwrap();
+                    let d =
+                        |k: &str| after["stats"][k].as_u64().unwrap_or(0) - before["stats"][k].as_u64().unwrap_or(0);
+                    let log = gate.log();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    panic!(
+                        "{}: not counted as {code:?} within 10 s: {} edges and {} frames read since the \
+                         case began; rejections {}; the chip played {played}; daemon log (newest first):\n{}",
+                        c.name,
+                        d("wiegand_edges"),
+                        d("wiegand_frames"),
+                        after["stats"]["wiegand_rejections"],
+                        tail.join("\n")
+                    );
+                }
             }
             Input::StuckLine { pin, code } => {
                 gate.world(WorldOp::Line { pin: *pin, high: false });

@@ -907,11 +907,12 @@ async fn admin_stage(cfg: Arc<Config>, store: Arc<Store>, stats: Arc<Stats>, shu
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(_line)) = lines.next_line().await {
                 let st = store.clone();
-                let (depth, next, fp, roster) = tokio::task::spawn_blocking(move || {
-                    (st.outbox_depth(), st.next_seq(), st.fingerprint(), st.roster_version())
+                let (depth, next, fp, roster, deleting) = tokio::task::spawn_blocking(move || {
+                    let deleting = st.pending_deletions().map(|p| p.len());
+                    (st.outbox_depth(), st.next_seq(), st.fingerprint(), st.roster_version(), deleting)
                 })
                 .await
-                .unwrap_or((Ok(0), Ok(0), Ok(String::new()), Ok(0)));
+                .unwrap_or((Ok(0), Ok(0), Ok(String::new()), Ok(0), Ok(0)));
                 let reply = json!({
                     "ok": true,
                     "uptime_s": MonoTime::now().saturating_sub(started).as_secs(),
@@ -919,6 +920,8 @@ async fn admin_stage(cfg: Arc<Config>, store: Arc<Store>, stats: Arc<Stats>, shu
                     "next_seq": next.unwrap_or(0),
                     "roster_version": roster.unwrap_or(0),
                     "roster_fingerprint": fp.unwrap_or_default(),
+                    // Template deletions decided but whose key is not yet destroyed and receipted.
+                    "deletions_pending": deleting.unwrap_or(0),
                     "stats": stats.snapshot(),
                     "camera": stats.camera(),
                     "face_frames": stats.face_frames.load(Ordering::Relaxed),

@@ -25,6 +25,7 @@ pub mod mqtt;
 pub mod policy;
 pub mod privacy;
 pub mod runtime;
+pub mod secrets;
 pub mod stats;
 pub mod store;
 pub mod wiegand;

@@ -152,10 +152,14 @@ pub fn base_options(cfg: &Config, client_id: String) -> anyhow::Result<MqttOptio
     o.set_max_packet_size(Some(max_packet));
     if let Some(user) = &m.username {
         let password = match &m.password_file {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|e| anyhow::anyhow!("mqtt.password_file {}: {e}", p.display()))?
-                .trim_end_matches(['\n', '\r'])
-                .to_string(),
+            Some(p) => {
+                let bytes = crate::secrets::read_private(p)
+                    .map_err(|e| anyhow::anyhow!("mqtt.password_file {}: {e}", p.display()))?;
+                String::from_utf8(bytes)
+                    .map_err(|_| anyhow::anyhow!("mqtt.password_file {}: not UTF-8", p.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string()
+            }
             None => String::new(),
         };
         o.set_credentials(user.clone(), password);

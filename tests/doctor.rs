@@ -7,6 +7,7 @@ mod common;
 use common::{Broker, Gate, GateOpts};
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 
 fn doctor(gate: &Gate, extra: &[&str]) -> (i32, BTreeMap<String, Value>) {
     let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/menshen.service");
@@ -91,6 +92,7 @@ fn the_broker_check_uses_the_configured_credentials() {
     let text = std::fs::read_to_string(&gate.config).unwrap();
     let with_login = |password: &str| {
         std::fs::write(&pw, format!("{password}\n")).unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
         let t =
             text.replace("[mqtt]\n", &format!("[mqtt]\nusername = \"gate1\"\npassword_file = \"{}\"\n", pw.display()));
         std::fs::write(&gate.config, t).unwrap();
@@ -104,6 +106,14 @@ fn the_broker_check_uses_the_configured_credentials() {
     assert_eq!(status(&c, "broker"), "fail");
     assert!(c["broker"]["message"].as_str().unwrap().contains("refused the login"), "{:?}", c["broker"]);
     assert!(c["broker"]["fix"].as_str().unwrap().contains("password_file"));
+    // No secret others can read: a world-readable password file is refused, named, before any
+    // connection (the right password, mode 0644).
+    with_login("s3cret-for-test");
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, c) = doctor(&gate, &[]);
+    assert_eq!(code, 1);
+    assert_eq!(status(&c, "broker"), "fail", "{:?}", c["broker"]);
+    assert!(c["broker"]["message"].as_str().unwrap().contains("mode 0644"), "{:?}", c["broker"]);
 }
 
 #[test]

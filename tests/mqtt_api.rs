@@ -535,6 +535,7 @@ fn login_and_the_brokers_receive_maximum_are_respected() {
     let mut gate = Gate::new(GateOpts { mqtt_port: port, ..GateOpts::default() });
     let pw = gate.dir.path().join("mqtt-password");
     std::fs::write(&pw, "pw-for-this-test\n").unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     gate.edit_config(|t| {
         let m = t["mqtt"].as_table_mut().unwrap();
         m.insert("inflight".into(), 100.into());

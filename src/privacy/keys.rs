@@ -95,7 +95,7 @@ impl DeviceKey {
 
     fn read(path: &Path, source: String) -> Result<DeviceKey, SealError> {
         let err = |why: String| SealError::Key { path: path.display().to_string(), why };
-        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let bytes = crate::secrets::read_private(path).map_err(|e| err(e.to_string()))?;
         if bytes.len() != 32 {
             return Err(err(format!("{} bytes, expected 32", bytes.len())));
         }

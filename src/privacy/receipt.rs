@@ -118,7 +118,7 @@ impl Signer {
             rand::rngs::OsRng.fill_bytes(&mut seed);
             super::keys::write_new_0600(file, &seed).map_err(|e| err(e.to_string()))?;
         }
-        let seed = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
+        let seed = crate::secrets::read_private(&path).map_err(|e| err(e.to_string()))?;
         if seed.len() != 32 {
             return Err(err(format!("{} bytes, expected a 32-byte Ed25519 seed", seed.len())));
         }

@@ -233,6 +233,19 @@ struct Tables<'t> {
 
 /// Delete one template in the caller's transaction: the row and its bookkeeping go, a pending
 /// deletion (to destroy its key and sign the receipt) and an audit record are written.
+/// Take group and other access away from `path` (set `mode`) if it has any: the store holds
+/// card numbers and sealed templates, whatever umask the daemon was started with. A file owned
+/// by another user is left as it is, with a warning.
+fn private(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(m) = std::fs::metadata(path) else { return };
+    if m.permissions().mode() & 0o077 != 0 {
+        if let Err(error) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+            tracing::warn!(%error, path = %path.display(), "cannot make the store private: other users may read it");
+        }
+    }
+}
+
 fn delete_template_in(t: &mut Tables<'_>, id: &str, why: &str) -> Result<bool, StoreError> {
     let Some(blob) = t.templates.remove(id)?.map(|v| v.value().to_vec()) else { return Ok(false) };
     t.template_meta.remove(id)?;
@@ -347,8 +360,14 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Open (or create) the store file, creating its directory if needed.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        if let Some(dir) = path.parent() {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let created = !dir.exists();
             crate::durable::create_dir_all(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
+            if created {
+                // The roster holds personal data: the state directory is the daemon's alone
+                // (systemd's StateDirectoryMode=0700 does the same for the packaged service).
+                private(dir, 0o700);
+            }
         }
         let new = !path.exists();
         let db = Database::create(path)?;
@@ -356,6 +375,7 @@ impl Store {
             // The new file's name must survive a power cut too, not only its contents.
             crate::durable::sync_parent(path).map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
         }
+        private(path, 0o600);
         let store = Store {
             db,
             audit: AuditLog::new(&path.with_file_name("audit.jsonl")),
@@ -1291,6 +1311,21 @@ mod tests {
 
     fn whys(s: &Store) -> Vec<(String, String)> {
         s.pending_deletions().unwrap().into_iter().map(|d| (d.resident, d.why)).collect()
+    }
+
+    #[test]
+    fn the_store_and_a_new_state_directory_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        let path = state.join("menshen.redb");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        drop(Store::open(&path).unwrap());
+        assert_eq!((mode(&state), mode(&path)), (0o700, 0o600));
+        // A store someone opened up is closed again at the next start.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(Store::open(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
     }
 
     #[test]

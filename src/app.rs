@@ -882,6 +882,9 @@ async fn outbox_stage(
 /// A local socket for `menshen status`: counters, outbox depth, liveness.
 async fn admin_stage(cfg: Arc<Config>, store: Arc<Store>, stats: Arc<Stats>, shutdown: CancellationToken) {
     let path = cfg.admin_socket();
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
     let _ = std::fs::remove_file(&path);
     let listener = match tokio::net::UnixListener::bind(&path) {
         Ok(l) => l,

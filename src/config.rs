@@ -346,6 +346,10 @@ pub struct GateConfig {
     pub gate: String,
     /// Where the store lives (`/var/lib/menshen` under systemd).
     pub state_dir: PathBuf,
+    /// The admin socket `menshen status` talks to; default `<state_dir>/admin.sock`. Set it when
+    /// the state directory is on a filesystem without sockets.
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
     /// Local time offset for schedules, e.g. "+08:00".
     #[serde(default = "default_tz")]
     pub utc_offset: String,
@@ -693,7 +697,7 @@ impl Config {
     }
 
     pub fn admin_socket(&self) -> PathBuf {
-        self.gate.state_dir.join("admin.sock")
+        self.gate.admin_socket.clone().unwrap_or_else(|| self.gate.state_dir.join("admin.sock"))
     }
 
     /// The configured UTC offset in seconds (validated at load).

@@ -29,17 +29,27 @@ fn quantise(v: &[f32]) -> impl Iterator<Item = i8> + '_ {
 
 #[inline]
 fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
-    // Sixteen i32 lanes, so the compiler vectorises it on plain SSE2 and NEON (measured: 0.96 ms
-    // for 50,000 x 192 on one x86 core, against 2.25 ms for a plain iterator sum).
+    // Products in i16 lanes (|x·y| ≤ 127², so one product always fits), widened to i32 and summed
+    // per 16 lanes, 32 bytes a step: the shape the compiler turns into pmullw/pmulhw on plain
+    // SSE2 and smull/saddw on NEON. Measured in one run (benches/face_pipeline.rs and a scratch
+    // micro-benchmark, 50,000 × 192 on one x86 core): 23 ns a template against 37 ns for i32
+    // lanes, 160 ns for adjacent i16 pairs. The scan is compute-bound here, not memory-bound: the
+    // time per template is the same for 1,000 templates (in cache) as for 50,000.
     let mut acc = [0i32; 16];
-    let mut ca = a.chunks_exact(16);
-    let mut cb = b.chunks_exact(16);
+    let mut ca = a.chunks_exact(32);
+    let mut cb = b.chunks_exact(32);
     for (x, y) in (&mut ca).zip(&mut cb) {
+        let mut lo = [0i16; 16];
+        let mut hi = [0i16; 16];
         for k in 0..16 {
-            acc[k] += x[k] as i32 * y[k] as i32;
+            lo[k] = i16::from(x[k]) * i16::from(y[k]);
+            hi[k] = i16::from(x[16 + k]) * i16::from(y[16 + k]);
+        }
+        for k in 0..16 {
+            acc[k] += i32::from(lo[k]) + i32::from(hi[k]);
         }
     }
-    let tail: i32 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| x as i32 * y as i32).sum();
+    let tail: i32 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| i32::from(x) * i32::from(y)).sum();
     acc.iter().sum::<i32>() + tail
 }
 
@@ -225,6 +235,22 @@ mod tests {
         let mut v: Vec<f32> = (0..dim).map(|_| (0..4).map(|_| rng.gen::<f32>() - 0.5).sum()).collect();
         normalise(&mut v);
         v
+    }
+
+    #[test]
+    fn the_int8_dot_product_is_exact_for_every_length_and_the_extremes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for len in [0, 1, 15, 16, 31, 32, 33, 64, 128, 191, 192, 200, 512] {
+            let a: Vec<i8> = (0..len).map(|_| rng.gen_range(-127..=127)).collect();
+            let b: Vec<i8> = (0..len).map(|_| rng.gen_range(-127..=127)).collect();
+            let naive: i32 = a.iter().zip(&b).map(|(&x, &y)| i32::from(x) * i32::from(y)).sum();
+            assert_eq!(dot_i8(&a, &b), naive, "length {len}");
+        }
+        // The largest products, all the same sign: no lane overflows.
+        let a = vec![127i8; 512];
+        let b = vec![-127i8; 512];
+        assert_eq!(dot_i8(&a, &a), 512 * 127 * 127);
+        assert_eq!(dot_i8(&a, &b), -512 * 127 * 127);
     }
 
     #[test]

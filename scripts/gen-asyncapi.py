@@ -13,8 +13,8 @@ SCHEMAS = os.path.join(ROOT, "docs", "schemas")
 
 VERBS = ["unlock", "resident.upsert", "resident.remove", "resident.set_mode", "credential.add",
          "credential.remove", "roster.sync", "rules.get", "health.get", "events.backfill", "consent.record",
-         "consent.withdraw"]
-SITE_VERBS = [v for v in VERBS if v != "unlock"]
+         "consent.withdraw", "face.enrol"]
+SITE_VERBS = [v for v in VERBS if v not in ("unlock", "face.enrol")]
 EVENTS = ["access", "door", "alarm", "privacy", "system"]
 
 

@@ -37,6 +37,8 @@ pub struct ApiCtx {
     pub out: mpsc::Sender<Outgoing>,
     pub started: MonoTime,
     pub shutdown: CancellationToken,
+    /// The face stage's enrolment queue (none without a face path and camera).
+    pub enrol: Option<crate::face::stage::EnrolQueue>,
 }
 
 /// Run until shutdown.
@@ -59,39 +61,148 @@ pub async fn handle(ctx: &ApiCtx, inb: Inbound) {
     let (verb, request_id, reply, outcome) = match command::parse(&inb, site, gate, &ctx.cfg.limits(), now) {
         Err(refusal) => (refusal.verb, refusal.request_id, refusal.reply, Err(refusal.error)),
         Ok(req) => {
-            let outcome = execute(ctx, &req, now).await;
-            (Some(req.verb), Some(req.request_id), req.reply, outcome)
+            if let Command::FaceEnrol { .. } = &req.command {
+                // Minutes of other commands must not wait for a resident at the camera: the
+                // reply comes from a task of its own when the face stage is done.
+                match start_enrolment(ctx, &req, now).await {
+                    Ok(wait) => {
+                        let out = Responder { out: ctx.out.clone(), stats: ctx.stats.clone(), cfg: ctx.cfg.clone() };
+                        let events = ctx.events.clone();
+                        let (verb, rid, reply) = (req.verb, req.request_id.clone(), req.reply.clone());
+                        tokio::spawn(async move {
+                            let outcome = wait.await;
+                            if let Ok(r) = &outcome {
+                                let resident = r["resident"].as_str().unwrap_or_default();
+                                let _ = events
+                                    .send(NewEvent::consent(wall_ms(), "template_enrolled", resident, Some(&rid)))
+                                    .await;
+                            }
+                            out.respond(Some(verb), Some(rid), reply, outcome).await;
+                        });
+                        return;
+                    }
+                    Err(e) => (Some(req.verb), Some(req.request_id), req.reply, Err(e)),
+                }
+            } else {
+                let outcome = execute(ctx, &req, now).await;
+                (Some(req.verb), Some(req.request_id), req.reply, outcome)
+            }
         }
     };
-    match &outcome {
-        Ok(_) => {
-            ctx.stats.commands_ok.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                command = verb.map_or("-", Verb::name),
-                request_id = request_id.as_deref().unwrap_or("-"),
-                "command done"
-            );
+    Responder { out: ctx.out.clone(), stats: ctx.stats.clone(), cfg: ctx.cfg.clone() }
+        .respond(verb, request_id, reply, outcome)
+        .await;
+}
+
+/// Counts, logs and answers a command's outcome.
+struct Responder {
+    out: mpsc::Sender<Outgoing>,
+    stats: Arc<Stats>,
+    cfg: Arc<Config>,
+}
+
+impl Responder {
+    async fn respond(
+        &self,
+        verb: Option<Verb>,
+        request_id: Option<String>,
+        reply: Option<command::ReplyTo>,
+        outcome: Result<Value, CmdError>,
+    ) {
+        let (site, gate) = (&self.cfg.gate.site, &self.cfg.gate.gate);
+        let ctx = self;
+        match &outcome {
+            Ok(_) => {
+                ctx.stats.commands_ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    command = verb.map_or("-", Verb::name),
+                    request_id = request_id.as_deref().unwrap_or("-"),
+                    "command done"
+                );
+            }
+            Err(e) => {
+                ctx.stats.reject_command(e.code.code());
+                tracing::warn!(
+                    command = verb.map_or("-", Verb::name), request_id = request_id.as_deref().unwrap_or("-"),
+                    code = e.code.code(), message = %e.message, "command refused"
+                );
+            }
         }
-        Err(e) => {
-            ctx.stats.reject_command(e.code.code());
-            tracing::warn!(
-                command = verb.map_or("-", Verb::name), request_id = request_id.as_deref().unwrap_or("-"),
-                code = e.code.code(), message = %e.message, "command refused"
-            );
+        let Some(reply) = reply else { return };
+        let payload = command::reply_json(site, gate, verb, request_id.as_deref(), &outcome);
+        let msg = Outgoing { topic: reply.topic, payload, correlation: reply.correlation, retain: false };
+        if !send_out(&ctx.out, msg).await {
+            tracing::warn!(request_id = request_id.as_deref().unwrap_or("-"), "reply dropped: the broker link is down");
         }
     }
-    let Some(reply) = reply else { return };
-    let payload = command::reply_json(site, gate, verb, request_id.as_deref(), &outcome);
-    let msg = Outgoing { topic: reply.topic, payload, correlation: reply.correlation, retain: false };
-    if !send_out(ctx, msg).await {
-        tracing::warn!(request_id = request_id.as_deref().unwrap_or("-"), "reply dropped: the broker link is down");
+}
+
+/// Check a `face.enrol` and hand it to the face stage; the returned future is its outcome.
+async fn start_enrolment(
+    ctx: &ApiCtx,
+    req: &Request,
+    now: i64,
+) -> Result<impl std::future::Future<Output = Result<Value, CmdError>>, CmdError> {
+    let Command::FaceEnrol { resident, frames, timeout_ms } = &req.command else {
+        return Err(CmdError::new(ErrorCode::InternalError, "not a face.enrol"));
+    };
+    if req.site_wide {
+        return Err(CmdError::new(ErrorCode::InvalidValue, "face.enrol is per gate: send it to the gate's own topic"));
     }
+    let Some(queue) = ctx.enrol.clone() else {
+        return Err(CmdError::new(
+            ErrorCode::FaceUnavailable,
+            "this gate has no face path (face.enabled and a camera)",
+        ));
+    };
+    use crate::face::stage::NotQueued;
+    // The same checks the store makes when the template is written, first, before any frame.
+    let (store, id) = (ctx.store.clone(), resident.clone());
+    let (found, consent) = tokio::task::spawn_blocking(move || (store.resident(&id), store.face_consent(&id)))
+        .await
+        .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?;
+    let r = found
+        .map_err(store_error)?
+        .ok_or_else(|| CmdError::new(ErrorCode::UnknownResident, format!("no resident `{resident}`")))?;
+    if !r.mode.admits_face() {
+        return Err(store_error(StoreError::FaceOff(resident.to_string())));
+    }
+    if consent.map_err(store_error)?.is_none() {
+        return Err(store_error(StoreError::NoConsent(resident.to_string())));
+    }
+    // The request id is claimed before the camera is used: a replayed command is refused.
+    apply(ctx, RosterOp::Nothing, &req.request_id, now).await?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = crate::face::stage::EnrolJob {
+        resident: resident.to_string(),
+        frames: *frames,
+        deadline: std::time::Instant::now() + Duration::from_millis(*timeout_ms),
+        reply: tx,
+    };
+    let permit = queue.submit(job).map_err(|e| match e {
+        NotQueued::Busy => CmdError::new(ErrorCode::Busy, "another face enrolment is running at this gate"),
+        NotQueued::Stopped => CmdError::new(ErrorCode::FaceUnavailable, "the face path is not running"),
+    })?;
+    let (resident, timeout) = (resident.to_string(), Duration::from_millis(*timeout_ms + 5_000));
+    Ok(async move {
+        use crate::face::stage::EnrolFailure;
+        let _one_at_a_time = permit;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(e))) => Ok(json!({"resident": resident, "key_id": e.key_id, "frames_seen": e.frames_seen})),
+            Ok(Ok(Err(EnrolFailure::NoGoodFrames(m)))) => Err(CmdError::new(ErrorCode::EnrolmentFailed, m)),
+            Ok(Ok(Err(EnrolFailure::Refused(m)))) => Err(CmdError::new(ErrorCode::EnrolmentFailed, m)),
+            Ok(Ok(Err(EnrolFailure::Internal(m)))) => Err(CmdError::new(ErrorCode::InternalError, m)),
+            Ok(Err(_)) | Err(_) => {
+                Err(CmdError::new(ErrorCode::FaceUnavailable, "the face path stopped during enrolment"))
+            }
+        }
+    })
 }
 
 /// Hand a message to the link, waiting at most 2 s: if the broker went away meanwhile, the stage
 /// must not hang (its heartbeat feeds the watchdog). The reply is lost, the command's effect is not.
-async fn send_out(ctx: &ApiCtx, msg: Outgoing) -> bool {
-    matches!(tokio::time::timeout(Duration::from_secs(2), ctx.out.send(msg)).await, Ok(Ok(())))
+async fn send_out(out: &mpsc::Sender<Outgoing>, msg: Outgoing) -> bool {
+    matches!(tokio::time::timeout(Duration::from_secs(2), out.send(msg)).await, Ok(Ok(())))
 }
 
 fn store_error(e: StoreError) -> CmdError {
@@ -234,6 +345,8 @@ async fn execute(ctx: &ApiCtx, req: &Request, now: i64) -> Result<Value, CmdErro
             Ok(json!({"version": version, "sha256": sha, "text": text}))
         }
         Command::HealthGet => Ok(health(&ctx.cfg, &ctx.store, &ctx.stats, ctx.started).await),
+        // Answered by its own task (see `handle`): it waits for a resident at the camera.
+        Command::FaceEnrol { .. } => Err(CmdError::new(ErrorCode::InternalError, "face.enrol is not run inline")),
         Command::ConsentRecord(a) => {
             let req = crate::privacy::ConsentRequest {
                 channel: a.channel.clone(),
@@ -284,7 +397,7 @@ async fn execute(ctx: &ApiCtx, req: &Request, now: i64) -> Result<Value, CmdErro
                 let kind = v["type"].as_str().unwrap_or("system").to_string();
                 let payload = serde_json::to_vec(&v).unwrap_or_default();
                 let msg = Outgoing { topic: format!("{root}event/{kind}"), payload, correlation: None, retain: false };
-                if !send_out(ctx, msg).await {
+                if !send_out(&ctx.out, msg).await {
                     return Err(CmdError::new(ErrorCode::Busy, "the broker link went down while re-sending"));
                 }
             }

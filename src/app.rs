@@ -237,18 +237,22 @@ impl App {
             tasks.push((name, tokio::spawn(reader_stage(ctx, r, tx))));
         }
         drop(rd_tx);
+        let mut enrol_tx = None;
         {
             let ctx = StageCtx { stats: stats.clone(), shutdown: shutdown.clone(), name: "gate".into() };
             let (store, cfg, ev) = (store.clone(), cfg.clone(), ev_tx.clone());
             let doors = door_cmds.clone();
             let face_rx = if cfg.face.enabled && cfg.face.camera.is_some() {
                 let (tx, rx) = mpsc::channel::<FaceVerdict>(16);
+                // One enrolment at a time: a second `face.enrol` meanwhile is answered `busy`.
+                let (etx, erx) = crate::face::stage::EnrolQueue::new();
+                enrol_tx = Some(etx);
                 let (cfg, store, stats, tok) = (cfg.clone(), store.clone(), stats.clone(), shutdown.clone());
                 let privacy = privacy.clone();
                 tasks.push((
                     "face".into(),
                     tokio::task::spawn_blocking(move || {
-                        crate::face::stage::run(cfg, store, stats.clone(), tok.clone(), tx, privacy);
+                        crate::face::stage::run(cfg, store, stats.clone(), tok.clone(), tx, privacy, Some(erx));
                         // A face path that ends on its own (no runtime, no key) leaves the card
                         // path running: wait for shutdown instead of failing the daemon.
                         while !tok.is_cancelled() {
@@ -276,6 +280,7 @@ impl App {
                 out: out_tx,
                 started,
                 shutdown: shutdown.clone(),
+                enrol: enrol_tx,
             };
             tasks.push(("api".into(), tokio::spawn(crate::api::run(api, cmd_rx))));
             link_parts = Some((cmd_tx, out_rx));

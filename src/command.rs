@@ -48,10 +48,12 @@ pub enum Verb {
     ConsentRecord,
     #[serde(rename = "consent.withdraw")]
     ConsentWithdraw,
+    #[serde(rename = "face.enrol")]
+    FaceEnrol,
 }
 
 impl Verb {
-    pub const ALL: [Verb; 12] = [
+    pub const ALL: [Verb; 13] = [
         Verb::Unlock,
         Verb::ResidentUpsert,
         Verb::ResidentRemove,
@@ -64,6 +66,7 @@ impl Verb {
         Verb::EventsBackfill,
         Verb::ConsentRecord,
         Verb::ConsentWithdraw,
+        Verb::FaceEnrol,
     ];
 
     pub fn name(self) -> &'static str {
@@ -80,6 +83,7 @@ impl Verb {
             Verb::EventsBackfill => "events.backfill",
             Verb::ConsentRecord => "consent.record",
             Verb::ConsentWithdraw => "consent.withdraw",
+            Verb::FaceEnrol => "face.enrol",
         }
     }
 
@@ -133,11 +137,13 @@ pub enum ErrorCode {
     StaleVersion,
     VersionConflict,
     Busy,
+    FaceUnavailable,
+    EnrolmentFailed,
     InternalError,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 29] = [
         ErrorCode::RetainedCommand,
         ErrorCode::UnknownCommand,
         ErrorCode::PayloadTooLarge,
@@ -164,6 +170,8 @@ impl ErrorCode {
         ErrorCode::StaleVersion,
         ErrorCode::VersionConflict,
         ErrorCode::Busy,
+        ErrorCode::FaceUnavailable,
+        ErrorCode::EnrolmentFailed,
         ErrorCode::InternalError,
     ];
 
@@ -195,6 +203,8 @@ impl ErrorCode {
             ErrorCode::StaleVersion => "stale_version",
             ErrorCode::VersionConflict => "version_conflict",
             ErrorCode::Busy => "busy",
+            ErrorCode::FaceUnavailable => "face_unavailable",
+            ErrorCode::EnrolmentFailed => "enrolment_failed",
             ErrorCode::InternalError => "internal_error",
         }
     }
@@ -367,6 +377,21 @@ pub struct ConsentArgs {
     pub guardian: Option<ResidentId>,
 }
 
+/// `face.enrol`: how many good frames, and how long the resident may take to give them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaceEnrolArgs {
+    resident: ResidentId,
+    #[serde(default)]
+    frames: Option<u64>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// Bounds of `face.enrol`.
+pub const ENROL_FRAMES: std::ops::RangeInclusive<u64> = 1..=10;
+pub const ENROL_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 1_000..=30_000;
+
 fn default_channel() -> String {
     "bms".into()
 }
@@ -426,18 +451,39 @@ pub const MAX_BACKFILL: usize = 10_000;
 /// A validated command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    Unlock { door: String, duration_ms: Option<u64> },
+    Unlock {
+        door: String,
+        duration_ms: Option<u64>,
+    },
     ResidentUpsert(ResidentSpec),
     ResidentRemove(ResidentId),
-    SetMode { resident: ResidentId, mode: AccessMode },
-    CredentialAdd { resident: ResidentId, card: CardSpec },
+    SetMode {
+        resident: ResidentId,
+        mode: AccessMode,
+    },
+    CredentialAdd {
+        resident: ResidentId,
+        card: CardSpec,
+    },
     CredentialRemove(CardId),
-    RosterSync { version: u64, residents: Vec<ResidentSpec> },
+    RosterSync {
+        version: u64,
+        residents: Vec<ResidentSpec>,
+    },
     RulesGet,
     HealthGet,
-    EventsBackfill { from_seq: u64, limit: usize },
+    EventsBackfill {
+        from_seq: u64,
+        limit: usize,
+    },
     ConsentRecord(ConsentArgs),
     ConsentWithdraw(ResidentId),
+    /// Enrol a resident's face from this gate's own camera: the frames never leave the gate.
+    FaceEnrol {
+        resident: ResidentId,
+        frames: usize,
+        timeout_ms: u64,
+    },
 }
 
 /// A command ready to execute.
@@ -759,6 +805,24 @@ fn verb_args(verb: Verb, obj: Map<String, Value>, limits: &Limits) -> Result<Com
             Command::ConsentRecord(a)
         }
         Verb::ConsentWithdraw => Command::ConsentWithdraw(args::<ResidentArgs>(obj)?.resident),
+        Verb::FaceEnrol => {
+            let a: FaceEnrolArgs = args(obj)?;
+            let frames = a.frames.unwrap_or(3);
+            let timeout_ms = a.timeout_ms.unwrap_or(10_000);
+            if !ENROL_FRAMES.contains(&frames) || !ENROL_TIMEOUT_MS.contains(&timeout_ms) {
+                return Err(CmdError::new(
+                    ErrorCode::InvalidValue,
+                    format!(
+                        "frames must be {}..={} and timeout_ms {}..={}",
+                        ENROL_FRAMES.start(),
+                        ENROL_FRAMES.end(),
+                        ENROL_TIMEOUT_MS.start(),
+                        ENROL_TIMEOUT_MS.end()
+                    ),
+                ));
+            }
+            Command::FaceEnrol { resident: a.resident, frames: frames as usize, timeout_ms }
+        }
         Verb::EventsBackfill => {
             let a: BackfillArgs = args(obj)?;
             let limit = a.limit.unwrap_or(1_000);

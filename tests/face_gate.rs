@@ -149,3 +149,137 @@ fn faces_open_the_door_only_as_each_residents_mode_allows() {
     let st = gate.status().unwrap();
     assert!(st.to_string().contains("face_frames") || st.to_string().contains("granted"), "{st}");
 }
+
+/// `face.enrol` over MQTT: the resident stands in front of this gate's camera; the template is
+/// made, sealed and stored on the gate; nothing biometric goes out; the resident is then
+/// recognised. Refused without consent, for a face that matches someone else (without naming
+/// them), with no face in view (saying why), while another enrolment runs, and site-wide; other
+/// commands are answered meanwhile.
+#[test]
+fn a_resident_enrols_at_the_gate_camera_over_mqtt() {
+    use common::Bms;
+    use serde_json::json;
+    use std::time::Instant;
+    let broker = Broker::start(common::free_port());
+    let mut gate = Gate::new(GateOpts { mqtt_port: broker.port, pulse_ms: 300, ..Default::default() });
+    let cam = gate.dir.path().join("camera");
+    gate.enable_face(&cam, 8.0);
+    ok(gate.resident(&["add", "alice", "--mode", "face_or_card", "--card", "H10301:7:1001"]));
+    ok(gate.resident(&["consent", "alice"]));
+    let mut a = vec!["enrol-face".to_string(), "alice".into()];
+    for p in ["Colin_Powell_0040", "Colin_Powell_0049"].map(lfw) {
+        a.extend(["--photo".to_string(), p.display().to_string()]);
+    }
+    ok(gate.resident(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    ok(gate.resident(&["add", "dave", "--mode", "face_or_card", "--card", "H10301:7:1004"]));
+    ok(gate.resident(&["add", "frank", "--mode", "face_or_card", "--card", "H10301:7:1006"]));
+    ok(gate.resident(&["consent", "frank"]));
+    // The camera first sees an empty scene: a plain grey frame.
+    let grey = gate.dir.path().join("grey.png");
+    image_grey(&grey);
+    show(&cam, std::slice::from_ref(&grey));
+    let sub = Subscriber::start(broker.port, "menshen/v1/#");
+    gate.start_sim();
+    gate.start_daemon();
+    let bms = Bms::connect(broker.port);
+    assert!(wait_for(Duration::from_secs(30), || gate.status().is_some_and(|s| s["camera"] == "ok")), "{}", gate.log());
+    let send = |verb: &str, payload: Value| -> String {
+        let corr = bms.corr();
+        let topic = format!("menshen/v1/site1/gate1/cmd/{verb}");
+        bms.publish(&topic, payload.to_string().into_bytes(), Some(corr.as_bytes()), None, false);
+        corr
+    };
+    let reply = |corr: &str, secs: u64| -> Value {
+        let mut found = None;
+        wait_for(Duration::from_secs(secs), || {
+            found = bms
+                .replies
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(c, _)| c.as_deref() == Some(corr.as_bytes()))
+                .map(|(_, v)| v.clone());
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no reply within {secs} s; log:\n{}", gate.log()))
+    };
+
+    // No consent yet: refused before the camera is used.
+    let r = reply(&send("face.enrol", json!({"resident": "dave"})), 10);
+    assert_eq!((r["ok"].as_bool(), r["code"].as_str()), (Some(false), Some("invalid_value")), "{r}");
+    assert!(r["message"].as_str().unwrap().contains("consent"), "{r}");
+    let rules = bms.command("site1", "gate1", "rules.get", json!({}), None);
+    let consent = json!({"resident": "dave", "rules_version": rules["result"]["version"], "rules_sha256": rules["result"]["sha256"]});
+    assert_eq!(bms.command("site1", "gate1", "consent.record", consent, None)["ok"], true);
+
+    // No face in view: it fails at its timeout and says why; a second enrolment meanwhile is busy,
+    // other commands are answered at once, and a site-wide enrolment is refused.
+    let t0 = Instant::now();
+    let first = send("face.enrol", json!({"resident": "dave", "timeout_ms": 3000}));
+    std::thread::sleep(Duration::from_millis(200));
+    let second = reply(&send("face.enrol", json!({"resident": "frank"})), 10);
+    assert_eq!(second["code"], "busy", "{second}");
+    let health = bms.command("site1", "gate1", "health.get", json!({}), None);
+    assert_eq!(health["ok"], true);
+    assert!(t0.elapsed() < Duration::from_millis(2500), "health.get waited for the enrolment: {:?}", t0.elapsed());
+    let corr = bms.corr();
+    bms.publish(
+        "menshen/v1/site1/_site/cmd/face.enrol",
+        json!({"resident": "dave"}).to_string().into_bytes(),
+        Some(corr.as_bytes()),
+        None,
+        false,
+    );
+    let site_wide = reply(&corr, 10);
+    assert_eq!(site_wide["ok"], false, "{site_wide}");
+    let nothing = reply(&first, 15);
+    assert_eq!(
+        (nothing["ok"].as_bool(), nothing["code"].as_str()),
+        (Some(false), Some("enrolment_failed")),
+        "{nothing}"
+    );
+    assert!(nothing["message"].as_str().unwrap().contains("no face"), "{nothing}");
+
+    // Alice's face cannot become Frank's, and the reply does not say whose it is.
+    show(&cam, &["Colin_Powell_0095", "Colin_Powell_0133"].map(lfw));
+    let dup = reply(&send("face.enrol", json!({"resident": "frank", "frames": 2})), 20);
+    assert_eq!(dup["code"], "enrolment_failed", "{dup}");
+    assert!(dup["message"].as_str().unwrap().contains("another enrolled resident"), "{dup}");
+    assert!(!dup.to_string().contains("alice"), "the reply names who the face belongs to: {dup}");
+
+    // Dave in front of the camera: enrolled, nothing biometric in the reply or the event.
+    show(&cam, &["Tony_Blair_0018", "Tony_Blair_0032", "Tony_Blair_0048"].map(lfw));
+    std::thread::sleep(Duration::from_secs(2)); // he steps up to the camera before the operator starts
+    let done = reply(&send("face.enrol", json!({"resident": "dave", "frames": 2})), 20);
+    assert_eq!(done["ok"], true, "{done}");
+    let result = done["result"].as_object().unwrap();
+    assert_eq!(result.keys().cloned().collect::<Vec<_>>(), ["frames_seen", "key_id", "resident"], "{done}");
+    assert_eq!(result["key_id"].as_str().unwrap().len(), 32, "{done}");
+    let enrolled =
+        sub.wait_events("privacy", Duration::from_secs(10), |e| e.iter().any(|e| e["privacy"] == "template_enrolled"));
+    let ev = enrolled.iter().find(|e| e["privacy"] == "template_enrolled").unwrap();
+    assert_eq!(ev["resident"], "dave");
+    common::schema::validate("event-privacy.json", ev).unwrap();
+    common::schema::validate("reply.json", &done).unwrap();
+    // And the gate now knows him: his face opens the door (face_or_card).
+    let ev = sub.wait_events("access", Duration::from_secs(60), |e| e.iter().any(|e| e["resident"] == "dave"));
+    let d = ev.iter().find(|e| e["resident"] == "dave").unwrap_or_else(|| panic!("log:\n{}", gate.log()));
+    assert_eq!((d["method"].as_str(), d["decision"].as_str()), (Some("face"), Some("granted")), "{d}");
+    // Nothing biometric went out on any topic.
+    for (topic, msg, _) in sub.all() {
+        for k in ["embedding", "template", "image", "jpeg", "score"] {
+            assert!(msg.get(k).is_none(), "{topic} carries {k}");
+        }
+    }
+    assert_eq!(gate.signal_daemon("TERM").code(), Some(0));
+    let export: Value = serde_json::from_slice(&gate.resident(&["export", "dave"]).stdout).unwrap();
+    assert_eq!(export["face_template"]["stored"], true, "{export}");
+    let frank: Value = serde_json::from_slice(&gate.resident(&["export", "frank"]).stdout).unwrap();
+    assert_eq!(frank["face_template"]["stored"], false, "{frank}");
+}
+
+/// A 320×240 mid-grey PNG: a camera frame with no face.
+fn image_grey(path: &Path) {
+    let img = image::RgbImage::from_pixel(320, 240, image::Rgb([128, 128, 128]));
+    img.save(path).unwrap();
+}

@@ -81,6 +81,8 @@ fn good_commands_pass_both_the_schema_and_the_parser() {
         ),
         ("consent.record", json!({"resident": "r1", "rules_version": "v1", "rules_sha256": "AB".repeat(32)})),
         ("consent.withdraw", json!({"resident": "r1", "request_id": "w-1"})),
+        ("face.enrol", json!({"resident": "r1"})),
+        ("face.enrol", json!({"resident": "r1", "frames": 5, "timeout_ms": 15000, "request_id": "e-1"})),
     ];
     for (verb, p) in good {
         validate(&format!("cmd-{verb}.json"), &p).unwrap();
@@ -120,6 +122,10 @@ fn bad_commands_fail_both_the_schema_and_the_parser() {
         ),
         ("consent.record", json!({"resident": "r1", "rules_version": "v1"})),
         ("consent.withdraw", json!({"resident": "r1", "also_delete_cards": true})),
+        // An enrolment takes frames from this gate's camera only: no image can be sent with it.
+        ("face.enrol", json!({"resident": "r1", "image": "/9j/4AAQ"})),
+        ("face.enrol", json!({"resident": "r1", "frames": 0})),
+        ("face.enrol", json!({"resident": "r1", "timeout_ms": 600000})),
     ];
     for (verb, p) in bad {
         assert!(validate(&format!("cmd-{verb}.json"), &p).is_err(), "schema accepted {verb} {p}");

@@ -45,20 +45,20 @@ pub fn enrol(
     rules: &EnrolRules,
 ) -> Result<Vec<f32>, EnrolError> {
     let mut good: Vec<Vec<f32>> = Vec::new();
-    let mut rejected: Vec<String> = Vec::new();
+    let mut rejected: Vec<(usize, String)> = Vec::new();
     for (i, f) in frames.iter().enumerate() {
         let faces = engine.detect(f)?;
         let Some(face) = primary(&faces, f.width, f.height) else {
-            rejected.push(format!("frame {i}: no face"));
+            rejected.push((i, "no face".to_string()));
             continue;
         };
         if let Err(q) = rules.quality.check_geometry(&face) {
-            rejected.push(format!("frame {i}: {}", q.code()));
+            rejected.push((i, q.code().to_string()));
             continue;
         }
         let aligned = engine.align(f, &face);
         if let Err(q @ QualityIssue::Blurred) = rules.quality.check_sharpness(&aligned) {
-            rejected.push(format!("frame {i}: {}", q.code()));
+            rejected.push((i, q.code().to_string()));
             continue;
         }
         good.push(engine.embed_aligned(&aligned)?);
@@ -67,7 +67,7 @@ pub fn enrol(
         return Err(EnrolError::TooFewGoodFrames {
             good: good.len(),
             need: rules.min_good.max(1),
-            rejected: if rejected.is_empty() { "none rejected".into() } else { rejected.join("; ") },
+            rejected: summarise(&rejected),
         });
     }
     for i in 0..good.len() {
@@ -97,4 +97,35 @@ pub fn enrol(
         }
     }
     Ok(mean)
+}
+
+/// Why frames were rejected: each frame when there are a few (photos: the index is the photo's
+/// place on the command line), counts by reason when there are many (camera frames).
+fn summarise(rejected: &[(usize, String)]) -> String {
+    if rejected.is_empty() {
+        return "none rejected".into();
+    }
+    if rejected.len() <= 4 {
+        return rejected.iter().map(|(i, why)| format!("frame {i}: {why}")).collect::<Vec<_>>().join("; ");
+    }
+    let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for (_, why) in rejected {
+        *counts.entry(why.as_str()).or_default() += 1;
+    }
+    let parts: Vec<String> = counts.iter().map(|(why, n)| format!("{why} in {n}")).collect();
+    format!("{} frames rejected: {}", rejected.len(), parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summarise;
+
+    #[test]
+    fn rejections_are_listed_when_few_and_counted_when_many() {
+        assert_eq!(summarise(&[]), "none rejected");
+        assert_eq!(summarise(&[(1, "no face".into())]), "frame 1: no face");
+        let many: Vec<(usize, String)> =
+            (0..9).map(|i| (i, if i % 3 == 0 { "too_small" } else { "no face" }.to_string())).collect();
+        assert_eq!(summarise(&many), "9 frames rejected: no face in 6, too_small in 3");
+    }
 }

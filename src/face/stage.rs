@@ -7,6 +7,10 @@
 //! (re)loaded from the store's sealed templates whenever their generation changes, so a resident
 //! who turns face off stops being recognised within a second (and the policy, reading the current
 //! mode, would refuse them anyway).
+//!
+//! `face.enrol` ([`EnrolJob`]): while a job runs, frames go to enrolment instead of recognition;
+//! 3 × the asked number are collected, the good ones make the template ([`super::enrol`]), which
+//! is sealed and stored. The frames are held in memory only and dropped when the job ends.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,6 +29,67 @@ use crate::config::{CameraConfig, Config};
 use crate::privacy::Keyring;
 use crate::stats::Stats;
 use crate::store::Store;
+
+/// A `face.enrol` job: the resident stands in front of this gate's camera.
+pub struct EnrolJob {
+    pub resident: String,
+    /// Good frames needed.
+    pub frames: usize,
+    pub deadline: Instant,
+    pub reply: tokio::sync::oneshot::Sender<Result<Enrolled, EnrolFailure>>,
+}
+
+/// Where `face.enrol` hands jobs to the face stage: one at a time.
+#[derive(Clone)]
+pub struct EnrolQueue {
+    tx: mpsc::Sender<EnrolJob>,
+    one: Arc<tokio::sync::Semaphore>,
+}
+
+/// Why a job was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotQueued {
+    /// Another enrolment is running.
+    Busy,
+    /// The face stage is not running.
+    Stopped,
+}
+
+impl EnrolQueue {
+    pub fn new() -> (EnrolQueue, mpsc::Receiver<EnrolJob>) {
+        let (tx, rx) = mpsc::channel(1);
+        (EnrolQueue { tx, one: Arc::new(tokio::sync::Semaphore::new(1)) }, rx)
+    }
+
+    /// Queue a job; the permit must be held until its reply has come (or given up on).
+    pub fn submit(&self, job: EnrolJob) -> Result<tokio::sync::OwnedSemaphorePermit, NotQueued> {
+        let permit = self.one.clone().try_acquire_owned().map_err(|_| NotQueued::Busy)?;
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => NotQueued::Busy,
+            mpsc::error::TrySendError::Closed(_) => NotQueued::Stopped,
+        })?;
+        Ok(permit)
+    }
+}
+
+/// A template made from live frames, sealed and stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enrolled {
+    pub key_id: String,
+    pub frames_seen: usize,
+}
+
+/// Why an enrolment did not happen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EnrolFailure {
+    /// Not enough good frames before the deadline (no face, too small, turned, blurred), or no
+    /// frames at all (the camera's state is in the message).
+    NoGoodFrames(String),
+    /// Refused: the face matches another resident, the frames show more than one person, or the
+    /// store refused the template (consent withdrawn or face turned off meanwhile).
+    Refused(String),
+    Internal(String),
+}
 
 /// A verdict for the gate stage.
 #[derive(Debug, Clone)]
@@ -115,6 +180,7 @@ pub fn run(
     shutdown: CancellationToken,
     out: mpsc::Sender<FaceVerdict>,
     privacy: Option<Arc<crate::privacy::shred::Privacy>>,
+    mut enrol_rx: Option<mpsc::Receiver<EnrolJob>>,
 ) {
     let name = "face";
     let Some(cam) = cfg.face.camera.clone() else { return };
@@ -142,6 +208,7 @@ pub fn run(
     let mut source: Option<Box<dyn FrameSource>> = None;
     let mut last_check = Instant::now();
     let epoch = Instant::now();
+    let mut job: Option<(EnrolJob, Vec<super::image::Rgb>)> = None;
     let report = |state: super::source::CameraState| {
         let s = match state {
             super::source::CameraState::Starting => "starting",
@@ -167,6 +234,25 @@ pub fn run(
                     gallery = load_gallery(&store, key, engine.dim());
                     tracing::info!(templates = gallery.len(), "face templates reloaded");
                 }
+            }
+        }
+        if job.is_none() {
+            if let Some(j) = enrol_rx.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                tracing::info!(resident = %j.resident, frames = j.frames, "face enrolment from the camera started");
+                job = Some((j, Vec::new()));
+            }
+        }
+        if job.as_ref().is_some_and(|(j, _)| Instant::now() >= j.deadline) {
+            if let Some((j, frames)) = job.take() {
+                let r = if frames.is_empty() {
+                    Err(EnrolFailure::NoGoodFrames(format!(
+                        "no camera frame before the timeout (camera {})",
+                        stats.camera()
+                    )))
+                } else {
+                    enrol_from(&mut engine, &cfg, &store, key, &gallery, &j, &frames)
+                };
+                finish_enrolment(j, r);
             }
         }
         let src = match source.as_mut() {
@@ -218,6 +304,19 @@ pub fn run(
         }
         let Some(frame) = frame else { continue };
         stats.face_frames.fetch_add(1, Ordering::Relaxed);
+        if let Some((j, frames)) = job.as_mut() {
+            // Enrolling: this frame is for the template, not an access decision.
+            frames.push(frame);
+            if frames.len() >= 3 * j.frames {
+                let r = enrol_from(&mut engine, &cfg, &store, key, &gallery, j, frames);
+                if matches!(r, Err(EnrolFailure::NoGoodFrames(_))) && Instant::now() < j.deadline {
+                    frames.clear(); // not yet: try again with fresh frames
+                } else if let Some((j, _)) = job.take() {
+                    finish_enrolment(j, r);
+                }
+            }
+            continue;
+        }
         let outcome = match analyse(&mut engine, &cfg, &gallery, &frame) {
             Ok(o) => o,
             Err(error) => {
@@ -233,4 +332,56 @@ pub fn run(
             }
         }
     }
+}
+
+/// Make, seal and store a template from `frames` for the job's resident.
+fn enrol_from(
+    engine: &mut Engine,
+    cfg: &Config,
+    store: &Store,
+    key: &Keyring,
+    gallery: &Gallery,
+    job: &EnrolJob,
+    frames: &[super::image::Rgb],
+) -> Result<Enrolled, EnrolFailure> {
+    use super::enrol::{enrol, EnrolError, EnrolRules};
+    let rules = EnrolRules {
+        min_good: job.frames,
+        min_agreement: 0.4,
+        quality: cfg.face.quality,
+        match_threshold: cfg.face.match_threshold,
+    };
+    let template = match enrol(engine, frames, &job.resident, gallery, &rules) {
+        Ok(t) => t,
+        Err(e @ EnrolError::TooFewGoodFrames { .. }) => return Err(EnrolFailure::NoGoodFrames(e.to_string())),
+        Err(EnrolError::MatchesOther(other, _)) => {
+            // Named in the gate's own log only: which residents look alike is biometric inference.
+            tracing::warn!(resident = %job.resident, matches = %other, "enrolment refused: the face matches another resident");
+            return Err(EnrolFailure::Refused("this face already matches another enrolled resident".into()));
+        }
+        Err(EnrolError::Inconsistent(_)) => {
+            return Err(EnrolFailure::Refused(
+                "the frames show more than one person: try again with only the resident in view".into(),
+            ))
+        }
+        Err(e) => return Err(EnrolFailure::Internal(e.to_string())),
+    };
+    let rid = crate::model::ResidentId::new(&job.resident).map_err(EnrolFailure::Refused)?;
+    let (key_id, sealed) = key.seal(&job.resident, &template).map_err(|e| EnrolFailure::Internal(e.to_string()))?;
+    if let Err(e) = store.put_template(&rid, &key_id, &sealed, crate::clock::wall_ms()) {
+        // The data key was written first: it goes with the refused template.
+        let _ = key.destroy(&key_id);
+        return Err(EnrolFailure::Refused(e.to_string()));
+    }
+    Ok(Enrolled { key_id: key_id.to_string(), frames_seen: frames.len() })
+}
+
+fn finish_enrolment(job: EnrolJob, r: Result<Enrolled, EnrolFailure>) {
+    match &r {
+        Ok(e) => {
+            tracing::info!(resident = %job.resident, key_id = %e.key_id, "face enrolled from the camera (no image kept)")
+        }
+        Err(why) => tracing::warn!(resident = %job.resident, ?why, "face enrolment from the camera failed"),
+    }
+    let _ = job.reply.send(r);
 }

@@ -151,32 +151,18 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         gate.log()
     );
     let last = gate.status().unwrap()["next_seq"].as_u64().unwrap() - 1;
-    let events = || -> Vec<Value> {
-        bms.msgs.lock().unwrap().iter().filter(|(t, _, _)| t.contains("/event/")).map(|(_, v, _)| v.clone()).collect()
-    };
-    assert!(
-        wait_for(Duration::from_secs(30), || {
-            let seen: HashSet<u64> = events().iter().filter_map(|v| v["seq"].as_u64()).collect();
-            (1..=last).all(|s| seen.contains(&s))
-        }),
-        "not every event arrived"
-    );
+    assert!(bms.all_events_arrived(last, Duration::from_secs(30)), "not every event arrived");
     let identity = bms.messages("/identity").pop().expect("the identity is published");
     let receipt_key = menshen::privacy::receipt::parse_public_key(identity["receipt_key"].as_str().unwrap()).unwrap();
     let st = gate.signal_daemon("TERM");
     assert!(st.success());
 
     // No seq with two contents; no id on two seqs.
-    let mut by_seq: HashMap<u64, Value> = HashMap::new();
+    let all = bms.events();
+    let by_seq = common::events_by_seq(&all);
     let mut by_id: HashMap<String, u64> = HashMap::new();
-    let all = events();
     for v in &all {
-        let seq = v["seq"].as_u64().unwrap();
-        if let Some(prev) = by_seq.get(&seq) {
-            assert_eq!(prev, v, "seq {seq} was published with two different contents");
-        }
-        by_seq.insert(seq, v.clone());
-        let id = v["id"].as_str().unwrap().to_string();
+        let (seq, id) = (v["seq"].as_u64().unwrap(), v["id"].as_str().unwrap().to_string());
         assert_eq!(*by_id.entry(id).or_insert(seq), seq, "one id, two seqs");
     }
     // Receipts: each verifies against the published key; one per template (one receipt id per
@@ -193,15 +179,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     }
 
     // Every acknowledged command is in the store as acknowledged.
-    let out = gate.resident(&["list"]);
-    assert!(ok(&out));
-    let listed: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split('\t');
-            Some((f.next()?.to_string(), f.next()?.to_string()))
-        })
-        .collect();
+    let listed = gate.resident_modes();
     let export = |id: &str| -> Option<Value> {
         let o = gate.resident(&["export", id]);
         ok(&o).then(|| serde_json::from_slice(&o.stdout).unwrap())

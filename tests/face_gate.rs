@@ -190,18 +190,8 @@ fn a_resident_enrols_at_the_gate_camera_over_mqtt() {
         corr
     };
     let reply = |corr: &str, secs: u64| -> Value {
-        let mut found = None;
-        wait_for(Duration::from_secs(secs), || {
-            found = bms
-                .replies
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(c, _)| c.as_deref() == Some(corr.as_bytes()))
-                .map(|(_, v)| v.clone());
-            found.is_some()
-        });
-        found.unwrap_or_else(|| panic!("no reply within {secs} s; log:\n{}", gate.log()))
+        bms.reply_within(corr.as_bytes(), Duration::from_secs(secs))
+            .unwrap_or_else(|| panic!("no reply within {secs} s; log:\n{}", gate.log()))
     };
 
     // No consent yet: refused before the camera is used.

@@ -350,17 +350,6 @@ fn the_whole_daemon_loses_nothing_acknowledged_in_power_cuts() {
     gate.start_sim();
     let out = gate.resident(&["add", "known", "--card", "H10301:9:9"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let listed = |gate: &Gate| -> HashMap<String, String> {
-        let out = gate.resident(&["list"]);
-        assert!(out.status.success(), "the store does not open: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split('\t');
-                Some((f.next()?.to_string(), f.next()?.to_string()))
-            })
-            .collect()
-    };
     let acked = |corr: &str| {
         bms.replies.lock().unwrap().iter().any(|(k, v)| k.as_deref() == Some(corr.as_bytes()) && v["ok"] == true)
     };
@@ -424,7 +413,7 @@ fn the_whole_daemon_loses_nothing_acknowledged_in_power_cuts() {
                 modes.push(mode);
             }
         }
-        let now = listed(&gate);
+        let now = gate.resident_modes();
         for (id, modes) in &expect {
             let mode = now.get(id).map(String::as_str);
             assert!(
@@ -437,25 +426,10 @@ fn the_whole_daemon_loses_nothing_acknowledged_in_power_cuts() {
     gate.start_daemon();
     assert!(wait_for(Duration::from_secs(30), || gate.status().unwrap()["outbox_depth"] == 0), "{}", gate.log());
     let last = gate.status().unwrap()["next_seq"].as_u64().unwrap() - 1;
-    let events = || -> Vec<Value> {
-        bms.msgs.lock().unwrap().iter().filter(|(t, _, _)| t.contains("/event/")).map(|(_, v, _)| v.clone()).collect()
-    };
-    assert!(
-        wait_for(Duration::from_secs(30), || {
-            let seen: BTreeSet<u64> = events().iter().filter_map(|v| v["seq"].as_u64()).collect();
-            (1..=last).all(|s| seen.contains(&s))
-        }),
-        "not every event arrived"
-    );
+    assert!(bms.all_events_arrived(last, Duration::from_secs(30)), "not every event arrived");
     assert!(gate.signal_daemon("TERM").success());
-    let mut by_seq: HashMap<u64, Value> = HashMap::new();
-    let all = events();
-    for v in &all {
-        let seq = v["seq"].as_u64().unwrap();
-        if let Some(prev) = by_seq.insert(seq, v.clone()) {
-            assert_eq!(&prev, v, "seq {seq} was published with two different contents");
-        }
-    }
+    let all = bms.events();
+    let by_seq = common::events_by_seq(&all);
     let audit = gate.cli(&["audit", "verify", "--config", gate.config.to_str().unwrap()]);
     assert!(audit.status.success(), "audit chain: {}", String::from_utf8_lossy(&audit.stdout));
     eprintln!(

@@ -146,6 +146,19 @@ pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// Events by seq, asserting that no seq was published with two different contents (re-sends of
+/// the same content are fine).
+pub fn events_by_seq(all: &[Value]) -> std::collections::HashMap<u64, Value> {
+    let mut by_seq = std::collections::HashMap::new();
+    for v in all {
+        let seq = v["seq"].as_u64().unwrap();
+        if let Some(prev) = by_seq.insert(seq, v.clone()) {
+            assert_eq!(&prev, v, "seq {seq} was published with two different contents");
+        }
+    }
+    by_seq
+}
+
 /// Whether this process may start programs under SCHED_FIFO (root with CAP_SYS_NICE, and a
 /// `chrt` on the PATH).
 pub fn realtime_allowed() -> bool {
@@ -317,6 +330,19 @@ impl Gate {
         let mut a = vec!["resident", args[0], "--config", self.config.to_str().unwrap()];
         a.extend_from_slice(&args[1..]);
         self.cli(&a)
+    }
+
+    /// `menshen resident list` as id → mode (the store must open).
+    pub fn resident_modes(&self) -> std::collections::HashMap<String, String> {
+        let out = self.resident(&["list"]);
+        assert!(out.status.success(), "the store does not open: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split('\t');
+                Some((f.next()?.to_string(), f.next()?.to_string()))
+            })
+            .collect()
     }
 
     pub fn start_sim(&mut self) {
@@ -503,8 +529,13 @@ impl Bms {
 
     /// The reply with this correlation data, waiting up to 10 s.
     pub fn reply_for(&self, corr: &[u8]) -> Option<Value> {
+        self.reply_within(corr, Duration::from_secs(10))
+    }
+
+    /// The reply with this correlation data, waiting up to `timeout`.
+    pub fn reply_within(&self, corr: &[u8], timeout: Duration) -> Option<Value> {
         let mut found = None;
-        wait_for(Duration::from_secs(10), || {
+        wait_for(timeout, || {
             found =
                 self.replies.lock().unwrap().iter().find(|(c, _)| c.as_deref() == Some(corr)).map(|(_, v)| v.clone());
             found.is_some()
@@ -518,6 +549,19 @@ impl Bms {
         let topic = format!("menshen/v1/{site}/{gate}/cmd/{verb}");
         self.publish(&topic, payload.to_string().into_bytes(), Some(corr.as_bytes()), expiry, false);
         self.reply_for(corr.as_bytes()).unwrap_or_else(|| panic!("no reply to {verb} {payload}"))
+    }
+
+    /// Every event message received so far (re-sends included).
+    pub fn events(&self) -> Vec<Value> {
+        self.msgs.lock().unwrap().iter().filter(|(t, _, _)| t.contains("/event/")).map(|(_, v, _)| v.clone()).collect()
+    }
+
+    /// Wait until every event with seq 1..=last has arrived.
+    pub fn all_events_arrived(&self, last: u64, timeout: Duration) -> bool {
+        wait_for(timeout, || {
+            let seen: std::collections::HashSet<u64> = self.events().iter().filter_map(|v| v["seq"].as_u64()).collect();
+            (1..=last).all(|s| seen.contains(&s))
+        })
     }
 
     pub fn messages(&self, suffix: &str) -> Vec<Value> {

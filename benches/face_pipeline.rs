@@ -21,7 +21,7 @@ use menshen::config::FaceConfig;
 use menshen::face::detect::primary;
 use menshen::face::engine::DetectorOptions;
 use menshen::face::image::Rgb;
-use menshen::face::matcher::{normalise, Gallery};
+use menshen::face::matcher::{normalise, Gallery, SHORTLIST};
 use menshen::face::tools;
 use rand::{Rng, SeedableRng};
 
@@ -104,7 +104,7 @@ fn main() {
         let t4 = Instant::now();
         let _live = eng.liveness(&frame, &face).unwrap();
         let t5 = Instant::now();
-        let _hit = gallery.identify(&emb, 0.53, 0.05, 16);
+        let _hit = gallery.identify(&emb, 0.53, 0.05, SHORTLIST);
         let t6 = Instant::now();
         if n >= 10 {
             for (k, d) in [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t6 - t0, eng.times.inference]
@@ -177,7 +177,7 @@ fn main() {
     let (mut fast, mut exact, mut agree) = (Vec::new(), Vec::new(), 0);
     for p in &probes {
         let a = Instant::now();
-        let f = gallery.search(p, 16).unwrap();
+        let f = gallery.search(p, SHORTLIST).unwrap();
         let b = Instant::now();
         let e = gallery.search_exact(p).unwrap();
         let c = Instant::now();

@@ -239,6 +239,19 @@ pub fn eval_cmd(cmd: EvalCmd) -> anyhow::Result<()> {
                 println!("  all pairs: {} genuine, {} impostor", r.all_pairs_genuine, r.all_pairs_impostor);
                 println!("  TAR at FAR 1e-3: {:.2} % (cosine > {:.3})", r.tar_at_far_1e3 * 100.0, r.threshold_far_1e3);
                 println!("  TAR at FAR 1e-4: {:.2} % (cosine > {:.3})", r.tar_at_far_1e4 * 100.0, r.threshold_far_1e4);
+                let o = &r.one_to_n;
+                println!(
+                    "  1:N ({} people enrolled, {} probes): rank-1 {:.2} %; fast search = exact scan on top-1 {}/{}, decision {}/{}, runner-up within the margin {}/{}",
+                    o.gallery,
+                    o.probes,
+                    o.rank1 * 100.0,
+                    o.same_top1,
+                    o.probes,
+                    o.same_decision,
+                    o.probes,
+                    o.same_runner_up_in_margin,
+                    o.runner_up_in_margin
+                );
             }
             Ok(())
         }

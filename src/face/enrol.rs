@@ -91,7 +91,7 @@ pub fn enrol(
             return Err(EnrolError::MatchesOther(o.owner, o.score));
         }
     }
-    if let Identity::Match(h) = gallery.identify(&mean, rules.match_threshold, 0.0, 16) {
+    if let Identity::Match(h) = gallery.identify(&mean, rules.match_threshold, 0.0, super::matcher::SHORTLIST) {
         if h.owner != resident {
             return Err(EnrolError::MatchesOther(h.owner, h.score));
         }

@@ -174,25 +174,41 @@ impl Rgb {
         let (ia, ib, ic, id) = (d / det, -b / det, -c / det, a / det);
         let (tx, ty) = (m[0][2], m[1][2]);
         let (w, h) = (self.width as i64, self.height as i64);
+        let stride = self.width as usize * 3;
+        // Per pixel: the source point, then either the fast path (all four taps inside, read
+        // straight from the row slices) or the border path (taps outside are black). Same
+        // arithmetic as the border path everywhere, so the result does not depend on the path;
+        // measured 0.74 ms → see docs/performance.md for a 112×112 warp.
         for y in 0..height {
-            for x in 0..width {
-                let (dx, dy) = (x as f64 - tx, y as f64 - ty);
+            let dy = y as f64 - ty;
+            let row = &mut out.data[y as usize * width as usize * 3..(y as usize + 1) * width as usize * 3];
+            for (x, o) in row.chunks_exact_mut(3).enumerate() {
+                let dx = x as f64 - tx;
                 let sx = ia * dx + ib * dy;
                 let sy = ic * dx + id * dy;
                 let (x0, y0) = (sx.floor() as i64, sy.floor() as i64);
                 let (fx, fy) = ((sx - x0 as f64) as f32, (sy - y0 as f64) as f32);
-                let o = (y as usize * width as usize + x as usize) * 3;
-                for ch in 0..3 {
-                    let get = |xx: i64, yy: i64| -> f32 {
+                if x0 >= 0 && y0 >= 0 && x0 + 1 < w && y0 + 1 < h {
+                    let i = y0 as usize * stride + x0 as usize * 3;
+                    let (t, b) = (&self.data[i..i + 6], &self.data[i + stride..i + stride + 6]);
+                    for ch in 0..3 {
+                        let top = t[ch] as f32 * (1.0 - fx) + t[3 + ch] as f32 * fx;
+                        let bot = b[ch] as f32 * (1.0 - fx) + b[3 + ch] as f32 * fx;
+                        o[ch] = sat(top * (1.0 - fy) + bot * fy);
+                    }
+                } else {
+                    let get = |xx: i64, yy: i64, ch: usize| -> f32 {
                         if xx < 0 || yy < 0 || xx >= w || yy >= h {
                             0.0
                         } else {
                             self.px(xx as usize, yy as usize, ch)
                         }
                     };
-                    let top = get(x0, y0) * (1.0 - fx) + get(x0 + 1, y0) * fx;
-                    let bot = get(x0, y0 + 1) * (1.0 - fx) + get(x0 + 1, y0 + 1) * fx;
-                    out.data[o + ch] = sat(top * (1.0 - fy) + bot * fy);
+                    for ch in 0..3 {
+                        let top = get(x0, y0, ch) * (1.0 - fx) + get(x0 + 1, y0, ch) * fx;
+                        let bot = get(x0, y0 + 1, ch) * (1.0 - fx) + get(x0 + 1, y0 + 1, ch) * fx;
+                        o[ch] = sat(top * (1.0 - fy) + bot * fy);
+                    }
                 }
             }
         }
@@ -283,6 +299,54 @@ mod tests {
         let out = img.warp_affine(&shift, 20, 20);
         assert_eq!(&out.data[0..3], &[0, 0, 0], "left columns come from outside: black");
         assert_eq!(out.data[(5 * 3) as usize], img.data[0]);
+    }
+
+    /// The warp written plainly (every tap through the border check): the fast path must give
+    /// the same bytes.
+    fn warp_plain(img: &Rgb, m: &[[f64; 3]; 2], width: u32, height: u32) -> Rgb {
+        let mut out = Rgb::new(width, height);
+        let (a, b, c, d) = (m[0][0], m[0][1], m[1][0], m[1][1]);
+        let det = a * d - b * c;
+        let (ia, ib, ic, id) = (d / det, -b / det, -c / det, a / det);
+        let (w, h) = (img.width as i64, img.height as i64);
+        for y in 0..height {
+            for x in 0..width {
+                let (dx, dy) = (x as f64 - m[0][2], y as f64 - m[1][2]);
+                let (sx, sy) = (ia * dx + ib * dy, ic * dx + id * dy);
+                let (x0, y0) = (sx.floor() as i64, sy.floor() as i64);
+                let (fx, fy) = ((sx - x0 as f64) as f32, (sy - y0 as f64) as f32);
+                for ch in 0..3 {
+                    let get = |xx: i64, yy: i64| {
+                        if xx < 0 || yy < 0 || xx >= w || yy >= h {
+                            0.0
+                        } else {
+                            img.px(xx as usize, yy as usize, ch)
+                        }
+                    };
+                    let top = get(x0, y0) * (1.0 - fx) + get(x0 + 1, y0) * fx;
+                    let bot = get(x0, y0 + 1) * (1.0 - fx) + get(x0 + 1, y0 + 1) * fx;
+                    out.data[(y as usize * width as usize + x as usize) * 3 + ch] = sat(top * (1.0 - fy) + bot * fy);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_fast_warp_matches_the_plain_one_inside_and_across_the_border() {
+        let mut img = ramp(97, 83);
+        for (i, v) in img.data.iter_mut().enumerate() {
+            *v = v.wrapping_mul(7).wrapping_add((i % 251) as u8);
+        }
+        // Rotations, scales and shifts that put part of the output outside the source.
+        for (k, (s, th, tx, ty)) in
+            [(1.0, 0.0, 0.0, 0.0), (0.8, 0.3, 10.0, -5.0), (1.6, -0.7, -30.0, 40.0), (0.45, 2.0, 60.0, 90.0)]
+                .into_iter()
+                .enumerate()
+        {
+            let m = [[s * f64::cos(th), -s * f64::sin(th), tx], [s * f64::sin(th), s * f64::cos(th), ty]];
+            assert_eq!(img.warp_affine(&m, 112, 112), warp_plain(&img, &m, 112, 112), "case {k}");
+        }
     }
 
     #[test]

@@ -166,7 +166,7 @@ fn analyse(
         return Ok(FrameOutcome::Nothing);
     }
     let emb = engine.embed_aligned(&aligned)?;
-    Ok(match gallery.identify(&emb, cfg.face.match_threshold, cfg.face.match_margin, 16) {
+    Ok(match gallery.identify(&emb, cfg.face.match_threshold, cfg.face.match_margin, super::matcher::SHORTLIST) {
         Identity::Match(h) => FrameOutcome::Match { resident: h.owner, score: h.score },
         Identity::Unknown { .. } => FrameOutcome::Unknown,
     })

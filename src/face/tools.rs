@@ -96,8 +96,72 @@ pub struct LfwReport {
     pub threshold_far_1e3: f32,
     pub tar_at_far_1e4: f64,
     pub threshold_far_1e4: f32,
+    /// 1:N on real embeddings: a gallery of each person's first image, every other image a probe.
+    pub one_to_n: OneToN,
     pub seconds: f64,
     pub jobs: usize,
+}
+
+/// The fast 1:N search checked against the exact scan on real embeddings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OneToN {
+    pub gallery: usize,
+    pub probes: usize,
+    /// Probes whose fast top-1 is the exact scan's.
+    pub same_top1: usize,
+    /// Probes whose decision (threshold and margin) is the one the exact scan gives.
+    pub same_decision: usize,
+    /// Probes whose exact runner-up (the best *other* person) is within the margin of the best,
+    /// the only case where the runner-up can change a decision ...
+    pub runner_up_in_margin: usize,
+    /// ... and of those, the ones where the fast search found that same runner-up.
+    pub same_runner_up_in_margin: usize,
+    /// Closed-set rank-1 rate: the probe's own person is the best match.
+    pub rank1: f64,
+}
+
+/// Gallery: the first embedding of each person; probes: every other embedding.
+pub fn one_to_n(all: &[Vec<f32>], labels: &[u32], threshold: f32, margin: f32) -> OneToN {
+    use super::matcher::{Identity, Search, SHORTLIST};
+    let dim = all.first().map_or(0, Vec::len);
+    let mut g = super::matcher::Gallery::new(dim);
+    let mut seen = std::collections::HashSet::new();
+    let mut probes = Vec::new();
+    for (e, &l) in all.iter().zip(labels) {
+        if seen.insert(l) {
+            // Embeddings are already unit vectors; a failed add would only shrink the gallery.
+            let _ = g.add(&l.to_string(), e);
+        } else {
+            probes.push((e, l));
+        }
+    }
+    let mut o = OneToN {
+        gallery: g.len(),
+        probes: probes.len(),
+        same_top1: 0,
+        same_decision: 0,
+        runner_up_in_margin: 0,
+        same_runner_up_in_margin: 0,
+        rank1: 0.0,
+    };
+    let mut right = 0;
+    for (p, l) in &probes {
+        let (Some(f), Some(x)) = (g.search(p, SHORTLIST), g.search_exact(p)) else { continue };
+        o.same_top1 += usize::from(f.best.owner == x.best.owner);
+        right += usize::from(x.best.owner == l.to_string());
+        if let Some(r) = x.runner_up.as_ref().filter(|r| x.best.score - r.score < margin) {
+            o.runner_up_in_margin += 1;
+            o.same_runner_up_in_margin += usize::from(f.runner_up.as_ref().map(|h| &h.owner) == Some(&r.owner));
+        }
+        let same = match (Search::decide(Some(f), threshold, margin), Search::decide(Some(x), threshold, margin)) {
+            (Identity::Match(a), Identity::Match(b)) => a.owner == b.owner,
+            (Identity::Unknown { .. }, Identity::Unknown { .. }) => true,
+            _ => false,
+        };
+        o.same_decision += usize::from(same);
+    }
+    o.rank1 = right as f64 / probes.len().max(1) as f64;
+    o
 }
 
 /// Run the standard LFW protocol through the Rust pipeline. `data` holds `pairs.txt` and
@@ -171,6 +235,7 @@ pub fn eval_lfw(
     }
     let (tar3, thr3, g, imp) = eval::tar_at_far(&all, &labels, 1e-3);
     let (tar4, thr4, _, _) = eval::tar_at_far(&all, &labels, 1e-4);
+    let one_to_n = one_to_n(&all, &labels, cfg.match_threshold, cfg.match_margin);
     Ok(LfwReport {
         images: images.len(),
         no_face,
@@ -184,6 +249,7 @@ pub fn eval_lfw(
         threshold_far_1e3: thr3,
         tar_at_far_1e4: tar4,
         threshold_far_1e4: thr4,
+        one_to_n,
         seconds: t0.elapsed().as_secs_f64(),
         jobs,
     })

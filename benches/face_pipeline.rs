@@ -5,7 +5,7 @@
 //!   the Python reference pipeline (numpy + OpenCV + onnxruntime from PyPI, same models;
 //!   `scripts/face_reference.py bench`): the end-to-end ratio and the overhead over raw model
 //!   inference.
-//! - 1:N search at 50,000 templates: int8 scan + exact re-rank vs the exact f32 scan, with
+//! - 1:N search at 50,000 templates: 4-bit scan + exact re-rank vs the exact f32 scan, with
 //!   top-1 agreement.
 //! - Memory: RSS with the models loaded and 50,000 templates enrolled.
 //!
@@ -186,7 +186,7 @@ fn main() {
         agree += usize::from(f.best.owner == e.best.owner);
     }
     println!(
-        "1:N at {} templates (dim {dim}): int8 scan + re-rank {:.3} ms median ({:.3} p95), exact f32 scan {:.3} ms; same top-1 on {agree}/{} probes",
+        "1:N at {} templates (dim {dim}): 4-bit scan + re-rank of {SHORTLIST} {:.3} ms median ({:.3} p95), exact f32 scan {:.3} ms; same top-1 on {agree}/{} probes",
         gallery.len(),
         med(&mut fast),
         p95(&mut fast),

@@ -2,7 +2,8 @@
 # Install what the tests need on a fresh Debian machine: mosquitto (a real broker the tests start
 # on loopback ports, also with TLS), openssl (test certificates), systemd-analyze (unit checks),
 # python3-jinja2 (renders the Home Assistant command template as HA would), python3-yaml and npm
-# (the AsyncAPI document check), libclang and OpenCV (camera sources). Idempotent; uses sudo when
+# (the AsyncAPI document check), libclang and OpenCV (camera sources), a C compiler (the simulated
+# V4L2 device). Idempotent; uses sudo when
 # not root.
 set -euo pipefail
 SUDO=""
@@ -18,6 +19,9 @@ python3 -c 'import yaml' 2>/dev/null || need+=(python3-yaml)
 # the `opencv` feature (RTSP/video sources), which the test command builds and tests too.
 [ -e /usr/lib/llvm-14/lib/libclang.so ] || ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || need+=(libclang-dev clang)
 pkg-config --exists opencv4 2>/dev/null || need+=(libopencv-dev pkg-config)
+# A C compiler and linux-libc-dev: tests/v4l2_camera.rs builds the simulated V4L2 device
+# (tests/support/fake_v4l2.c) at test time.
+{ command -v cc >/dev/null 2>&1 && [ -e /usr/include/linux/videodev2.h ]; } || need+=(gcc libc6-dev linux-libc-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   $SUDO apt-get update -qq

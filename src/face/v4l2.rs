@@ -3,8 +3,10 @@
 //! timeout means the device is gone (unplugged, driver reset): the face stage reopens it by path
 //! until it is back, with no restart of the daemon.
 //!
-//! No video device exists on the development and CI machines, so this shell is built and its
-//! format logic unit-tested, but it has not read a frame from real hardware here.
+//! No video device exists on the development and CI machines. `tests/v4l2_camera.rs` runs this
+//! source in the whole daemon against a device simulated at the system-call boundary
+//! (`tests/support/fake_v4l2.c`, loaded with LD_PRELOAD): negotiation, MJPEG and YUYV, stall,
+//! corrupt frames, unplug and replug. It has not read a frame from real hardware.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -362,10 +362,17 @@ impl Gate {
     }
 
     pub fn start_daemon(&mut self) {
+        self.start_daemon_with_env(&[]);
+    }
+
+    /// Start the daemon with these extra environment variables (e.g. LD_PRELOAD for the
+    /// simulated V4L2 device).
+    pub fn start_daemon_with_env(&mut self, env: &[(&str, String)]) {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
         let child = Command::new("nice")
             .args(["-n", "-10", BIN, "run", "--config", self.config.to_str().unwrap()])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

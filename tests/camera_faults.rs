@@ -7,29 +7,13 @@
 mod common;
 
 use common::{wait_for, Gate, GateOpts};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn ok(out: std::process::Output) {
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
 use common::shared_models as shared;
-
-fn camera(gate: &Gate) -> String {
-    gate.status().map(|s| s["camera"].as_str().unwrap_or("").to_string()).unwrap_or_default()
-}
-
-/// Wait for a camera state; returns how long it took.
-fn wait_state(gate: &Gate, state: &str, limit: Duration) -> Duration {
-    let t = Instant::now();
-    assert!(
-        wait_for(limit, || camera(gate) == state),
-        "camera not `{state}` within {limit:?} (is `{}`); log:\n{}",
-        camera(gate),
-        gate.log()
-    );
-    t.elapsed()
-}
 
 fn card_still_works(gate: &Gate, n: u64) {
     let before = gate.status().unwrap()["stats"]["granted"].as_u64().unwrap();
@@ -55,33 +39,33 @@ fn corrupt_gone_and_stalled_cameras_are_reported_and_recovered_while_cards_work(
     ok(gate.resident(&["add", "r-1", "--card", "H10301:7:100"]));
     gate.start_sim();
     gate.start_daemon();
-    wait_state(&gate, "ok", Duration::from_secs(30));
+    gate.wait_camera("ok", Duration::from_secs(30));
     let pid = gate.daemon_pid();
 
     // 1. Corrupt JPEGs (truncated, and garbage with a JPEG header).
     std::fs::write(cam.join("00.jpg"), &good[..good.len() / 3]).unwrap();
     std::fs::write(cam.join("01.jpg"), [0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3, 4]).unwrap();
-    let took = wait_state(&gate, "corrupt", Duration::from_secs(5));
+    let took = gate.wait_camera("corrupt", Duration::from_secs(5));
     eprintln!("corrupt frames reported after {took:?}");
     card_still_works(&gate, 100);
     std::fs::write(cam.join("00.jpg"), &good).unwrap();
     std::fs::remove_file(cam.join("01.jpg")).unwrap();
-    wait_state(&gate, "ok", Duration::from_secs(5));
+    gate.wait_camera("ok", Duration::from_secs(5));
 
     // 2. The camera goes away (unplugged): reported, and back when it returns.
     std::fs::remove_dir_all(&cam).unwrap();
-    let took = wait_state(&gate, "gone", Duration::from_secs(5));
+    let took = gate.wait_camera("gone", Duration::from_secs(5));
     eprintln!("camera gone reported after {took:?}");
     card_still_works(&gate, 100);
     std::fs::create_dir_all(&cam).unwrap();
     std::fs::write(cam.join("00.jpg"), &good).unwrap();
-    wait_state(&gate, "ok", Duration::from_secs(5));
+    gate.wait_camera("ok", Duration::from_secs(5));
 
     // 3. A stalled camera: its frames stop coming (the fifo never delivers one).
     std::fs::remove_file(cam.join("00.jpg")).unwrap();
     let fifo = cam.join("00.jpg");
     ok(std::process::Command::new("mkfifo").arg(&fifo).output().unwrap());
-    let took = wait_state(&gate, "stalled", Duration::from_secs(6));
+    let took = gate.wait_camera("stalled", Duration::from_secs(6));
     eprintln!("stall reported after {took:?}");
     card_still_works(&gate, 100);
     // Unblock the reader, put a real frame back: recovered.
@@ -95,7 +79,7 @@ fn corrupt_gone_and_stalled_cameras_are_reported_and_recovered_while_cards_work(
     std::thread::sleep(Duration::from_millis(200));
     std::fs::remove_file(&fifo).unwrap();
     std::fs::write(cam.join("00.jpg"), &good).unwrap();
-    wait_state(&gate, "ok", Duration::from_secs(8));
+    gate.wait_camera("ok", Duration::from_secs(8));
 
     assert_eq!(gate.daemon_pid(), pid, "recovered without a restart");
 }

@@ -16,7 +16,7 @@ use common::{wait_for, Broker, Gate, GateOpts, Subscriber};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::shared_models as shared;
 
@@ -131,21 +131,6 @@ impl Fake {
     }
 }
 
-fn camera(gate: &Gate) -> String {
-    gate.status().map(|s| s["camera"].as_str().unwrap_or("").to_string()).unwrap_or_default()
-}
-
-fn wait_state(gate: &Gate, state: &str, limit: Duration) -> Duration {
-    let t = Instant::now();
-    assert!(
-        wait_for(limit, || camera(gate) == state),
-        "camera not `{state}` within {limit:?} (is `{}`); log:\n{}",
-        camera(gate),
-        gate.log()
-    );
-    t.elapsed()
-}
-
 fn face_grants(sub: &Subscriber) -> usize {
     sub.events("access")
         .iter()
@@ -228,7 +213,7 @@ fn the_v4l2_source_streams_mjpeg_and_yuyv_and_survives_stall_corruption_and_unpl
 
     // 2. Unplugged: reported within 5 s, cards still work; replugged: back without a restart.
     fake.set("unplug");
-    let took = wait_state(&gate, "gone", Duration::from_secs(5));
+    let took = gate.wait_camera("gone", Duration::from_secs(5));
     eprintln!("unplug reported after {took:?}");
     let granted = gate.status().unwrap()["stats"]["granted"].as_u64().unwrap();
     gate.swipe(7, 1001);
@@ -239,7 +224,7 @@ fn the_v4l2_source_streams_mjpeg_and_yuyv_and_survives_stall_corruption_and_unpl
     );
     std::thread::sleep(Duration::from_millis(1500)); // reopen attempts while unplugged fail (ENOENT)
     fake.set("ok");
-    let took = wait_state(&gate, "ok", Duration::from_secs(5));
+    let took = gate.wait_camera("ok", Duration::from_secs(5));
     eprintln!("replug recovered after {took:?}");
     assert!(fake.stat("opens") > opens, "the device was not opened again");
     let before = face_grants(&sub);
@@ -248,15 +233,15 @@ fn the_v4l2_source_streams_mjpeg_and_yuyv_and_survives_stall_corruption_and_unpl
     // 3. Stalled (no frame is ever ready), then corrupt MJPEG: each reported within 5 s, and
     //    recovered.
     fake.set("stall");
-    let took = wait_state(&gate, "stalled", Duration::from_secs(5));
+    let took = gate.wait_camera("stalled", Duration::from_secs(5));
     eprintln!("stall reported after {took:?}");
     fake.set("ok");
-    wait_state(&gate, "ok", Duration::from_secs(5));
+    gate.wait_camera("ok", Duration::from_secs(5));
     fake.set("corrupt");
-    let took = wait_state(&gate, "corrupt", Duration::from_secs(5));
+    let took = gate.wait_camera("corrupt", Duration::from_secs(5));
     eprintln!("corrupt frames reported after {took:?}");
     fake.set("ok");
-    wait_state(&gate, "ok", Duration::from_secs(5));
+    gate.wait_camera("ok", Duration::from_secs(5));
     assert_eq!(gate.daemon_pid(), pid, "no restart");
     let before = face_grants(&sub);
     wait_face_grant(&gate, &sub, before, "after stall and corruption");

@@ -382,6 +382,23 @@ impl Gate {
         assert!(ok, "daemon did not come up; log:\n{}", self.log());
     }
 
+    /// The camera state `menshen status` reports ("" before the daemon answers).
+    pub fn camera(&self) -> String {
+        self.status().map(|s| s["camera"].as_str().unwrap_or("").to_string()).unwrap_or_default()
+    }
+
+    /// Wait for a camera state; returns how long it took.
+    pub fn wait_camera(&self, state: &str, limit: Duration) -> Duration {
+        let t = Instant::now();
+        assert!(
+            wait_for(limit, || self.camera() == state),
+            "camera not `{state}` within {limit:?} (is `{}`); log:\n{}",
+            self.camera(),
+            self.log()
+        );
+        t.elapsed()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }

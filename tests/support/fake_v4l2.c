@@ -327,40 +327,39 @@ static int open_device(void) {
     return fd;
 }
 
-int open(const char *path, int flags, ...) {
-    resolve();
-    mode_t mode = 0;
-    if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
+/* open and open64 differ only in the libc function they fall through to. */
+static int open_common(int (*real)(const char *, int, ...), const char *path, int flags, mode_t mode) {
     if (is_device(path)) {
         pthread_mutex_lock(&lock);
         int r = open_device();
         pthread_mutex_unlock(&lock);
         return r;
     }
-    return real_open(path, flags, mode);
+    return real(path, flags, mode);
+}
+
+#define OPEN_MODE(flags, mode)                                                \
+    do {                                                                      \
+        if (((flags) & O_CREAT) || ((flags) & O_TMPFILE) == O_TMPFILE) {      \
+            va_list ap;                                                       \
+            va_start(ap, flags);                                              \
+            mode = va_arg(ap, mode_t);                                        \
+            va_end(ap);                                                       \
+        }                                                                     \
+    } while (0)
+
+int open(const char *path, int flags, ...) {
+    resolve();
+    mode_t mode = 0;
+    OPEN_MODE(flags, mode);
+    return open_common(real_open, path, flags, mode);
 }
 
 int open64(const char *path, int flags, ...) {
     resolve();
     mode_t mode = 0;
-    if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
-    if (is_device(path)) {
-        pthread_mutex_lock(&lock);
-        int r = open_device();
-        pthread_mutex_unlock(&lock);
-        return r;
-    }
-    return real_open64(path, flags, mode);
+    OPEN_MODE(flags, mode);
+    return open_common(real_open64, path, flags, mode);
 }
 
 int close(int fd) {

@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use menshen::bus::StateBoard;
 use menshen::clock::MonoTime;
+use menshen::daemon::stages::{link, StageCtx};
 use menshen::events::NewEvent;
-use menshen::mqtt::{LinkCtx, StateBoard};
 use menshen::stats::Stats;
 use menshen::store::Store;
 
@@ -55,18 +56,16 @@ fn start_link(cfg: &Arc<menshen::config::Config>, store: &Arc<Store>) -> Link {
     let stop = CancellationToken::new();
     let (commands, _cmd_rx) = mpsc::channel(16);
     let (_out_tx, outgoing) = mpsc::channel(16);
-    let ctx = LinkCtx {
+    let ctx = StageCtx {
+        name: "mqtt".into(),
         cfg: cfg.clone(),
         store: store.clone(),
         stats: stats.clone(),
-        wake: wake.clone(),
-        board: Arc::new(StateBoard::default()),
-        commands,
-        outgoing,
         started: MonoTime::now(),
         shutdown: stop.clone(),
     };
-    let task = tokio::spawn(menshen::mqtt::run(ctx));
+    let io = link::LinkIo { wake: wake.clone(), board: Arc::new(StateBoard::default()), commands, outgoing };
+    let task = tokio::spawn(link::run(ctx, io));
     Link { stats, wake, stop, task }
 }
 

@@ -10,8 +10,9 @@
 //!   (the template deleted), and the deletion settled (key destroyed, signed receipt stored).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test workload: a failure ends it, the test sees it
 
+use menshen::model::FaceConsent;
 use menshen::model::{AccessMode, Credential, CredentialKind, Resident, ResidentId, Validity};
-use menshen::store::{Claim, FaceConsent, RosterOp, Store};
+use menshen::store::{Claim, RosterOp};
 use menshen::wiegand::{CardId, Format};
 use std::io::Write;
 use std::path::PathBuf;
@@ -26,7 +27,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let dir = PathBuf::from(args.next().expect("STATE_DIR"));
     let first: u64 = args.next().expect("FIRST_RESIDENT").parse().expect("a number");
-    let store = match Store::open(&dir.join("menshen.redb")) {
+    let store = match menshen::privacy::audit::AuditLog::open_store(&dir.join("menshen.redb")) {
         Ok(s) => s,
         Err(e) => {
             say(&format!("error open {e}"));

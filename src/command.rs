@@ -590,7 +590,7 @@ pub fn parse(inb: &Inbound, site: &str, gate: &str, limits: &Limits, now_ms: i64
         inb.response_topic.as_ref().map(|t| ReplyTo { topic: t.clone(), correlation: inb.correlation.clone() });
     let corr_id = inb.correlation.as_ref().map(|c| match std::str::from_utf8(c) {
         Ok(s) if valid_request_id(s) => s.to_string(),
-        _ => c.iter().map(|b| format!("{b:02x}")).collect(),
+        _ => crate::digest::hex(c),
     });
     let refuse = |verb: Option<Verb>, rid: Option<String>, reply: Option<ReplyTo>, error: CmdError| {
         Box::new(Refusal { verb, request_id: rid, reply, error })
@@ -790,12 +790,12 @@ fn verb_args(verb: Verb, obj: Map<String, Value>, limits: &Limits) -> Result<Com
         }
         Verb::ConsentRecord => {
             let a: ConsentArgs = args(obj)?;
-            if a.retention_days == Some(0) || a.retention_days.is_some_and(|d| d > crate::store::MAX_RETENTION_DAYS) {
+            if a.retention_days == Some(0) || a.retention_days.is_some_and(|d| d > crate::model::MAX_RETENTION_DAYS) {
                 return Err(CmdError::new(
                     ErrorCode::InvalidValue,
                     format!(
                         "retention_days must be 1..={}: a consent is never unlimited",
-                        crate::store::MAX_RETENTION_DAYS
+                        crate::model::MAX_RETENTION_DAYS
                     ),
                 ));
             }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, CameraConfig, Config};
 use crate::face::source::SourceError;
 use crate::hw;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -212,7 +212,7 @@ async fn check_camera(cfg: &Config, n: usize) -> Check {
         return check("camera", Status::Warn, "face.enabled but no face.camera: no face verdicts will come", None);
     };
     let fix = camera_fix(&cam);
-    if let Ok(st) = crate::app::status(cfg) {
+    if let Ok(st) = crate::daemon::status_query(cfg) {
         let state = st["camera"].as_str().unwrap_or("unknown").to_string();
         let status = if state == "ok" { Status::Ok } else { Status::Fail };
         return check(
@@ -229,12 +229,12 @@ async fn check_camera(cfg: &Config, n: usize) -> Check {
     let read = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         let mut reads = Vec::new();
-        let mut source = match crate::face::stage::open_source(&cam) {
+        let mut source = match crate::face::source::open_source(&cam) {
             Ok(s) => s,
             Err(e) => return (vec![CameraRead::Gone(e.to_string())], started.elapsed()),
         };
         while reads.len() < n {
-            let r = match source.next(crate::face::stage::STALL) {
+            let r = match source.next(crate::face::source::STALL) {
                 Ok(raw) => match raw.decode() {
                     Ok(img) => CameraRead::Frame { width: img.width, height: img.height },
                     Err(e) => CameraRead::Corrupt(e.to_string()),
@@ -378,14 +378,14 @@ fn check_store(cfg: &Config) -> Check {
             None,
         );
     }
-    match Store::open(&path) {
+    match crate::privacy::audit::AuditLog::open_store(&path) {
         Ok(s) => {
             let residents = s.residents().map(|r| r.len()).unwrap_or(0);
             let depth = s.outbox_depth().unwrap_or(0);
             let v = s.schema_version().unwrap_or(0);
             check("store", Status::Ok, format!("schema {v}, {residents} residents, {depth} events waiting"), None)
         }
-        Err(StoreError::Locked) => match crate::app::status(cfg) {
+        Err(StoreError::Locked) => match crate::daemon::status_query(cfg) {
             Ok(st) => check(
                 "store",
                 Status::Ok,

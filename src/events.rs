@@ -232,6 +232,27 @@ impl NewEvent {
         }
     }
 
+    /// A `face_and_card` decision: the card's frame and reader, and the face's match bucket.
+    #[allow(clippy::too_many_arguments)]
+    pub fn access_face_and_card(
+        ts_ms: i64,
+        decision: Decision,
+        door: &str,
+        reader: &str,
+        resident: Option<&str>,
+        card: CardId,
+        bits: Bits,
+        face_match: Option<&str>,
+    ) -> NewEvent {
+        let mut ev =
+            NewEvent::access_face(ts_ms, decision, Method::FaceAndCard, door, resident, Some(card), face_match);
+        if let Body::Access { reader: r, frame, .. } = &mut ev.body {
+            *r = Some(reader.into());
+            *frame = Some(bits.into());
+        }
+        ev
+    }
+
     pub fn exit_request(ts_ms: i64, door: &str) -> NewEvent {
         NewEvent {
             kind: EventType::Access,

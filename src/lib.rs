@@ -4,21 +4,24 @@
 //! is ever forced to use (SPC 2021 face-recognition provisions, Art. 10). Decisions are made on
 //! the gate, durable events reach the building management system over MQTT.
 //!
-//! Start with `ARCHITECTURE.md`. The pure cores are [`wiegand`], [`policy`] and [`door`]; the
-//! shells are the stages in [`app`]; hardware sits behind the traits in [`hw`].
+//! Start with `ARCHITECTURE.md`. The pure cores are [`wiegand`], [`policy`], [`gate`] and [`door`]; the
+//! shells are the stages in [`daemon::stages`], wired in one place, [`daemon::topology`];
+//! [`bus`] holds the messages between them; hardware sits behind the traits in [`hw`].
 #![forbid(unsafe_code)]
 
-pub mod api;
-pub mod app;
+pub mod bus;
 pub mod cli;
 pub mod clock;
 pub mod command;
 pub mod config;
+pub mod daemon;
+pub mod digest;
 pub mod doctor;
 pub mod door;
 pub mod durable;
 pub mod events;
 pub mod face;
+pub mod gate;
 pub mod hw;
 pub mod model;
 pub mod mqtt;

@@ -317,3 +317,80 @@ mod tests {
         assert!(Schedule::default().validate().is_err());
     }
 }
+
+/// A resident's separate consent to face recognition (REQUIREMENTS P3, SPC Art. 2, PIPL Art. 29):
+/// for face processing alone, naming the published rules they were shown. There is no field that
+/// could make it irrevocable or unlimited: it can always be withdrawn, and the template it covers
+/// is deleted after `retention_days` without face use.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaceConsent {
+    pub granted_ms: i64,
+    pub rules_version: String,
+    /// SHA-256 of the rules text shown (hex).
+    #[serde(default)]
+    pub rules_sha256: String,
+    /// Always `gate_access`: recognition at this gate, nothing else (P8).
+    #[serde(default = "default_purpose")]
+    pub purpose: String,
+    /// Days without face use after which the template is deleted.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// How it was given: `bms`, `cli`, `paper`, `app`, ... (a short word).
+    #[serde(default)]
+    pub channel: String,
+    /// The resident is a minor: their guardian consents (PIPL Art. 31).
+    #[serde(default)]
+    pub minor: bool,
+    /// For a minor: the guardian who consented (an opaque reference, never a name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guardian: Option<String>,
+}
+
+/// The longest retention a consent may name (10 years); there is no unlimited consent.
+pub const MAX_RETENTION_DAYS: u32 = 3650;
+
+pub(crate) const DAY_MS: i64 = 86_400_000;
+
+impl FaceConsent {
+    /// What every stored consent must be (P3).
+    pub fn validate(&self) -> Result<(), String> {
+        let word = |s: &str| {
+            !s.is_empty() && s.len() <= 32 && s.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+        };
+        if self.rules_version.is_empty() || self.rules_version.len() > 64 {
+            return Err("rules_version must name the published rules (1-64 characters)".into());
+        }
+        if self.rules_sha256.len() != 64 || !self.rules_sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err("rules_sha256 must be the 64-digit SHA-256 of the rules text".into());
+        }
+        if self.purpose != "gate_access" {
+            return Err(format!("purpose `{}`: the only purpose is `gate_access` (P8)", self.purpose));
+        }
+        if self.retention_days == 0 || self.retention_days > MAX_RETENTION_DAYS {
+            return Err(format!(
+                "retention_days must be 1..={MAX_RETENTION_DAYS} (got {}): a consent is never unlimited",
+                self.retention_days
+            ));
+        }
+        if !word(&self.channel) {
+            return Err("channel must be a short word (bms, cli, paper, app)".into());
+        }
+        match (&self.guardian, self.minor) {
+            (Some(g), _) => {
+                ResidentId::new(g).map_err(|e| format!("guardian: {e}"))?;
+            }
+            (None, true) => return Err("a minor's consent is given by a guardian: name the guardian".into()),
+            (None, false) => {}
+        }
+        Ok(())
+    }
+}
+
+fn default_purpose() -> String {
+    "gate_access".into()
+}
+
+fn default_retention_days() -> u32 {
+    365
+}

@@ -29,6 +29,11 @@ pub struct Stats {
     pub wiegand_edges: AtomicU64,
     /// Wiegand frames the reader stages have ended (cards and rejections), all readers.
     pub wiegand_frames: AtomicU64,
+    /// Events held in memory because the store could not be written (a full disk, an I/O
+    /// error): what a crash at this moment would lose.
+    pub events_held: AtomicU64,
+    /// Events dropped because more than the memory bound waited for the store.
+    pub events_lost: AtomicU64,
     /// The camera's state (`disabled` without a face path).
     camera: Mutex<&'static str>,
     rejections: Mutex<BTreeMap<&'static str, u64>>,

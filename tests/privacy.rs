@@ -55,7 +55,7 @@ fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 /// own keys while it still has them.
 fn stored_template(gate: &Gate, id: &str) -> (Vec<u8>, Vec<f32>) {
     let cfg = menshen::config::load(&gate.config).unwrap();
-    let store = menshen::store::Store::open(&cfg.store_path()).unwrap();
+    let store = menshen::privacy::audit::AuditLog::open_store(&cfg.store_path()).unwrap();
     let (_, blob) = store.templates().unwrap().into_iter().find(|(o, _)| o == id).unwrap();
     let privacy = menshen::privacy::shred::Privacy::open(&cfg).unwrap();
     let t = privacy.keyring.open_template(id, &blob).unwrap();
@@ -261,10 +261,10 @@ fn consent_enrolment_deletion_receipt_and_audit_end_to_end() {
 
 #[test]
 fn a_retention_sweep_after_a_clock_jump_deletes_exactly_the_expired_templates() {
+    use menshen::model::FaceConsent;
     use menshen::model::{AccessMode, Credential, CredentialKind, Resident, ResidentId, Validity};
-    use menshen::store::{FaceConsent, Store};
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("state/menshen.redb")).unwrap();
+    let store = menshen::privacy::audit::AuditLog::open_store(&dir.path().join("state/menshen.redb")).unwrap();
     let privacy = menshen::privacy::shred::Privacy::open_at(
         &dir.path().join("state/keys"),
         &dir.path().join("state/device.key"),

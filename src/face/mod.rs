@@ -1,6 +1,7 @@
 //! The face path: frames → detection → alignment → embedding → 1:N match → a verdict over
 //! several frames. Pure stages (`detect`, `align`, `matcher`, `quality`, `track`, `liveness`)
-//! do no I/O; [`engine`] holds the ONNX sessions.
+//! do no I/O; [`engine`] holds the ONNX sessions. The face thread that runs them at the gate is
+//! the face stage, `daemon::stages::face`.
 
 pub mod align;
 pub mod detect;
@@ -14,7 +15,6 @@ pub mod matcher;
 pub mod ocv;
 pub mod quality;
 pub mod source;
-pub mod stage;
 pub mod tools;
 pub mod track;
 pub mod v4l2;

@@ -4,41 +4,7 @@
 use super::detect::Face;
 use super::image::{laplacian_variance, Rgb};
 
-#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct QualityGate {
-    /// Smallest face box width, in frame pixels.
-    #[serde(default = "d_min_face")]
-    pub min_face_px: f32,
-    /// Largest nose offset from the eye midline, as a fraction of the eye distance (yaw proxy).
-    #[serde(default = "d_yaw")]
-    pub max_yaw: f32,
-    /// Largest eye-line tilt, in degrees.
-    #[serde(default = "d_roll")]
-    pub max_roll_deg: f32,
-    /// Smallest variance of the Laplacian of the aligned 112×112 face (lower is blurred).
-    #[serde(default = "d_sharp")]
-    pub min_sharpness: f32,
-}
-
-fn d_min_face() -> f32 {
-    60.0
-}
-fn d_yaw() -> f32 {
-    0.35
-}
-fn d_roll() -> f32 {
-    25.0
-}
-fn d_sharp() -> f32 {
-    20.0
-}
-
-impl Default for QualityGate {
-    fn default() -> Self {
-        QualityGate { min_face_px: d_min_face(), max_yaw: d_yaw(), max_roll_deg: d_roll(), min_sharpness: d_sharp() }
-    }
-}
+pub use crate::config::QualityGate;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

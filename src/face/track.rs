@@ -17,43 +17,9 @@ pub enum FrameOutcome {
     },
 }
 
-/// A decision the face path hands to the policy.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    Matched { resident: String, score: f32 },
-    NotRecognized,
-    Spoof,
-}
+pub use crate::bus::Verdict;
 
-#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Agreement {
-    /// Consecutive face frames that must agree.
-    #[serde(default = "d_frames")]
-    pub frames: usize,
-    /// All of them within this many milliseconds.
-    #[serde(default = "d_window")]
-    pub window_ms: u64,
-    /// After a verdict, no other for this long (the person walks through).
-    #[serde(default = "d_cooldown")]
-    pub cooldown_ms: u64,
-}
-
-fn d_frames() -> usize {
-    3
-}
-fn d_window() -> u64 {
-    1500
-}
-fn d_cooldown() -> u64 {
-    3000
-}
-
-impl Default for Agreement {
-    fn default() -> Self {
-        Agreement { frames: d_frames(), window_ms: d_window(), cooldown_ms: d_cooldown() }
-    }
-}
+pub use crate::config::Agreement;
 
 #[derive(Debug, Clone)]
 pub struct Tracker {

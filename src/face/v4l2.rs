@@ -19,22 +19,7 @@ use v4l::{Device, FourCC};
 
 use super::source::{FrameSource, RawFrame, SourceError};
 
-/// The pixel formats the face path decodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PixelFormat {
-    Mjpeg,
-    Yuyv,
-}
-
-impl PixelFormat {
-    pub fn fourcc(self) -> [u8; 4] {
-        match self {
-            PixelFormat::Mjpeg => *b"MJPG",
-            PixelFormat::Yuyv => *b"YUYV",
-        }
-    }
-}
+pub use crate::config::PixelFormat;
 
 /// Check what the driver agreed to: it may change the size or the format silently.
 pub fn check_negotiated(want: (u32, u32, PixelFormat), got: (u32, u32, [u8; 4])) -> Result<(), String> {

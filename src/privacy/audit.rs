@@ -17,25 +17,7 @@ use std::path::{Path, PathBuf};
 
 use super::hex;
 
-/// A change to record (before it is numbered and chained).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuditEntry {
-    pub ts_ms: i64,
-    /// `enrolment`, `deletion`, `mode_changed`, `consent_recorded`, `consent_withdrawn`,
-    /// `resident_added`, `resident_removed`, `credential_added`, `credential_removed`,
-    /// `roster_synced`, `config_changed`.
-    pub kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resident: Option<String>,
-    pub detail: String,
-}
-
-impl AuditEntry {
-    pub fn new(ts_ms: i64, kind: &str, resident: Option<&str>, detail: impl Into<String>) -> AuditEntry {
-        AuditEntry { ts_ms, kind: kind.into(), resident: resident.map(str::to_string), detail: detail.into() }
-    }
-}
+pub use crate::store::AuditEntry;
 
 /// A chained record: one line of the file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,6 +142,23 @@ impl AuditLog {
         &self.path
     }
 
+    /// Open the store with this file as its audit sink: the daemon's and the tools' way to open
+    /// the store, so that every change's record reaches `audit.jsonl` (beside the store).
+    pub fn open_store(path: &Path) -> Result<crate::store::Store, crate::store::StoreError> {
+        Ok(AuditLog::open_store_shared(path)?.0)
+    }
+
+    /// As [`AuditLog::open_store`], also returning the audit file for others to share (the
+    /// privacy stage prunes through the same handle, so an append and a prune never interleave).
+    pub fn open_store_shared(
+        path: &Path,
+    ) -> Result<(crate::store::Store, std::sync::Arc<AuditLog>), crate::store::StoreError> {
+        let mut store = crate::store::Store::open(path)?;
+        let log = std::sync::Arc::new(AuditLog::new(&path.with_file_name("audit.jsonl")));
+        store.set_audit_sink(Box::new(log.clone()));
+        Ok((store, log))
+    }
+
     /// The last record's seq and hash. A last line cut short by a power cut (an append that was
     /// never fsynced, so its records are still waiting in the store) is removed first; nothing
     /// else is ever removed, so an altered record stays for `verify` to find.
@@ -260,6 +259,12 @@ impl AuditLog {
             crate::durable::sync_parent(&self.path)?;
         }
         Ok(dropped)
+    }
+}
+
+impl crate::store::AuditSink for std::sync::Arc<AuditLog> {
+    fn append(&self, entries: &[(u64, AuditEntry)]) -> std::io::Result<usize> {
+        AuditLog::append(self, entries)
     }
 }
 

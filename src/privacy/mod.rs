@@ -17,23 +17,11 @@ pub mod shred;
 pub use keys::{DeviceKey, Keyring, SealError};
 pub use receipt::{Receipt, Signer};
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Parse lower- or upper-case hex.
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
-}
+pub use crate::digest::{hex, unhex};
 
 /// SHA-256 of the rules text, hex: what a consent names next to the version.
 pub fn rules_sha256(text: &str) -> String {
-    use sha2::{Digest, Sha256};
-    hex(&Sha256::digest(text.as_bytes()))
+    crate::digest::sha256_hex(text.as_bytes())
 }
 
 /// How a consent is asked for (CLI flags or the `consent.record` command).
@@ -52,7 +40,7 @@ pub fn consent_for(
     cfg: &crate::config::Config,
     req: &ConsentRequest,
     now_ms: i64,
-) -> Result<crate::store::FaceConsent, String> {
+) -> Result<crate::model::FaceConsent, String> {
     let (version, text) = cfg.rules()?;
     let sha = rules_sha256(&text);
     if let Some((v, s)) = &req.shown_rules {
@@ -72,7 +60,7 @@ pub fn consent_for(
             cfg.privacy.max_retention_days
         ));
     }
-    let c = crate::store::FaceConsent {
+    let c = crate::model::FaceConsent {
         granted_ms: now_ms,
         rules_version: version,
         rules_sha256: sha,
@@ -117,4 +105,55 @@ pub fn export(
         "deletions_pending_receipt": pending,
         "note": "the template itself is never exported; camera images are never stored",
     }))
+}
+
+/// Why a template was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error(transparent)]
+    Seal(#[from] keys::SealError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Seal `template` under a new data key and store it (the store's transaction checks the
+/// resident, their mode and consent). A refused template takes its data key with it. The one
+/// way a template is stored: from photos (CLI) and from the gate's camera (`face.enrol`) alike.
+pub fn store_template(
+    store: &crate::store::Store,
+    keyring: &keys::Keyring,
+    id: &crate::model::ResidentId,
+    template: &[f32],
+    now_ms: i64,
+) -> Result<keys::KeyId, TemplateError> {
+    let (key_id, sealed) = keyring.seal(id.as_str(), template)?;
+    if let Err(e) = store.put_template(id, &key_id, &sealed, now_ms) {
+        // The data key was written first: it goes with the refused template.
+        if let Err(error) = keyring.destroy(&key_id) {
+            tracing::error!(%error, key_id = %key_id, "data key of a refused template not destroyed (the orphan sweep retries)");
+        }
+        return Err(e.into());
+    }
+    Ok(key_id)
+}
+
+/// Every stored template opened with the keyring, as a gallery of dimension `dim`; templates
+/// that cannot be opened or added are returned with the reason, beside it.
+pub fn open_gallery(
+    store: &crate::store::Store,
+    keyring: &keys::Keyring,
+    dim: usize,
+) -> Result<(crate::face::matcher::Gallery, Vec<(String, String)>), crate::store::StoreError> {
+    let mut g = crate::face::matcher::Gallery::new(dim);
+    let mut unusable = Vec::new();
+    for (owner, blob) in store.templates()? {
+        let added = keyring
+            .open_template(&owner, &blob)
+            .map_err(|e| e.to_string())
+            .and_then(|t| g.add(&owner, &t).map_err(|e| e.to_string()));
+        if let Err(why) = added {
+            unusable.push((owner, why));
+        }
+    }
+    Ok((g, unusable))
 }

@@ -1,4 +1,4 @@
-//! The command stage: carries out validated BMS commands (REQUIREMENTS M1–M3, P1, P2, P4).
+//! The commands stage: carries out validated BMS commands (REQUIREMENTS M1–M3, P1, P2, P4).
 //!
 //! The MQTT link hands every publish on a command topic to [`run`]. [`command::parse`] checks
 //! shape, replay rules and limits without touching anything; this stage then does what needs the
@@ -8,57 +8,60 @@
 //! reply topic; every refusal is counted by code.
 
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use crate::app::DoorCmd;
-use crate::clock::{wall_ms, MonoTime};
+use super::StageCtx;
+use crate::bus::{DoorCmd, EnrolFailure, EnrolJob, EnrolQueue, NotQueued, Outgoing};
+use crate::clock::wall_ms;
 use crate::command::{self, CmdError, Command, ErrorCode, Inbound, Request, ResidentSpec, Verb};
 use crate::config::Config;
+use crate::daemon::status;
 use crate::events::NewEvent;
-use crate::model::CredentialKind;
-use crate::mqtt::Outgoing;
+use crate::model::{CredentialKind, ResidentId};
 use crate::stats::Stats;
-use crate::store::{Claim, OpOutcome, RosterOp, Store, StoreError};
+use crate::store::{Claim, OpOutcome, RosterOp, StoreError};
 
-/// What the command stage needs.
-pub struct ApiCtx {
-    pub cfg: Arc<Config>,
-    pub store: Arc<Store>,
-    pub stats: Arc<Stats>,
+/// The commands stage's channels.
+pub struct CommandsIo {
+    /// Command publishes, from the link.
+    pub inbound: mpsc::Receiver<Inbound>,
     pub doors: HashMap<String, mpsc::Sender<DoorCmd>>,
     pub events: mpsc::Sender<NewEvent>,
     /// Replies and re-sent events, published by the link.
     pub out: mpsc::Sender<Outgoing>,
-    pub started: MonoTime,
-    pub shutdown: CancellationToken,
     /// The face stage's enrolment queue (none without a face path and camera).
-    pub enrol: Option<crate::face::stage::EnrolQueue>,
+    pub enrol: Option<EnrolQueue>,
+}
+
+/// What a command runs with.
+struct Cmd<'a> {
+    ctx: &'a StageCtx,
+    io: &'a CommandsIo,
 }
 
 /// Run until shutdown.
-pub async fn run(ctx: ApiCtx, mut rx: mpsc::Receiver<Inbound>) {
+pub async fn run(ctx: StageCtx, mut io: CommandsIo) {
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     loop {
         let inb = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
-            m = rx.recv() => match m { Some(m) => m, None => { ctx.shutdown.cancelled().await; break } },
-            _ = beat.tick() => { ctx.stats.beat("api"); continue; }
+            m = io.inbound.recv() => match m { Some(m) => m, None => { ctx.shutdown.cancelled().await; break } },
+            _ = beat.tick() => { ctx.beat(); continue; }
         };
-        handle(&ctx, inb).await;
+        handle(&Cmd { ctx: &ctx, io: &io }, inb).await;
     }
 }
 
 /// Parse, execute and answer one command.
-pub async fn handle(ctx: &ApiCtx, inb: Inbound) {
-    let (site, gate) = (&ctx.cfg.gate.site, &ctx.cfg.gate.gate);
+async fn handle(ctx: &Cmd<'_>, inb: Inbound) {
+    let cfg = &ctx.ctx.cfg;
+    let (site, gate) = (&cfg.gate.site, &cfg.gate.gate);
     let now = wall_ms();
-    let (verb, request_id, reply, outcome) = match command::parse(&inb, site, gate, &ctx.cfg.limits(), now) {
+    let (verb, request_id, reply, outcome) = match command::parse(&inb, site, gate, &cfg.limits(), now) {
         Err(refusal) => (refusal.verb, refusal.request_id, refusal.reply, Err(refusal.error)),
         Ok(req) => {
             if let Command::FaceEnrol { .. } = &req.command {
@@ -66,8 +69,8 @@ pub async fn handle(ctx: &ApiCtx, inb: Inbound) {
                 // reply comes from a task of its own when the face stage is done.
                 match start_enrolment(ctx, &req, now).await {
                     Ok(wait) => {
-                        let out = Responder { out: ctx.out.clone(), stats: ctx.stats.clone(), cfg: ctx.cfg.clone() };
-                        let events = ctx.events.clone();
+                        let out = ctx.responder();
+                        let events = ctx.io.events.clone();
                         let (verb, rid, reply) = (req.verb, req.request_id.clone(), req.reply.clone());
                         tokio::spawn(async move {
                             let outcome = wait.await;
@@ -89,9 +92,13 @@ pub async fn handle(ctx: &ApiCtx, inb: Inbound) {
             }
         }
     };
-    Responder { out: ctx.out.clone(), stats: ctx.stats.clone(), cfg: ctx.cfg.clone() }
-        .respond(verb, request_id, reply, outcome)
-        .await;
+    ctx.responder().respond(verb, request_id, reply, outcome).await;
+}
+
+impl Cmd<'_> {
+    fn responder(&self) -> Responder {
+        Responder { out: self.io.out.clone(), stats: self.ctx.stats.clone(), cfg: self.ctx.cfg.clone() }
+    }
 }
 
 /// Counts, logs and answers a command's outcome.
@@ -139,7 +146,7 @@ impl Responder {
 
 /// Check a `face.enrol` and hand it to the face stage; the returned future is its outcome.
 async fn start_enrolment(
-    ctx: &ApiCtx,
+    ctx: &Cmd<'_>,
     req: &Request,
     now: i64,
 ) -> Result<impl std::future::Future<Output = Result<Value, CmdError>>, CmdError> {
@@ -149,15 +156,14 @@ async fn start_enrolment(
     if req.site_wide {
         return Err(CmdError::new(ErrorCode::InvalidValue, "face.enrol is per gate: send it to the gate's own topic"));
     }
-    let Some(queue) = ctx.enrol.clone() else {
+    let Some(queue) = ctx.io.enrol.clone() else {
         return Err(CmdError::new(
             ErrorCode::FaceUnavailable,
             "this gate has no face path (face.enabled and a camera)",
         ));
     };
-    use crate::face::stage::NotQueued;
     // The same checks the store makes when the template is written, first, before any frame.
-    let (store, id) = (ctx.store.clone(), resident.clone());
+    let (store, id) = (ctx.ctx.store.clone(), resident.clone());
     let (found, consent) = tokio::task::spawn_blocking(move || (store.resident(&id), store.face_consent(&id)))
         .await
         .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?;
@@ -173,7 +179,7 @@ async fn start_enrolment(
     // The request id is claimed before the camera is used: a replayed command is refused.
     apply(ctx, RosterOp::Nothing, &req.request_id, now).await?;
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let job = crate::face::stage::EnrolJob {
+    let job = EnrolJob {
         resident: resident.to_string(),
         frames: *frames,
         deadline: std::time::Instant::now() + Duration::from_millis(*timeout_ms),
@@ -185,7 +191,6 @@ async fn start_enrolment(
     })?;
     let (resident, timeout) = (resident.to_string(), Duration::from_millis(*timeout_ms + 5_000));
     Ok(async move {
-        use crate::face::stage::EnrolFailure;
         let _one_at_a_time = permit;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Ok(e))) => Ok(json!({"resident": resident, "key_id": e.key_id, "frames_seen": e.frames_seen})),
@@ -227,21 +232,21 @@ fn store_error(e: StoreError) -> CmdError {
 }
 
 /// Apply a roster op with the request's id claimed in the same transaction.
-async fn apply(ctx: &ApiCtx, op: RosterOp, request_id: &str, now: i64) -> Result<OpOutcome, CmdError> {
-    let store = ctx.store.clone();
+async fn apply(ctx: &Cmd<'_>, op: RosterOp, request_id: &str, now: i64) -> Result<OpOutcome, CmdError> {
+    let store = ctx.ctx.store.clone();
     let rid = request_id.to_string();
     let res = tokio::task::spawn_blocking(move || store.apply(op, Some(Claim { request_id: &rid, now_ms: now }), now))
         .await
         .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?;
     if let Err(StoreError::Db(_) | StoreError::Corrupt { .. }) = &res {
-        ctx.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+        ctx.ctx.stats.store_errors.fetch_add(1, Ordering::Relaxed);
     }
     res.map_err(store_error)
 }
 
-async fn emit(ctx: &ApiCtx, ev: NewEvent) {
+async fn emit(ctx: &Cmd<'_>, ev: NewEvent) {
     // The outbox stage stores it durably; it only closes once every producer is gone.
-    let _ = ctx.events.send(ev).await;
+    let _ = ctx.io.events.send(ev).await;
 }
 
 fn roster_changed(now: i64, what: &str, request_id: &str) -> NewEvent {
@@ -252,40 +257,67 @@ fn roster_changed(now: i64, what: &str, request_id: &str) -> NewEvent {
 pub fn roster_digest(residents: &[ResidentSpec]) -> u64 {
     let mut sorted: Vec<&ResidentSpec> = residents.iter().collect();
     sorted.sort_by(|a, b| a.id.cmp(&b.id));
-    let bytes = serde_json::to_vec(&sorted).unwrap_or_default();
-    let h = Sha256::digest(&bytes);
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&h[..8]);
-    u64::from_be_bytes(b)
+    crate::digest::sha256_u64(&serde_json::to_vec(&sorted).unwrap_or_default())
 }
 
-async fn execute(ctx: &ApiCtx, req: &Request, now: i64) -> Result<Value, CmdError> {
+async fn execute(ctx: &Cmd<'_>, req: &Request, now: i64) -> Result<Value, CmdError> {
     let rid = req.request_id.as_str();
     match &req.command {
-        Command::Unlock { door, duration_ms } => {
-            if req.site_wide {
-                return Err(CmdError::new(
-                    ErrorCode::InvalidValue,
-                    "unlock is per gate: send it to the gate's own topic",
-                ));
-            }
-            let Some(tx) = ctx.doors.get(door) else {
-                return Err(CmdError::new(ErrorCode::UnknownDoor, format!("no door `{door}` at this gate")));
-            };
-            let dur = duration_ms
-                .unwrap_or_else(|| ctx.cfg.door(door).map_or(3_000, |d| d.pulse_ms).min(ctx.cfg.mqtt.unlock_max_ms));
-            // The request id is on disk before the door moves: a replay after a crash is refused.
-            apply(ctx, RosterOp::Nothing, rid, now).await?;
-            tx.send(DoorCmd::Unlock(Duration::from_millis(dur)))
-                .await
-                .map_err(|_| CmdError::new(ErrorCode::InternalError, "door stage not running"))?;
-            ctx.stats.granted.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%door, request_id = rid, duration_ms = dur, decision = "granted", reason = "remote_unlock", "access");
-            emit(ctx, NewEvent::remote_unlock(now, door, rid, dur)).await;
-            Ok(json!({"door": door, "duration_ms": dur}))
+        Command::Unlock { door, duration_ms } => unlock(ctx, req, door, *duration_ms, now).await,
+        Command::ResidentUpsert(_)
+        | Command::ResidentRemove(_)
+        | Command::SetMode { .. }
+        | Command::CredentialAdd { .. }
+        | Command::CredentialRemove(_)
+        | Command::RosterSync { .. } => roster(ctx, &req.command, rid, now).await,
+        Command::RulesGet => {
+            let (version, text) = ctx.ctx.cfg.rules().map_err(|e| CmdError::new(ErrorCode::InternalError, e))?;
+            Ok(json!({"version": version, "sha256": crate::privacy::rules_sha256(&text), "text": text}))
         }
+        Command::HealthGet => {
+            let facts = status::gather(&ctx.ctx.store, false).await;
+            Ok(status::health(&ctx.ctx.cfg, &facts, &ctx.ctx.stats, ctx.ctx.started))
+        }
+        // Answered by its own task (see `handle`): it waits for a resident at the camera.
+        Command::FaceEnrol { .. } => Err(CmdError::new(ErrorCode::InternalError, "face.enrol is not run inline")),
+        Command::ConsentRecord(a) => consent_record(ctx, a, rid, now).await,
+        Command::ConsentWithdraw(id) => consent_withdraw(ctx, id, rid, now).await,
+        Command::EventsBackfill { from_seq, limit } => backfill(ctx, *from_seq, *limit).await,
+    }
+}
+
+/// A remote unlock: its request id is on disk before the door moves, so a replay after a crash
+/// is refused; while the store cannot be written, it is refused.
+async fn unlock(
+    ctx: &Cmd<'_>,
+    req: &Request,
+    door: &str,
+    duration_ms: Option<u64>,
+    now: i64,
+) -> Result<Value, CmdError> {
+    let (cfg, rid) = (&ctx.ctx.cfg, req.request_id.as_str());
+    if req.site_wide {
+        return Err(CmdError::new(ErrorCode::InvalidValue, "unlock is per gate: send it to the gate's own topic"));
+    }
+    let Some(tx) = ctx.io.doors.get(door) else {
+        return Err(CmdError::new(ErrorCode::UnknownDoor, format!("no door `{door}` at this gate")));
+    };
+    let dur = duration_ms.unwrap_or_else(|| cfg.door(door).map_or(3_000, |d| d.pulse_ms).min(cfg.mqtt.unlock_max_ms));
+    apply(ctx, RosterOp::Nothing, rid, now).await?;
+    tx.send(DoorCmd::Unlock(Duration::from_millis(dur)))
+        .await
+        .map_err(|_| CmdError::new(ErrorCode::InternalError, "door stage not running"))?;
+    ctx.ctx.stats.granted.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(%door, request_id = rid, duration_ms = dur, decision = "granted", reason = "remote_unlock", "access");
+    emit(ctx, NewEvent::remote_unlock(now, door, rid, dur)).await;
+    Ok(json!({"door": door, "duration_ms": dur}))
+}
+
+/// The roster commands: one guarded store transaction each, with the request id claimed in it.
+async fn roster(ctx: &Cmd<'_>, command: &Command, rid: &str, now: i64) -> Result<Value, CmdError> {
+    match command {
         Command::ResidentUpsert(spec) => {
-            let before = ctx.store.resident(&spec.id).ok().flatten().map(|r| r.mode);
+            let before = ctx.ctx.store.resident(&spec.id).ok().flatten().map(|r| r.mode);
             let op = RosterOp::Upsert { resident: spec.resident(), credentials: spec.credentials() };
             apply(ctx, op, rid, now).await?;
             emit(ctx, roster_changed(now, &format!("resident.upsert {}", spec.id), rid)).await;
@@ -320,8 +352,7 @@ async fn execute(ctx: &ApiCtx, req: &Request, now: i64) -> Result<Value, CmdErro
         }
         Command::CredentialRemove(card) => {
             let key = CredentialKind::Card(*card).key();
-            let out = apply(ctx, RosterOp::RemoveCredential(key), rid, now).await?;
-            let holder = match out {
+            let holder = match apply(ctx, RosterOp::RemoveCredential(key), rid, now).await? {
                 OpOutcome::CredentialRemoved(c) => c.resident.to_string(),
                 _ => String::new(),
             };
@@ -339,105 +370,66 @@ async fn execute(ctx: &ApiCtx, req: &Request, now: i64) -> Result<Value, CmdErro
             emit(ctx, roster_changed(now, &format!("roster.sync version {version}: {n} residents"), rid)).await;
             Ok(json!({"version": version, "residents": n, "credentials": credentials, "removed": removed}))
         }
-        Command::RulesGet => {
-            let (version, text) = ctx.cfg.rules().map_err(|e| CmdError::new(ErrorCode::InternalError, e))?;
-            let sha = Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>();
-            Ok(json!({"version": version, "sha256": sha, "text": text}))
-        }
-        Command::HealthGet => Ok(health(&ctx.cfg, &ctx.store, &ctx.stats, ctx.started).await),
-        // Answered by its own task (see `handle`): it waits for a resident at the camera.
-        Command::FaceEnrol { .. } => Err(CmdError::new(ErrorCode::InternalError, "face.enrol is not run inline")),
-        Command::ConsentRecord(a) => {
-            let req = crate::privacy::ConsentRequest {
-                channel: a.channel.clone(),
-                retention_days: a.retention_days,
-                minor: a.minor,
-                guardian: a.guardian.as_ref().map(|g| g.to_string()),
-                shown_rules: Some((a.rules_version.clone(), a.rules_sha256.clone())),
-            };
-            let consent = crate::privacy::consent_for(&ctx.cfg, &req, now)
-                .map_err(|e| CmdError::new(ErrorCode::InvalidValue, e))?;
-            // The request id is claimed in the consent's own transaction: a replay is refused.
-            let (store, id, c, r) = (ctx.store.clone(), a.resident.clone(), consent.clone(), rid.to_string());
-            tokio::task::spawn_blocking(move || {
-                store.record_face_consent(&id, &c, Some(Claim { request_id: &r, now_ms: now }), now)
-            })
-            .await
-            .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?
-            .map_err(store_error)?;
-            emit(ctx, NewEvent::consent(now, "consent_recorded", a.resident.as_str(), Some(rid))).await;
-            Ok(json!({"resident": a.resident, "consent": consent}))
-        }
-        Command::ConsentWithdraw(id) => {
-            let (store, rid2, r) = (ctx.store.clone(), id.clone(), rid.to_string());
-            let deleted = tokio::task::spawn_blocking(move || {
-                store.withdraw_face_consent(&rid2, Some(Claim { request_id: &r, now_ms: now }), now)
-            })
-            .await
-            .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?
-            .map_err(store_error)?;
-            emit(ctx, NewEvent::consent(now, "consent_withdrawn", id.as_str(), Some(rid))).await;
-            // The receipt follows on event/privacy within a second (the privacy stage).
-            Ok(json!({"resident": id, "template_deleted": deleted}))
-        }
-        Command::EventsBackfill { from_seq, limit } => {
-            let store = ctx.store.clone();
-            let (from, lim) = (*from_seq, *limit);
-            let (events, oldest) =
-                tokio::task::spawn_blocking(move || (store.events_from(from, lim), store.oldest_kept_seq()))
-                    .await
-                    .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?;
-            let events = events.map_err(store_error)?;
-            let root = ctx.cfg.topic_root();
-            let (first, last) = (events.first().map(|e| e.seq), events.last().map(|e| e.seq));
-            let n = events.len();
-            for e in events {
-                let Ok(mut v) = serde_json::from_slice::<Value>(&e.json) else { continue };
-                v["backfill"] = Value::Bool(true);
-                let kind = v["type"].as_str().unwrap_or("system").to_string();
-                let payload = serde_json::to_vec(&v).unwrap_or_default();
-                let msg = Outgoing { topic: format!("{root}event/{kind}"), payload, correlation: None, retain: false };
-                if !send_out(&ctx.out, msg).await {
-                    return Err(CmdError::new(ErrorCode::Busy, "the broker link went down while re-sending"));
-                }
-            }
-            Ok(json!({"from_seq": from_seq, "count": n, "first_seq": first, "last_seq": last,
-                      "oldest_kept_seq": oldest.ok().flatten()}))
-        }
+        _ => Err(CmdError::new(ErrorCode::InternalError, "not a roster command")),
     }
 }
 
-/// The health report: the periodic `health` message and the `health.get` reply.
-pub async fn health(cfg: &Config, store: &Arc<Store>, stats: &Stats, started: MonoTime) -> Value {
-    let st = store.clone();
-    let (depth, next, size, roster) = tokio::task::spawn_blocking(move || {
-        (st.outbox_depth().unwrap_or(0), st.next_seq().unwrap_or(0), st.file_size(), st.roster_version().unwrap_or(0))
+async fn consent_record(ctx: &Cmd<'_>, a: &command::ConsentArgs, rid: &str, now: i64) -> Result<Value, CmdError> {
+    let req = crate::privacy::ConsentRequest {
+        channel: a.channel.clone(),
+        retention_days: a.retention_days,
+        minor: a.minor,
+        guardian: a.guardian.as_ref().map(|g| g.to_string()),
+        shown_rules: Some((a.rules_version.clone(), a.rules_sha256.clone())),
+    };
+    let consent =
+        crate::privacy::consent_for(&ctx.ctx.cfg, &req, now).map_err(|e| CmdError::new(ErrorCode::InvalidValue, e))?;
+    // The request id is claimed in the consent's own transaction: a replay is refused.
+    let (store, id, c, r) = (ctx.ctx.store.clone(), a.resident.clone(), consent.clone(), rid.to_string());
+    tokio::task::spawn_blocking(move || {
+        store.record_face_consent(&id, &c, Some(Claim { request_id: &r, now_ms: now }), now)
     })
     .await
-    .unwrap_or_default();
-    let snap = stats.snapshot();
-    json!({
-        "site": cfg.gate.site,
-        "gate": cfg.gate.gate,
-        "version": env!("CARGO_PKG_VERSION"),
-        "ts_ms": wall_ms(),
-        "uptime_s": MonoTime::now().saturating_sub(started).as_secs(),
-        "mqtt_connected": snap.mqtt_online,
-        // `disabled` without a camera; else ok, stalled, corrupt, gone or error.
-        "camera": stats.camera(),
-        "outbox_depth": depth,
-        "next_seq": next,
-        "store_bytes": size,
-        "roster_version": roster,
-        "granted": snap.granted,
-        "denied": snap.denied,
-        "events_stored": snap.events_stored,
-        "events_delivered": snap.events_delivered,
-        "store_errors": snap.store_errors,
-        "commands_ok": snap.commands_ok,
-        "rejected": {
-            "commands": snap.command_rejections,
-            "wiegand": snap.wiegand_rejections,
-        },
+    .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?
+    .map_err(store_error)?;
+    emit(ctx, NewEvent::consent(now, "consent_recorded", a.resident.as_str(), Some(rid))).await;
+    Ok(json!({"resident": a.resident, "consent": consent}))
+}
+
+async fn consent_withdraw(ctx: &Cmd<'_>, id: &ResidentId, rid: &str, now: i64) -> Result<Value, CmdError> {
+    let (store, rid2, r) = (ctx.ctx.store.clone(), id.clone(), rid.to_string());
+    let deleted = tokio::task::spawn_blocking(move || {
+        store.withdraw_face_consent(&rid2, Some(Claim { request_id: &r, now_ms: now }), now)
     })
+    .await
+    .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?
+    .map_err(store_error)?;
+    emit(ctx, NewEvent::consent(now, "consent_withdrawn", id.as_str(), Some(rid))).await;
+    // The receipt follows on event/privacy within a second (the privacy stage).
+    Ok(json!({"resident": id, "template_deleted": deleted}))
+}
+
+/// `events.backfill`: re-send stored events (delivered or not), marked `backfill`.
+async fn backfill(ctx: &Cmd<'_>, from_seq: u64, limit: usize) -> Result<Value, CmdError> {
+    let store = ctx.ctx.store.clone();
+    let (events, oldest) =
+        tokio::task::spawn_blocking(move || (store.events_from(from_seq, limit), store.oldest_kept_seq()))
+            .await
+            .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?;
+    let events = events.map_err(store_error)?;
+    let root = ctx.ctx.cfg.topic_root();
+    let (first, last) = (events.first().map(|e| e.seq), events.last().map(|e| e.seq));
+    let n = events.len();
+    for e in events {
+        let Ok(mut v) = serde_json::from_slice::<Value>(&e.json) else { continue };
+        v["backfill"] = Value::Bool(true);
+        let kind = v["type"].as_str().unwrap_or("system").to_string();
+        let payload = serde_json::to_vec(&v).unwrap_or_default();
+        let msg = Outgoing { topic: format!("{root}event/{kind}"), payload, correlation: None, retain: false };
+        if !send_out(&ctx.io.out, msg).await {
+            return Err(CmdError::new(ErrorCode::Busy, "the broker link went down while re-sending"));
+        }
+    }
+    Ok(json!({"from_seq": from_seq, "count": n, "first_seq": first, "last_seq": last,
+              "oldest_kept_seq": oldest.ok().flatten()}))
 }

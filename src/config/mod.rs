@@ -1,0 +1,621 @@
+//! Typed configuration: TOML in, validated [`Config`] out, with errors that name the key.
+//!
+//! Unknown keys are errors (a typo must not silently disable a door). `menshen check-config`
+//! uses [`load`] and exits with [`ConfigError::exit_code`]; `menshen print-default-config`
+//! prints [`DEFAULT_CONFIG`], which is also `config/menshen.toml`.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::door::{DoorParams, FailMode};
+use crate::wiegand::{Format, Timing};
+
+mod face;
+mod validate;
+pub use face::{redact_url, Agreement, CameraConfig, FaceConfig, PixelFormat, QualityGate};
+
+/// The shipped default configuration (simulated hardware, local broker).
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/menshen.toml");
+
+/// Exit code of `check-config` when the file cannot be read.
+pub const EXIT_UNREADABLE: i32 = 3;
+/// Exit code when the file is not valid TOML or has unknown keys or wrong types.
+pub const EXIT_SYNTAX: i32 = 4;
+/// Exit code when the values are well-formed but not acceptable.
+pub const EXIT_INVALID: i32 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Syntax(String),
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ConfigError::Unreadable { .. } => EXIT_UNREADABLE,
+            ConfigError::Syntax(_) => EXIT_SYNTAX,
+            ConfigError::Invalid { .. } => EXIT_INVALID,
+        }
+    }
+
+    /// The key at fault, when there is one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gate: GateConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    pub hardware: HardwareConfig,
+    #[serde(default, rename = "readers")]
+    pub readers: Vec<ReaderConfig>,
+    #[serde(default, rename = "doors")]
+    pub doors: Vec<DoorConfig>,
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub homeassistant: HomeAssistantConfig,
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
+    #[serde(default)]
+    pub face: FaceConfig,
+}
+
+/// Optional Home Assistant MQTT discovery (REQUIREMENTS M5).
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HomeAssistantConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_ha_prefix")]
+    pub discovery_prefix: String,
+    /// Offer an unlock button in Home Assistant (off: the lock is shown read-only).
+    #[serde(default)]
+    pub allow_unlock: bool,
+}
+
+impl Default for HomeAssistantConfig {
+    fn default() -> Self {
+        HomeAssistantConfig { enabled: false, discovery_prefix: default_ha_prefix(), allow_unlock: false }
+    }
+}
+
+fn default_ha_prefix() -> String {
+    "homeassistant".into()
+}
+
+/// The published processing rules (REQUIREMENTS P4) and the privacy keys and periods.
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// The rules text; without it, the built-in template (`config/processing-rules.md`) is used.
+    #[serde(default)]
+    pub rules_file: Option<PathBuf>,
+    /// The version the rules text is known by (consents name it).
+    #[serde(default)]
+    pub rules_version: Option<String>,
+    /// The device key that wraps each template's data key (32 bytes, created 0600 on first use;
+    /// a systemd credential `menshen-device-key` takes precedence); default
+    /// `<state_dir>/device.key`.
+    #[serde(default, alias = "template_key_file")]
+    pub device_key_file: Option<PathBuf>,
+    /// The Ed25519 seed that signs deletion receipts (created 0600 on first use; a systemd
+    /// credential `menshen-signing-key` takes precedence); default `<state_dir>/signing.key`.
+    #[serde(default)]
+    pub signing_key_file: Option<PathBuf>,
+    /// The retention a consent gets when it names none (days without face use).
+    #[serde(default = "default_retention")]
+    pub default_retention_days: u32,
+    /// The longest retention a consent may name (at most 3650).
+    #[serde(default = "default_retention")]
+    pub max_retention_days: u32,
+    /// How long audit records are kept (default 3 years).
+    #[serde(default = "default_audit_retention")]
+    pub audit_retention_days: u32,
+}
+
+fn default_retention() -> u32 {
+    365
+}
+fn default_audit_retention() -> u32 {
+    1095
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig {
+            rules_file: None,
+            rules_version: None,
+            device_key_file: None,
+            signing_key_file: None,
+            default_retention_days: default_retention(),
+            max_retention_days: default_retention(),
+            audit_retention_days: default_audit_retention(),
+        }
+    }
+}
+
+impl Config {
+    /// The rules version consents are recorded against.
+    pub fn rules_version(&self) -> String {
+        self.privacy.rules_version.clone().unwrap_or_else(|| BUILTIN_RULES_VERSION.to_string())
+    }
+    pub fn device_key_path(&self) -> PathBuf {
+        self.privacy.device_key_file.clone().unwrap_or_else(|| self.gate.state_dir.join("device.key"))
+    }
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.privacy.signing_key_file.clone().unwrap_or_else(|| self.gate.state_dir.join("signing.key"))
+    }
+    /// The data keys, one file each.
+    pub fn keyring_dir(&self) -> PathBuf {
+        self.gate.state_dir.join("keys")
+    }
+}
+
+/// The built-in processing rules template and its version.
+pub const BUILTIN_RULES: &str = include_str!("../../config/processing-rules.md");
+pub const BUILTIN_RULES_VERSION: &str = "builtin-2026-11";
+
+/// TLS to the broker (rustls): the CA that signs the broker (pinned: no system roots), and an
+/// optional client certificate.
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca_file: PathBuf,
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GateConfig {
+    /// Site (compound) id, part of every topic.
+    pub site: String,
+    /// Gate id, part of every topic.
+    pub gate: String,
+    /// Where the store lives (`/var/lib/menshen` under systemd).
+    pub state_dir: PathBuf,
+    /// The admin socket `menshen status` talks to; default `<state_dir>/admin.sock`. Set it when
+    /// the state directory is on a filesystem without sockets.
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
+    /// Local time offset for schedules, e.g. "+08:00".
+    #[serde(default = "default_tz")]
+    pub utc_offset: String,
+    /// How long shutdown may take before tasks are abandoned.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_ms: u64,
+    /// Outbox cap: beyond this many undelivered events an alarm is raised (D2).
+    #[serde(default = "default_outbox_alarm")]
+    pub outbox_alarm_depth: u64,
+    /// While the store cannot be written (a full disk, an I/O error), at most this many events
+    /// wait in memory; more are counted as lost (`events_lost`).
+    #[serde(default = "default_events_held_max")]
+    pub events_held_max: usize,
+}
+
+fn default_events_held_max() -> usize {
+    10_000
+}
+
+fn default_tz() -> String {
+    "+08:00".into()
+}
+fn default_grace() -> u64 {
+    5_000
+}
+fn default_outbox_alarm() -> u64 {
+    1_000_000
+}
+
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, level: default_level() }
+    }
+}
+
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+fn default_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Simulated GPIO, served on a local socket.
+    Sim,
+    /// Raspberry Pi GPIO through rppal (gpiochip character device).
+    Rpi,
+}
+
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HardwareConfig {
+    pub backend: Backend,
+    #[serde(default)]
+    pub sim: SimConfig,
+}
+
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SimConfig {
+    /// The simulated GPIO chip's socket (`menshen sim ...` talks to it).
+    #[serde(default = "default_sim_socket")]
+    pub socket: PathBuf,
+    /// Serve the simulated chip inside the daemon (demo); otherwise `menshen sim serve` runs it,
+    /// so that it outlives the daemon as real hardware does (tests).
+    #[serde(default = "yes")]
+    pub embedded: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig { socket: default_sim_socket(), embedded: true }
+    }
+}
+
+fn default_sim_socket() -> PathBuf {
+    PathBuf::from("/run/menshen/sim.sock")
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReaderConfig {
+    pub name: String,
+    /// The door this reader opens.
+    pub door: String,
+    /// Formats this reader sends (see REQUIREMENTS A2).
+    pub formats: Vec<String>,
+    /// BCM GPIO numbers of the data lines.
+    pub d0_pin: u8,
+    pub d1_pin: u8,
+    #[serde(default = "default_gap")]
+    pub frame_gap_ms: u64,
+    #[serde(default = "yes")]
+    pub early_complete: bool,
+    #[serde(default = "default_pulse_min")]
+    pub pulse_min_us: u64,
+    #[serde(default = "default_pulse_max")]
+    pub pulse_max_us: u64,
+    #[serde(default = "default_interval_min")]
+    pub interval_min_us: u64,
+}
+
+fn default_gap() -> u64 {
+    25
+}
+fn default_pulse_min() -> u64 {
+    10
+}
+fn default_pulse_max() -> u64 {
+    2_000
+}
+fn default_interval_min() -> u64 {
+    200
+}
+
+impl ReaderConfig {
+    pub fn parsed_formats(&self) -> Vec<Format> {
+        // Validated at load: every entry parses.
+        self.formats.iter().filter_map(|f| f.parse().ok()).collect()
+    }
+
+    pub fn timing(&self) -> Timing {
+        Timing {
+            pulse_min: Duration::from_micros(self.pulse_min_us),
+            pulse_max: Duration::from_micros(self.pulse_max_us),
+            interval_min: Duration::from_micros(self.interval_min_us),
+            frame_gap: Duration::from_millis(self.frame_gap_ms),
+        }
+    }
+}
+
+/// Which level of an input line means "active" (door open, button pressed, fire).
+#[derive(Debug, Clone, Copy, serde::Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ActiveLevel {
+    High,
+    Low,
+}
+
+impl ActiveLevel {
+    pub fn is_active(self, high: bool) -> bool {
+        match self {
+            ActiveLevel::High => high,
+            ActiveLevel::Low => !high,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DoorConfig {
+    pub name: String,
+    pub relay_pin: u8,
+    /// `true`: the relay is energized by driving the pin high.
+    #[serde(default = "yes")]
+    pub relay_active_high: bool,
+    pub fail_mode: FailMode,
+    #[serde(default = "default_pulse_ms")]
+    pub pulse_ms: u64,
+    #[serde(default)]
+    pub contact_pin: Option<u8>,
+    #[serde(default = "default_open_level")]
+    pub contact_open_level: ActiveLevel,
+    #[serde(default)]
+    pub rex_pin: Option<u8>,
+    #[serde(default = "default_low")]
+    pub rex_active_level: ActiveLevel,
+    #[serde(default)]
+    pub fire_pin: Option<u8>,
+    #[serde(default = "default_low")]
+    pub fire_active_level: ActiveLevel,
+    #[serde(default = "default_debounce")]
+    pub debounce_ms: u64,
+    #[serde(default = "default_held")]
+    pub held_open_secs: u64,
+}
+
+fn default_pulse_ms() -> u64 {
+    3_000
+}
+fn default_open_level() -> ActiveLevel {
+    ActiveLevel::High
+}
+fn default_low() -> ActiveLevel {
+    ActiveLevel::Low
+}
+fn default_debounce() -> u64 {
+    50
+}
+fn default_held() -> u64 {
+    30
+}
+
+impl DoorConfig {
+    pub fn params(&self) -> DoorParams {
+        DoorParams {
+            fail_mode: self.fail_mode,
+            pulse: Duration::from_millis(self.pulse_ms),
+            debounce: Duration::from_millis(self.debounce_ms),
+            held_open: Duration::from_secs(self.held_open_secs),
+            shunt_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+    /// Defaults to `menshen-{site}-{gate}`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// A file holding the password (never the password itself in the config).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u64,
+    /// Publishes in flight at once (mosquitto's receive-maximum is 20).
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
+    #[serde(default = "default_backoff_min")]
+    pub backoff_min_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Commands larger than this are refused with `payload_too_large`.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+    /// Deeper JSON nesting is refused with `too_deep`.
+    #[serde(default = "default_max_depth")]
+    pub max_json_depth: usize,
+    /// The longest remote unlock a command may ask for.
+    #[serde(default = "default_unlock_max")]
+    pub unlock_max_ms: u64,
+    /// How far ahead an unlock's expiry may lie.
+    #[serde(default = "default_cmd_lifetime")]
+    pub max_command_lifetime_ms: u64,
+    /// Request ids remembered (at least for a day, however many).
+    #[serde(default = "default_keep")]
+    pub request_keep: u64,
+    /// Delivered events kept for `events.backfill`.
+    #[serde(default = "default_keep")]
+    pub journal_keep: u64,
+    /// Period of the `health` message (0: off).
+    #[serde(default = "default_health")]
+    pub health_interval_secs: u64,
+    /// Also take commands from `menshen/v1/{site}/_site/cmd/#`.
+    #[serde(default = "default_true")]
+    pub site_commands: bool,
+}
+
+fn default_max_payload() -> usize {
+    1 << 20
+}
+fn default_max_depth() -> usize {
+    16
+}
+fn default_unlock_max() -> u64 {
+    30_000
+}
+fn default_cmd_lifetime() -> u64 {
+    300_000
+}
+fn default_keep() -> u64 {
+    10_000
+}
+fn default_health() -> u64 {
+    60
+}
+pub(super) fn default_true() -> bool {
+    true
+}
+
+fn default_keep_alive() -> u64 {
+    15
+}
+fn default_inflight() -> u16 {
+    20
+}
+fn default_backoff_min() -> u64 {
+    200
+}
+fn default_backoff_max() -> u64 {
+    30_000
+}
+
+impl Config {
+    /// A stable hash of the effective configuration (its canonical JSON), for the audit trail:
+    /// the same settings give the same fingerprint on every build and run.
+    pub fn fingerprint(&self) -> u64 {
+        crate::digest::sha256_u64(&serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+impl Config {
+    pub fn topic_root(&self) -> String {
+        format!("menshen/v1/{}/{}/", self.gate.site, self.gate.gate)
+    }
+
+    pub fn reader(&self, name: &str) -> Option<&ReaderConfig> {
+        self.readers.iter().find(|r| r.name == name)
+    }
+
+    pub fn door(&self, name: &str) -> Option<&DoorConfig> {
+        self.doors.iter().find(|d| d.name == name)
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.gate.state_dir.join("menshen.redb")
+    }
+
+    /// The command limits for [`crate::command::parse`].
+    pub fn limits(&self) -> crate::command::Limits {
+        crate::command::Limits {
+            max_payload_bytes: self.mqtt.max_payload_bytes,
+            max_depth: self.mqtt.max_json_depth,
+            unlock_max_ms: self.mqtt.unlock_max_ms,
+            max_command_lifetime_ms: self.mqtt.max_command_lifetime_ms,
+        }
+    }
+
+    /// The processing rules: (version, text).
+    pub fn rules(&self) -> Result<(String, String), String> {
+        match &self.privacy.rules_file {
+            None => Ok((
+                self.privacy.rules_version.clone().unwrap_or_else(|| BUILTIN_RULES_VERSION.into()),
+                BUILTIN_RULES.into(),
+            )),
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| format!("privacy.rules_file {}: {e}", p.display()))?;
+                Ok((self.privacy.rules_version.clone().unwrap_or_default(), text))
+            }
+        }
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.gate.admin_socket.clone().unwrap_or_else(|| self.gate.state_dir.join("admin.sock"))
+    }
+
+    /// The configured UTC offset in seconds (validated at load).
+    pub fn utc_offset_secs(&self) -> i32 {
+        parse_offset(&self.gate.utc_offset).unwrap_or(0)
+    }
+}
+
+fn parse_offset(s: &str) -> Option<i32> {
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'+' => (1, &s[1..]),
+        b'-' => (-1, &s[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+    if h > 14 || m >= 60 {
+        return None;
+    }
+    Some(sign * (h * 3600 + m * 60))
+}
+
+fn check_id(key: &str, v: &str) -> Result<(), ConfigError> {
+    let ok = !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("`{v}` must be 1-64 characters of A-Z, a-z, 0-9, `-`, `_` (it is part of MQTT topics)"),
+        ))
+    }
+}
+
+/// The BCM GPIO numbers a Raspberry Pi header exposes.
+pub const GPIO_PINS: std::ops::RangeInclusive<u8> = 0..=27;
+
+/// Parse and validate TOML text.
+pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+/// Read, parse and validate a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Unreadable { path: path.to_path_buf(), source })?;
+    parse(&text)
+}
+
+pub use validate::validate;
+
+#[cfg(test)]
+mod tests;

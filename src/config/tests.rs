@@ -1,0 +1,139 @@
+
+use super::*;
+
+#[test]
+fn the_default_config_is_valid() {
+    let cfg = parse(DEFAULT_CONFIG).unwrap();
+    assert_eq!(cfg.topic_root(), "menshen/v1/site1/gate1/");
+    assert_eq!(cfg.utc_offset_secs(), 8 * 3600);
+    assert!(cfg.mqtt.username.is_none() && cfg.mqtt.password_file.is_none(), "no default credentials");
+}
+
+#[test]
+fn the_packaged_board_config_is_the_default_on_rpi_hardware() {
+    let board = include_str!("../../config/menshen.rpi.toml");
+    let cfg = parse(board).unwrap();
+    assert_eq!(cfg.hardware.backend, Backend::Rpi);
+    // Only the backend line differs, so the two files cannot drift apart.
+    let differing: Vec<_> = DEFAULT_CONFIG.lines().zip(board.lines()).filter(|(a, b)| a != b).collect();
+    assert_eq!(differing.len(), 1, "{differing:?}");
+    assert_eq!(DEFAULT_CONFIG.lines().count(), board.lines().count());
+}
+
+fn with(edit: impl Fn(&mut toml::Table)) -> Result<Config, ConfigError> {
+    let mut t: toml::Table = toml::from_str(DEFAULT_CONFIG).unwrap();
+    edit(&mut t);
+    parse(&toml::to_string(&t).unwrap())
+}
+
+fn first<'a>(t: &'a mut toml::Table, arr: &str) -> &'a mut toml::Table {
+    t[arr].as_array_mut().unwrap()[0].as_table_mut().unwrap()
+}
+
+#[test]
+fn errors_name_the_key_and_have_distinct_codes() {
+    type Edit = Box<dyn Fn(&mut toml::Table)>;
+    let cases: Vec<(Edit, i32, &str)> = vec![
+        (
+            Box::new(|t| {
+                first(t, "doors").insert("pulse_ms".into(), 0.into());
+            }),
+            EXIT_INVALID,
+            "doors[0].pulse_ms",
+        ),
+        (
+            Box::new(|t| {
+                first(t, "readers").insert("door".into(), "nowhere".into());
+            }),
+            EXIT_INVALID,
+            "readers[0].door",
+        ),
+        (
+            Box::new(|t| {
+                first(t, "readers").insert("d1_pin".into(), 17.into());
+            }),
+            EXIT_INVALID,
+            "readers[0].d1_pin",
+        ),
+        (
+            Box::new(|t| {
+                first(t, "readers").insert("formats".into(), toml::Value::Array(vec!["H99999".into()]));
+            }),
+            EXIT_INVALID,
+            "readers[0].formats[0]",
+        ),
+        (
+            Box::new(|t| {
+                first(t, "readers").insert("frame_gap_ms".into(), 5.into());
+            }),
+            EXIT_INVALID,
+            "readers[0].frame_gap_ms",
+        ),
+        (
+            Box::new(|t| {
+                t["gate"].as_table_mut().unwrap().insert("site".into(), "a/b".into());
+            }),
+            EXIT_INVALID,
+            "gate.site",
+        ),
+        (
+            Box::new(|t| {
+                t["gate"].as_table_mut().unwrap().insert("utc_offset".into(), "8".into());
+            }),
+            EXIT_INVALID,
+            "gate.utc_offset",
+        ),
+        (
+            Box::new(|t| {
+                t["mqtt"].as_table_mut().unwrap().insert("inflight".into(), 0.into());
+            }),
+            EXIT_INVALID,
+            "mqtt.inflight",
+        ),
+        (
+            Box::new(|t| {
+                t.remove("readers");
+            }),
+            EXIT_INVALID,
+            "doors[0]",
+        ),
+    ];
+    for (i, (edit, code, key)) in cases.into_iter().enumerate() {
+        let err = with(edit).unwrap_err();
+        assert_eq!(err.exit_code(), code, "case {i}: {err}");
+        assert_eq!(err.key(), Some(key), "case {i}: {err}");
+        assert!(err.to_string().contains(key), "case {i}: {err}");
+    }
+}
+
+#[test]
+fn rpi_pins_are_checked() {
+    let err = with(|t| {
+        t["hardware"].as_table_mut().unwrap().insert("backend".into(), "rpi".into());
+        first(t, "doors").insert("relay_pin".into(), 40.into());
+    })
+    .unwrap_err();
+    assert_eq!(err.key(), Some("doors[0].relay_pin"));
+}
+
+#[test]
+fn unknown_keys_and_wrong_types_are_syntax_errors() {
+    let err = with(|t| {
+        t["gate"].as_table_mut().unwrap().insert("sight".into(), "x".into());
+    })
+    .unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_SYNTAX);
+    assert!(err.to_string().contains("sight"), "{err}");
+    let err = with(|t| {
+        first(t, "doors").insert("pulse_ms".into(), "long".into());
+    })
+    .unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_SYNTAX);
+    assert!(err.to_string().contains("pulse_ms"), "{err}");
+    let err = with(|t| {
+        first(t, "doors").insert("fail_mode".into(), "sometimes".into());
+    })
+    .unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_SYNTAX);
+    assert!(parse("not toml [").unwrap_err().exit_code() == EXIT_SYNTAX);
+}

@@ -1,0 +1,219 @@
+//! Validation of a parsed configuration: every refusal names the key (exit code 5).
+
+use std::collections::HashSet;
+
+use super::*;
+
+/// Check everything types cannot: ranges, references, uniqueness, wiring, and the Art. 10 rule
+/// that no door can be face-only (every door needs a card reader).
+pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
+    check_id("gate.site", &cfg.gate.site)?;
+    check_id("gate.gate", &cfg.gate.gate)?;
+    if cfg.gate.gate.starts_with('_') {
+        return Err(invalid("gate.gate", "gate ids starting with `_` are reserved (`_site` addresses every gate)"));
+    }
+    let m = &cfg.mqtt;
+    if !(256..=64 << 20).contains(&m.max_payload_bytes) {
+        return Err(invalid("mqtt.max_payload_bytes", "must be 256..=67108864"));
+    }
+    if !(2..=64).contains(&m.max_json_depth) {
+        return Err(invalid("mqtt.max_json_depth", "must be 2..=64"));
+    }
+    if !(100..=600_000).contains(&m.unlock_max_ms) {
+        return Err(invalid("mqtt.unlock_max_ms", "must be 100..=600000"));
+    }
+    if !(1_000..=3_600_000).contains(&m.max_command_lifetime_ms) {
+        return Err(invalid("mqtt.max_command_lifetime_ms", "must be 1000..=3600000"));
+    }
+    if m.request_keep < 100 {
+        return Err(invalid("mqtt.request_keep", "must be at least 100"));
+    }
+    if let Some(t) = &m.tls {
+        if t.client_cert_file.is_some() != t.client_key_file.is_some() {
+            return Err(invalid("mqtt.tls.client_key_file", "client_cert_file and client_key_file go together"));
+        }
+    }
+    if m.password_file.is_some() && m.username.is_none() {
+        return Err(invalid("mqtt.username", "a password_file needs a username"));
+    }
+    let p = &cfg.privacy;
+    if p.max_retention_days == 0 || p.max_retention_days > crate::model::MAX_RETENTION_DAYS {
+        return Err(invalid("privacy.max_retention_days", "must be 1..=3650: no consent is unlimited"));
+    }
+    if p.default_retention_days == 0 || p.default_retention_days > p.max_retention_days {
+        return Err(invalid("privacy.default_retention_days", "must be 1..=max_retention_days"));
+    }
+    if p.audit_retention_days < 365 {
+        return Err(invalid("privacy.audit_retention_days", "audit records are kept at least a year"));
+    }
+    if cfg.privacy.rules_file.is_some() && cfg.privacy.rules_version.as_deref().unwrap_or("").is_empty() {
+        return Err(invalid("privacy.rules_version", "a rules_file needs its version (consents name it)"));
+    }
+    if !(1..=16).contains(&cfg.face.threads) {
+        return Err(invalid("face.threads", "must be 1..=16"));
+    }
+    let f = &cfg.face;
+    if !(64..=1920).contains(&f.detector_long_side) {
+        return Err(invalid("face.detector_long_side", "must be 64..=1920"));
+    }
+    if !(0.3..=0.95).contains(&f.match_threshold) {
+        return Err(invalid("face.match_threshold", "must be 0.3..=0.95 (0.53 is FAR 1e-4 on LFW)"));
+    }
+    if !(0.0..=0.5).contains(&f.match_margin) {
+        return Err(invalid("face.match_margin", "must be 0..=0.5"));
+    }
+    if !(0.0..=1.0).contains(&f.liveness_threshold) {
+        return Err(invalid("face.liveness_threshold", "must be 0..=1"));
+    }
+    if !(1..=30).contains(&f.agreement.frames) {
+        return Err(invalid("face.agreement.frames", "must be 1..=30"));
+    }
+    if let Some(d) = &f.door {
+        if !cfg.doors.iter().any(|x| &x.name == d) {
+            return Err(invalid("face.door", format!("no door `{d}`")));
+        }
+    }
+    match &f.camera {
+        Some(CameraConfig::Files { fps, .. }) if !(0.1..=60.0).contains(fps) => {
+            return Err(invalid("face.camera.fps", "must be 0.1..=60"));
+        }
+        Some(CameraConfig::V4l2 { width, height, .. })
+            if !(160..=4096).contains(width) || !(120..=4096).contains(height) || width % 2 != 0 =>
+        {
+            return Err(invalid("face.camera.width", "width 160..=4096 (even) and height 120..=4096"));
+        }
+        _ => {}
+    }
+    if cfg.homeassistant.discovery_prefix.is_empty() || cfg.homeassistant.discovery_prefix.contains(['+', '#']) {
+        return Err(invalid("homeassistant.discovery_prefix", "a plain topic prefix"));
+    }
+    if parse_offset(&cfg.gate.utc_offset).is_none() {
+        return Err(invalid("gate.utc_offset", format!("`{}` is not an offset like +08:00", cfg.gate.utc_offset)));
+    }
+    if !(100..=60_000).contains(&cfg.gate.shutdown_grace_ms) {
+        return Err(invalid("gate.shutdown_grace_ms", "must be 100..=60000"));
+    }
+    if cfg.gate.events_held_max == 0 {
+        return Err(invalid("gate.events_held_max", "must be at least 1"));
+    }
+    if cfg.gate.outbox_alarm_depth == 0 {
+        return Err(invalid("gate.outbox_alarm_depth", "must be at least 1"));
+    }
+    if cfg.log.level.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
+        return Err(invalid(
+            "log.level",
+            format!("`{}` is not one of off, error, warn, info, debug, trace", cfg.log.level),
+        ));
+    }
+    if cfg.doors.is_empty() {
+        return Err(invalid("doors", "at least one door is needed"));
+    }
+    let mut pins: HashSet<u8> = HashSet::new();
+    let mut claim = |key: String, pin: u8| -> Result<(), ConfigError> {
+        if cfg.hardware.backend == Backend::Rpi && !GPIO_PINS.contains(&pin) {
+            return Err(invalid(key, format!("GPIO {pin} does not exist on a Raspberry Pi header (0-27)")));
+        }
+        if !pins.insert(pin) {
+            return Err(invalid(key, format!("GPIO {pin} is used twice")));
+        }
+        Ok(())
+    };
+    let mut names = HashSet::new();
+    for (i, d) in cfg.doors.iter().enumerate() {
+        let k = |f: &str| format!("doors[{i}].{f}");
+        check_id(&k("name"), &d.name)?;
+        if !names.insert(d.name.clone()) {
+            return Err(invalid(k("name"), format!("door `{}` is defined twice", d.name)));
+        }
+        claim(k("relay_pin"), d.relay_pin)?;
+        for (f, p) in [("contact_pin", d.contact_pin), ("rex_pin", d.rex_pin), ("fire_pin", d.fire_pin)] {
+            if let Some(p) = p {
+                claim(k(f), p)?;
+            }
+        }
+        if !(100..=60_000).contains(&d.pulse_ms) {
+            return Err(invalid(k("pulse_ms"), "must be 100..=60000 (a relay pulse of 0.1 s to 60 s)"));
+        }
+        if !(1..=1_000).contains(&d.debounce_ms) {
+            return Err(invalid(k("debounce_ms"), "must be 1..=1000"));
+        }
+        if !(1..=3_600).contains(&d.held_open_secs) {
+            return Err(invalid(k("held_open_secs"), "must be 1..=3600"));
+        }
+    }
+    let mut rnames = HashSet::new();
+    for (i, r) in cfg.readers.iter().enumerate() {
+        let k = |f: &str| format!("readers[{i}].{f}");
+        check_id(&k("name"), &r.name)?;
+        if !rnames.insert(r.name.clone()) {
+            return Err(invalid(k("name"), format!("reader `{}` is defined twice", r.name)));
+        }
+        if cfg.door(&r.door).is_none() {
+            return Err(invalid(k("door"), format!("no door named `{}`", r.door)));
+        }
+        if r.formats.is_empty() {
+            return Err(invalid(k("formats"), "list at least one format"));
+        }
+        let mut seen = HashSet::new();
+        for (j, f) in r.formats.iter().enumerate() {
+            let parsed: Format = f.parse().map_err(|e: String| invalid(format!("readers[{i}].formats[{j}]"), e))?;
+            if !seen.insert(parsed) {
+                return Err(invalid(format!("readers[{i}].formats[{j}]"), format!("{parsed} is listed twice")));
+            }
+        }
+        claim(k("d0_pin"), r.d0_pin)?;
+        claim(k("d1_pin"), r.d1_pin)?;
+        let longest_interval = 20_000u64; // µs, the Wiegand standard's maximum bit interval
+        if !(21..=1_000).contains(&r.frame_gap_ms) || r.frame_gap_ms * 1_000 <= longest_interval {
+            return Err(invalid(k("frame_gap_ms"), "must be 21..=1000 (longer than the 20 ms maximum bit interval)"));
+        }
+        if r.pulse_min_us == 0 || r.pulse_min_us >= r.pulse_max_us {
+            return Err(invalid(k("pulse_min_us"), "must be at least 1 and below pulse_max_us"));
+        }
+        if r.pulse_max_us > 100_000 {
+            return Err(invalid(k("pulse_max_us"), "must be at most 100000"));
+        }
+        if r.interval_min_us <= r.pulse_min_us {
+            return Err(invalid(k("interval_min_us"), "must be above pulse_min_us"));
+        }
+    }
+    // P1 at the site level: every door must have a non-face way in.
+    for (i, d) in cfg.doors.iter().enumerate() {
+        if !cfg.readers.iter().any(|r| r.door == d.name) {
+            return Err(invalid(
+                format!("doors[{i}]"),
+                format!(
+                    "door `{}` has no card reader: face can never be the only way in (SPC 2021 Art. 10, REQUIREMENTS P1)",
+                    d.name
+                ),
+            ));
+        }
+    }
+    let m = &cfg.mqtt;
+    if m.enabled {
+        if m.host.trim().is_empty() {
+            return Err(invalid("mqtt.host", "must not be empty"));
+        }
+        if m.port == 0 {
+            return Err(invalid("mqtt.port", "must not be 0"));
+        }
+        if m.password_file.is_some() && m.username.is_none() {
+            return Err(invalid("mqtt.password_file", "a password needs a username"));
+        }
+    }
+    if !(5..=600).contains(&m.keep_alive_secs) {
+        return Err(invalid("mqtt.keep_alive_secs", "must be 5..=600"));
+    }
+    if !(1..=1_000).contains(&m.inflight) {
+        return Err(invalid("mqtt.inflight", "must be 1..=1000"));
+    }
+    if m.backoff_min_ms == 0 || m.backoff_min_ms > m.backoff_max_ms {
+        return Err(invalid("mqtt.backoff_min_ms", "must be at least 1 and at most backoff_max_ms"));
+    }
+    if let Some(id) = &m.client_id {
+        if id.is_empty() || id.len() > 64 {
+            return Err(invalid("mqtt.client_id", "must be 1-64 characters"));
+        }
+    }
+    Ok(())
+}

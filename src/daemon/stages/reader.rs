@@ -1,0 +1,73 @@
+//! The reader stage: one Wiegand reader's D0/D1 edges decoded into frames (`wiegand::Decoder`,
+//! pure), handed to the gate stage.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+use super::{sleep_until_mono, StageCtx};
+use crate::bus::ReaderOutput;
+use crate::clock::MonoTime;
+use crate::config::ReaderConfig;
+use crate::hw::{self, Edge};
+use crate::wiegand::{Decoder, Line, Outcome, WEdge};
+
+/// One reader's claimed lines and their edge streams.
+pub struct ReaderParts {
+    pub cfg: ReaderConfig,
+    pub d0: mpsc::UnboundedReceiver<Edge>,
+    pub d1: mpsc::UnboundedReceiver<Edge>,
+    /// The input lines must live as long as their edge streams.
+    pub lines: Vec<Box<dyn hw::InputLine>>,
+}
+
+/// Decode one reader's edges into frames until shutdown.
+pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutput>) {
+    let formats = r.cfg.parsed_formats();
+    let mut dec = Decoder::new(&formats, r.cfg.timing(), r.cfg.early_complete);
+    let mut beat = tokio::time::interval(Duration::from_secs(1));
+    let emit = |outcome: Outcome, at: MonoTime| ReaderOutput {
+        reader: r.cfg.name.clone(),
+        door: r.cfg.door.clone(),
+        outcome,
+        at,
+        received: MonoTime::now(),
+    };
+    let mut batch: Vec<WEdge> = Vec::new();
+    loop {
+        let mut results = Vec::new();
+        tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => break,
+            Some(e) = r.d0.recv() => batch.push(WEdge { line: Line::D0, high: e.high, at: e.at }),
+            Some(e) = r.d1.recv() => batch.push(WEdge { line: Line::D1, high: e.high, at: e.at }),
+            _ = sleep_until_mono(dec.deadline()) => {
+                let now = MonoTime::now();
+                results.extend(dec.on_deadline(now).map(|o| emit(o, now)));
+            }
+            _ = beat.tick() => ctx.beat(),
+        }
+        if !batch.is_empty() {
+            // The two lines arrive on two channels: take everything already delivered on both and
+            // feed it in timestamp order, so an earlier D1 edge is never decoded after a later D0.
+            while let Ok(e) = r.d0.try_recv() {
+                batch.push(WEdge { line: Line::D0, high: e.high, at: e.at });
+            }
+            while let Ok(e) = r.d1.try_recv() {
+                batch.push(WEdge { line: Line::D1, high: e.high, at: e.at });
+            }
+            batch.sort_by_key(|e| e.at);
+            ctx.stats.wiegand_edges.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            for e in batch.drain(..) {
+                results.extend(dec.on_edge(e).map(|o| emit(o, e.at)));
+            }
+        }
+        ctx.stats.wiegand_frames.fetch_add(results.len() as u64, Ordering::Relaxed);
+        for o in results {
+            if out.send(o).await.is_err() {
+                return;
+            }
+        }
+    }
+    drop(r.lines);
+}

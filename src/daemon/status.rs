@@ -1,0 +1,82 @@
+//! What the daemon reports about itself: gathered once ([`gather`]), shown two ways — the
+//! admin socket's `menshen status` and the MQTT `health` message (also the `health.get` reply).
+
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::bus::StoreFacts;
+use crate::clock::{wall_ms, MonoTime};
+use crate::config::Config;
+use crate::stats::Stats;
+use crate::store::Store;
+
+/// Read the store's facts (off the async workers). A fact that cannot be read shows as zero.
+pub async fn gather(store: &Arc<Store>, with_fingerprint: bool) -> StoreFacts {
+    let st = store.clone();
+    tokio::task::spawn_blocking(move || StoreFacts {
+        outbox_depth: st.outbox_depth().unwrap_or(0),
+        next_seq: st.next_seq().unwrap_or(0),
+        store_bytes: st.file_size(),
+        roster_version: st.roster_version().unwrap_or(0),
+        deletions_pending: st.pending_deletions().map(|p| p.len() as u64).unwrap_or(0),
+        store_write_failed: st.write_failed(),
+        roster_fingerprint: if with_fingerprint { Some(st.fingerprint().unwrap_or_default()) } else { None },
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// The periodic `health` message and the `health.get` reply (docs/schemas/health.json).
+pub fn health(cfg: &Config, f: &StoreFacts, stats: &Stats, started: MonoTime) -> Value {
+    let snap = stats.snapshot();
+    json!({
+        "site": cfg.gate.site,
+        "gate": cfg.gate.gate,
+        "version": env!("CARGO_PKG_VERSION"),
+        "ts_ms": wall_ms(),
+        "uptime_s": MonoTime::now().saturating_sub(started).as_secs(),
+        "mqtt_connected": snap.mqtt_online,
+        // `disabled` without a camera; else ok, stalled, corrupt, gone or error.
+        "camera": stats.camera(),
+        "outbox_depth": f.outbox_depth,
+        "next_seq": f.next_seq,
+        "store_bytes": f.store_bytes,
+        "roster_version": f.roster_version,
+        "store_write_failed": f.store_write_failed,
+        "events_held": stats.events_held.load(Ordering::Relaxed),
+        "events_lost": stats.events_lost.load(Ordering::Relaxed),
+        "granted": snap.granted,
+        "denied": snap.denied,
+        "events_stored": snap.events_stored,
+        "events_delivered": snap.events_delivered,
+        "store_errors": snap.store_errors,
+        "commands_ok": snap.commands_ok,
+        "rejected": {
+            "commands": snap.command_rejections,
+            "wiegand": snap.wiegand_rejections,
+        },
+    })
+}
+
+/// `menshen status`: the same facts, with every counter and the stages' liveness.
+pub fn status(f: &StoreFacts, stats: &Stats, started: MonoTime) -> Value {
+    json!({
+        "ok": true,
+        "uptime_s": MonoTime::now().saturating_sub(started).as_secs(),
+        "outbox_depth": f.outbox_depth,
+        "next_seq": f.next_seq,
+        "roster_version": f.roster_version,
+        "roster_fingerprint": f.roster_fingerprint.clone().unwrap_or_default(),
+        // Template deletions decided but whose key is not yet destroyed and receipted.
+        "deletions_pending": f.deletions_pending,
+        "store_write_failed": f.store_write_failed,
+        "events_held": stats.events_held.load(Ordering::Relaxed),
+        "events_lost": stats.events_lost.load(Ordering::Relaxed),
+        "stats": stats.snapshot(),
+        "camera": stats.camera(),
+        "face_frames": stats.face_frames.load(Ordering::Relaxed),
+        "frames_rejected": stats.frames_rejected.load(Ordering::Relaxed),
+        "stale_stages": stats.stale_stages(5_000_000_000),
+    })
+}

@@ -1,0 +1,12 @@
+//! The pure parts of the MQTT link: connection options and backoff ([`options`]), Home
+//! Assistant discovery ([`discovery`]) and the publish pipeline's bookkeeping ([`pipeline`]).
+//! The session itself — the one task that owns the broker connection — is the link stage,
+//! `daemon::stages::link`.
+
+pub mod discovery;
+pub mod options;
+pub mod pipeline;
+
+pub use discovery::discovery;
+pub use options::{base_options, options, status_payload, Backoff};
+pub use pipeline::{Acked, Pipeline};

@@ -1,0 +1,336 @@
+//! Residents and credentials: reads, and every change as one guarded [`RosterOp`].
+
+use redb::{ReadableTable, ReadableTableMetadata};
+
+use super::schema::*;
+use super::{decode, encode, AuditEntry, Claim, Store, StoreError};
+use crate::model::{AccessMode, Credential, Resident, ResidentId};
+use crate::wiegand::CardId;
+
+/// A change to the roster: the one unit of change for the CLI and the MQTT commands alike.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RosterOp {
+    /// Insert or replace a resident; with `credentials`, their cards become exactly those.
+    Upsert {
+        resident: Resident,
+        credentials: Option<Vec<Credential>>,
+    },
+    SetMode {
+        id: ResidentId,
+        mode: AccessMode,
+    },
+    AddCredential(Credential),
+    /// Remove a credential by key.
+    RemoveCredential(String),
+    RemoveResident(ResidentId),
+    /// Replace the whole roster with a snapshot (atomic, idempotent per version).
+    Sync {
+        version: u64,
+        digest: u64,
+        residents: Vec<(Resident, Vec<Credential>)>,
+    },
+    /// Change nothing: only claim the request id.
+    Nothing,
+}
+
+/// What a [`RosterOp`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OpOutcome {
+    Done,
+    ModeChanged { before: AccessMode },
+    CredentialRemoved(Credential),
+    ResidentRemoved { credentials: usize },
+    Synced { residents: usize, credentials: usize, removed: usize },
+}
+
+impl Store {
+    pub fn resident(&self, id: &ResidentId) -> Result<Option<Resident>, StoreError> {
+        let tx = self.read()?;
+        let t = tx.open_table(RESIDENTS)?;
+        t.get(id.as_str())?.map(|v| decode("residents", v.value())).transpose()
+    }
+
+    pub fn residents(&self) -> Result<Vec<Resident>, StoreError> {
+        let tx = self.read()?;
+        let t = tx.open_table(RESIDENTS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (_, v) = row?;
+            out.push(decode("residents", v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn credentials(&self) -> Result<Vec<Credential>, StoreError> {
+        let tx = self.read()?;
+        let t = tx.open_table(CREDENTIALS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (_, v) = row?;
+            out.push(decode("credentials", v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn credentials_of(&self, id: &ResidentId) -> Result<Vec<Credential>, StoreError> {
+        Ok(self.credentials()?.into_iter().filter(|c| &c.resident == id).collect())
+    }
+
+    /// The credential for a card and its holder, if enrolled.
+    pub fn lookup_card(&self, card: &CardId) -> Result<Option<(Credential, Resident)>, StoreError> {
+        let tx = self.read()?;
+        let creds = tx.open_table(CREDENTIALS)?;
+        let Some(v) = creds.get(card.key().as_str())? else {
+            return Ok(None);
+        };
+        let cred: Credential = decode("credentials", v.value())?;
+        let residents = tx.open_table(RESIDENTS)?;
+        let Some(r) = residents.get(cred.resident.as_str())? else {
+            return Err(StoreError::Corrupt { table: "credentials", detail: "credential without resident".into() });
+        };
+        let resident: Resident = decode("residents", r.value())?;
+        Ok(Some((cred, resident)))
+    }
+
+    /// Apply a roster change, recording `claim` in the same durable transaction.
+    pub fn apply(&self, op: RosterOp, claim: Option<Claim<'_>>, now_ms: i64) -> Result<OpOutcome, StoreError> {
+        match &op {
+            RosterOp::Upsert { resident, credentials } => {
+                resident.validate().map_err(StoreError::InvalidResident)?;
+                for c in credentials.iter().flatten() {
+                    c.validity.validate().map_err(StoreError::InvalidResident)?;
+                }
+            }
+            RosterOp::AddCredential(c) => c.validity.validate().map_err(StoreError::InvalidResident)?,
+            RosterOp::Sync { residents, .. } => {
+                for (r, cs) in residents {
+                    r.validate().map_err(StoreError::InvalidResident)?;
+                    for c in cs {
+                        c.validity.validate().map_err(StoreError::InvalidResident)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.mutate(now_ms, claim, |t| match op {
+            RosterOp::Nothing => Ok((OpOutcome::Done, Vec::new())),
+            RosterOp::Upsert { resident, credentials } => {
+                let before = t.residents.get(resident.id.as_str())?.map(|v| decode::<Resident>("residents", v.value()));
+                match before.transpose()? {
+                    None => t.audit.push(AuditEntry::new(
+                        now_ms,
+                        "resident_added",
+                        Some(resident.id.as_str()),
+                        format!("mode {}", resident.mode.name()),
+                    )),
+                    Some(b) if b.mode != resident.mode => t.audit.push(AuditEntry::new(
+                        now_ms,
+                        "mode_changed",
+                        Some(resident.id.as_str()),
+                        format!("{} -> {}", b.mode.name(), resident.mode.name()),
+                    )),
+                    Some(_) => {}
+                }
+                t.residents.insert(resident.id.as_str(), encode(&resident).as_slice())?;
+                if let Some(cs) = credentials {
+                    remove_credentials_of(&mut t.creds, &resident.id)?;
+                    for c in &cs {
+                        put_credential(&mut t.creds, &resident, c)?;
+                    }
+                }
+                Ok((OpOutcome::Done, vec![resident.id]))
+            }
+            RosterOp::SetMode { id, mode } => {
+                let mut r: Resident = match t.residents.get(id.as_str())? {
+                    Some(v) => decode("residents", v.value())?,
+                    None => return Err(StoreError::NoResident(id.to_string())),
+                };
+                let before = r.mode;
+                r.mode = mode;
+                t.residents.insert(id.as_str(), encode(&r).as_slice())?;
+                t.audit.push(AuditEntry::new(
+                    now_ms,
+                    "mode_changed",
+                    Some(id.as_str()),
+                    format!("{} -> {}", before.name(), mode.name()),
+                ));
+                Ok((OpOutcome::ModeChanged { before }, vec![id]))
+            }
+            RosterOp::AddCredential(c) => {
+                let r: Resident = match t.residents.get(c.resident.as_str())? {
+                    Some(v) => decode("residents", v.value())?,
+                    None => return Err(StoreError::NoResident(c.resident.to_string())),
+                };
+                put_credential(&mut t.creds, &r, &c)?;
+                t.audit.push(AuditEntry::new(
+                    now_ms,
+                    "credential_added",
+                    Some(c.resident.as_str()),
+                    c.credential.masked(),
+                ));
+                Ok((OpOutcome::Done, vec![c.resident]))
+            }
+            RosterOp::RemoveCredential(key) => {
+                let c: Credential = match t.creds.remove(key.as_str())? {
+                    Some(v) => decode("credentials", v.value())?,
+                    None => return Err(StoreError::NoCredential(key)),
+                };
+                let holder = c.resident.clone();
+                t.audit.push(AuditEntry::new(
+                    now_ms,
+                    "credential_removed",
+                    Some(holder.as_str()),
+                    c.credential.masked(),
+                ));
+                Ok((OpOutcome::CredentialRemoved(c), vec![holder]))
+            }
+            RosterOp::RemoveResident(id) => {
+                if t.residents.remove(id.as_str())?.is_none() {
+                    return Err(StoreError::NoResident(id.to_string()));
+                }
+                let n = remove_credentials_of(&mut t.creds, &id)?;
+                t.audit.push(AuditEntry::new(
+                    now_ms,
+                    "resident_removed",
+                    Some(id.as_str()),
+                    format!("{n} credentials"),
+                ));
+                Ok((OpOutcome::ResidentRemoved { credentials: n }, Vec::new()))
+            }
+            RosterOp::Sync { version, digest, residents } => {
+                let applied = t.meta.get("roster_version")?.map(|v| v.value()).unwrap_or(0);
+                let applied_digest = t.meta.get("roster_digest")?.map(|v| v.value());
+                if version < applied {
+                    return Err(StoreError::StaleVersion { offered: version, applied });
+                }
+                if version == applied && applied_digest.is_some_and(|d| d != digest) {
+                    return Err(StoreError::VersionConflict(version));
+                }
+                let before = t.residents.len()?;
+                let mut old_modes = std::collections::HashMap::new();
+                for row in t.residents.iter()? {
+                    let (k, v) = row?;
+                    let r: Resident = decode("residents", v.value())?;
+                    old_modes.insert(k.value().to_string(), r.mode);
+                }
+                for (r, _) in &residents {
+                    if let Some(m) = old_modes.get(r.id.as_str()).filter(|m| **m != r.mode) {
+                        t.audit.push(AuditEntry::new(
+                            now_ms,
+                            "mode_changed",
+                            Some(r.id.as_str()),
+                            format!("{} -> {} (roster.sync {version})", m.name(), r.mode.name()),
+                        ));
+                    }
+                }
+                t.residents.retain(|_, _| false)?;
+                t.creds.retain(|_, _| false)?;
+                let mut touched = Vec::with_capacity(residents.len());
+                let mut n_creds = 0;
+                for (r, cs) in &residents {
+                    t.residents.insert(r.id.as_str(), encode(r).as_slice())?;
+                    for c in cs {
+                        put_credential(&mut t.creds, r, c)?;
+                        n_creds += 1;
+                    }
+                    touched.push(r.id.clone());
+                }
+                t.meta.insert("roster_version", version)?;
+                t.meta.insert("roster_digest", digest)?;
+                let removed = before.saturating_sub(residents.len() as u64) as usize;
+                t.audit.push(AuditEntry::new(
+                    now_ms,
+                    "roster_synced",
+                    None,
+                    format!("version {version}: {} residents, {n_creds} credentials", residents.len()),
+                ));
+                Ok((OpOutcome::Synced { residents: residents.len(), credentials: n_creds, removed }, touched))
+            }
+        })
+    }
+
+    /// Add a resident with their credentials atomically (a face mode needs its card in the same
+    /// transaction). Fails if the resident exists or a credential is held by someone else.
+    pub fn add_resident(&self, r: &Resident, credentials: &[Credential], now_ms: i64) -> Result<(), StoreError> {
+        r.validate().map_err(StoreError::InvalidResident)?;
+        self.mutate(now_ms, None, |t| {
+            if t.residents.get(r.id.as_str())?.is_some() {
+                return Err(StoreError::ResidentExists(r.id.to_string()));
+            }
+            t.residents.insert(r.id.as_str(), encode(r).as_slice())?;
+            for c in credentials {
+                put_credential(&mut t.creds, r, c)?;
+            }
+            t.audit.push(AuditEntry::new(
+                now_ms,
+                "resident_added",
+                Some(r.id.as_str()),
+                format!("mode {}", r.mode.name()),
+            ));
+            Ok(((), vec![r.id.clone()]))
+        })
+    }
+
+    /// Insert or replace a resident record (their credentials stay).
+    pub fn upsert_resident(&self, r: &Resident, now_ms: i64) -> Result<(), StoreError> {
+        self.apply(RosterOp::Upsert { resident: r.clone(), credentials: None }, None, now_ms).map(|_| ())
+    }
+
+    /// Change a resident's access mode (P2); returns the previous mode.
+    pub fn set_mode(&self, id: &ResidentId, mode: AccessMode, now_ms: i64) -> Result<AccessMode, StoreError> {
+        match self.apply(RosterOp::SetMode { id: id.clone(), mode }, None, now_ms)? {
+            OpOutcome::ModeChanged { before } => Ok(before),
+            _ => Ok(mode),
+        }
+    }
+
+    pub fn add_credential(&self, c: &Credential, now_ms: i64) -> Result<(), StoreError> {
+        self.apply(RosterOp::AddCredential(c.clone()), None, now_ms).map(|_| ())
+    }
+
+    /// Remove a credential by key; refused if its holder would be left face-only.
+    pub fn remove_credential(&self, key: &str, now_ms: i64) -> Result<Credential, StoreError> {
+        match self.apply(RosterOp::RemoveCredential(key.to_string()), None, now_ms)? {
+            OpOutcome::CredentialRemoved(c) => Ok(c),
+            _ => Err(StoreError::NoCredential(key.to_string())),
+        }
+    }
+
+    /// Remove a resident and every credential they hold.
+    pub fn remove_resident(&self, id: &ResidentId, now_ms: i64) -> Result<usize, StoreError> {
+        match self.apply(RosterOp::RemoveResident(id.clone()), None, now_ms)? {
+            OpOutcome::ResidentRemoved { credentials } => Ok(credentials),
+            _ => Ok(0),
+        }
+    }
+}
+
+fn remove_credentials_of(creds: &mut redb::Table<&str, &[u8]>, id: &ResidentId) -> Result<usize, StoreError> {
+    let mut keys = Vec::new();
+    for row in creds.iter()? {
+        let (k, v) = row?;
+        let c: Credential = decode("credentials", v.value())?;
+        if &c.resident == id {
+            keys.push(k.value().to_string());
+        }
+    }
+    for k in &keys {
+        creds.remove(k.as_str())?;
+    }
+    Ok(keys.len())
+}
+
+fn put_credential(creds: &mut redb::Table<&str, &[u8]>, holder: &Resident, c: &Credential) -> Result<(), StoreError> {
+    if c.resident != holder.id {
+        return Err(StoreError::InvalidResident("credential names another resident".into()));
+    }
+    let key = c.credential.key();
+    if let Some(v) = creds.get(key.as_str())? {
+        let existing: Credential = decode("credentials", v.value())?;
+        if existing.resident != holder.id {
+            return Err(StoreError::CredentialTaken(existing.resident.to_string()));
+        }
+    }
+    creds.insert(key.as_str(), encode(c).as_slice())?;
+    Ok(())
+}

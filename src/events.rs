@@ -123,7 +123,7 @@ pub enum Body {
         request_id: Option<String>,
         /// With `template_deleted`: the signed deletion receipt (P7).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        receipt: Option<Box<crate::privacy::Receipt>>,
+        receipt: Option<Box<serde_json::Value>>,
     },
     System {
         event: String,
@@ -311,17 +311,18 @@ impl NewEvent {
     }
 
     /// A face template and its key were destroyed: the signed receipt (P7).
-    pub fn template_deleted(ts_ms: i64, r: &crate::privacy::Receipt) -> NewEvent {
+    pub fn template_deleted<R: DeletionReceipt>(ts_ms: i64, r: &R) -> NewEvent {
         NewEvent {
             kind: EventType::Privacy,
             ts_ms,
             body: Body::Privacy {
                 privacy: "template_deleted".into(),
-                resident: r.resident.clone(),
+                resident: r.resident().to_string(),
                 from_mode: None,
                 to_mode: None,
                 request_id: None,
-                receipt: Some(Box::new(r.clone())),
+                // A struct of strings and numbers always serialises.
+                receipt: Some(Box::new(serde_json::to_value(r).unwrap_or_default())),
             },
         }
     }
@@ -372,6 +373,12 @@ impl NewEvent {
 pub struct Head {
     #[serde(rename = "type")]
     pub kind: EventType,
+}
+
+/// A signed deletion receipt, as an event carries it (`privacy::Receipt`): the events know its
+/// shape, not the keys that sign it.
+pub trait DeletionReceipt: Serialize {
+    fn resident(&self) -> &str;
 }
 
 #[cfg(test)]

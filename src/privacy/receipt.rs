@@ -163,6 +163,12 @@ pub fn parse_public_key(s: &str) -> Option<Vec<u8>> {
     unhex(s.trim().strip_prefix("ed25519:").unwrap_or(s.trim())).filter(|k| k.len() == 32)
 }
 
+impl crate::events::DeletionReceipt for Receipt {
+    fn resident(&self) -> &str {
+        &self.resident
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

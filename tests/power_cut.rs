@@ -442,3 +442,101 @@ fn the_whole_daemon_loses_nothing_acknowledged_in_power_cuts() {
     );
     assert!(!expect.is_empty(), "no command was acknowledged: the test tested nothing");
 }
+
+/// A full disk (issue: events were dropped when the store write failed). With the state
+/// directory on cutfs switched to `full` (every write ENOSPC), the door keeps deciding from the
+/// roster (read transactions), the events wait in memory (counted in `status`: what a crash would
+/// lose), a remote unlock is refused (its request id cannot be claimed on disk) and a roster
+/// command changes nothing. Once there is space, every held event is stored in the order it
+/// happened and published, followed by one `store_unavailable` alarm that says how many waited.
+#[test]
+fn the_whole_daemon_on_a_full_disk_loses_no_event() {
+    use common::{free_port, wait_for, Bms, Broker, Gate, GateOpts};
+    let port = free_port();
+    let _broker = Broker::start(port);
+    let bms = Bms::connect(port);
+    let mut gate = Gate::new(GateOpts { mqtt_port: port, pulse_ms: 100, ..GateOpts::default() });
+    let mnt = gate.dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut fs = CutFs::mount(&mnt);
+    let admin = gate.dir.path().join("admin.sock");
+    gate.edit_config(|t| {
+        let g = t["gate"].as_table_mut().unwrap();
+        g.insert("state_dir".into(), mnt.join("state").display().to_string().into());
+        g.insert("admin_socket".into(), admin.display().to_string().into());
+    });
+    gate.start_sim();
+    let out = gate.resident(&["add", "known", "--card", "H10301:9:9"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    gate.start_daemon();
+    assert!(wait_for(Duration::from_secs(10), || gate.status().is_some_and(|s| s["outbox_depth"] == 0)));
+    let before = gate.status().unwrap()["next_seq"].as_u64().unwrap();
+    let fingerprint = gate.fingerprint();
+
+    fs.say("full");
+    let grants = |g: &Gate| {
+        g.relay("front")["transitions"].as_array().unwrap().iter().filter(|t| t["energized"] == true).count()
+    };
+    let swipes = 5;
+    for n in 0..swipes {
+        let had = grants(&gate);
+        gate.swipe(9, 9);
+        assert!(
+            wait_for(Duration::from_secs(5), || grants(&gate) > had),
+            "swipe {n} on a full disk: no grant\n{}",
+            gate.log()
+        );
+        std::thread::sleep(Duration::from_millis(250)); // the relock, so the next grant moves the relay
+    }
+    let s = gate.status().unwrap();
+    assert_eq!(s["store_write_failed"], true, "{s}");
+    let held = s["events_held"].as_u64().unwrap();
+    assert!(held >= swipes, "the access events wait in memory: {s}");
+    assert_eq!(s["events_lost"], 0);
+    assert_eq!(s["next_seq"].as_u64().unwrap(), before, "nothing was stored: {s}");
+
+    // A remote unlock needs its request id on disk: refused, and the door does not move.
+    let had = grants(&gate);
+    let r = bms.command("site1", "gate1", "unlock", json!({"door": "front"}), Some(10));
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["code"], "internal_error", "{r}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(grants(&gate), had, "a refused unlock moved the relay");
+    // A roster command is refused with nothing changed.
+    let up = json!({"resident": {"id": "late", "mode": "card", "cards": [{"format": "H10301", "facility": 9, "number": 10}]}});
+    let r = bms.command("site1", "gate1", "resident.upsert", up.clone(), None);
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(gate.fingerprint(), fingerprint, "a refused command changed the roster");
+
+    fs.say("space");
+    assert!(
+        wait_for(Duration::from_secs(20), || gate
+            .status()
+            .is_some_and(|s| s["events_held"] == 0 && s["store_write_failed"] == false && s["outbox_depth"] == 0)),
+        "held events not stored after the disk has space again: {:?}\n{}",
+        gate.status(),
+        gate.log()
+    );
+    let last = gate.status().unwrap()["next_seq"].as_u64().unwrap() - 1;
+    assert!(bms.all_events_arrived(last, Duration::from_secs(20)), "not every event arrived");
+    let by_seq = common::events_by_seq(&bms.events());
+    let after: Vec<&Value> = (before..=last).filter_map(|s| by_seq.get(&s)).collect();
+    let alarm_at = after.iter().position(|e| e["alarm"] == "store_unavailable").expect("a store_unavailable alarm");
+    let waited = &after[..alarm_at];
+    let access: Vec<&&Value> = waited.iter().filter(|e| e["type"] == "access").collect();
+    assert_eq!(access.len() as u64, swipes, "every swipe's event, stored after the outage: {waited:?}");
+    assert!(access.iter().all(|e| e["decision"] == "granted" && e["resident"] == "known"));
+    // In the order they happened, the alarm after them, saying how many waited.
+    assert!(waited.windows(2).all(|w| w[0]["ts_ms"].as_i64() <= w[1]["ts_ms"].as_i64()), "{waited:?}");
+    let detail = after[alarm_at]["detail"].as_str().unwrap();
+    assert!(detail.contains(&format!("{} events held in memory, 0 lost", waited.len())), "{detail}");
+    assert!(!after.iter().any(|e| e["reason"] == "remote_unlock"), "the refused unlock left no event");
+    // Writes work again.
+    let r = bms.command("site1", "gate1", "resident.upsert", up, None);
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(gate.signal_daemon("TERM").success());
+    eprintln!(
+        "full disk: {swipes} swipes granted, {} events held and then stored in order, alarm: {detail}",
+        waited.len()
+    );
+}

@@ -412,6 +412,13 @@ impl Store {
         result
     }
 
+    /// Hold the store's one write transaction (tests: a commit in progress, as an event batch's
+    /// fdatasync or an enrolment would).
+    #[cfg(test)]
+    pub(crate) fn write_for_test(&self) -> Result<redb::WriteTransaction, StoreError> {
+        self.write()
+    }
+
     /// Whether the last write failed and the file waits to be reopened (status and health).
     pub fn write_failed(&self) -> bool {
         self.failed.load(std::sync::atomic::Ordering::Acquire)

@@ -153,3 +153,100 @@ fn decision_word(out: &GateOutcome) -> &'static str {
 fn reason_code(out: &GateOutcome) -> &'static str {
     out.decision.map_or("-", |d| d.reason.code())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AccessMode, Credential, CredentialKind, Resident, Validity};
+    use crate::wiegand::{encode, CardId, CardRead, Format};
+    use std::sync::Arc;
+
+    fn resident(id: &str, mode: AccessMode, card: u64) -> (Resident, Credential) {
+        let rid = ResidentId::new(id).unwrap();
+        let c = CardId { format: Format::H10301, facility: 7, number: card };
+        let cred =
+            Credential { credential: CredentialKind::Card(c), resident: rid.clone(), validity: Validity::default() };
+        (Resident { id: rid, mode, validity: Validity::default(), schedule: None }, cred)
+    }
+
+    fn card_frame(door: &str, number: u64) -> ReaderOutput {
+        let card = CardId { format: Format::H10301, facility: 7, number };
+        let bits = encode(card.format, card.facility, card.number).unwrap();
+        let at = MonoTime::now();
+        ReaderOutput {
+            reader: door.into(),
+            door: door.into(),
+            outcome: Outcome::Card(CardRead { card, bits }),
+            at,
+            received: at,
+        }
+    }
+
+    /// Defect: a face verdict made the gate task write the store (the face use) on the async
+    /// worker; redb has one writer, so it waited for any commit in progress, and so did every
+    /// card behind it. With the store's write transaction held for the whole test, a face grant
+    /// and a card grant must both reach the door, and the face use must reach the privacy stage.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_card_is_granted_while_a_store_write_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t: toml::Table = toml::from_str(crate::config::DEFAULT_CONFIG).unwrap();
+        t["gate"].as_table_mut().unwrap().insert("state_dir".into(), dir.path().display().to_string().into());
+        let cfg = Arc::new(crate::config::parse(&toml::to_string(&t).unwrap()).unwrap());
+        let door = cfg.doors[0].name.clone();
+        let store = Arc::new(crate::store::Store::open(&cfg.store_path()).unwrap());
+        for (r, c) in [resident("r-card", AccessMode::Card, 1), resident("r-face", AccessMode::FaceOrCard, 2)] {
+            store.add_resident(&r, &[c], 0).unwrap();
+        }
+        // A commit in progress: the one write transaction, held until the end of the test.
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let st = store.clone();
+        let holder = std::thread::spawn(move || {
+            let tx = st.write_for_test().unwrap();
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+            drop(tx);
+        });
+        held_rx.recv().unwrap();
+
+        let ctx = StageCtx {
+            name: "gate".into(),
+            cfg: cfg.clone(),
+            store: store.clone(),
+            stats: Arc::new(crate::stats::Stats::default()),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            started: MonoTime::now(),
+        };
+        let (frame_tx, frames) = mpsc::channel(8);
+        let (face_tx, faces) = mpsc::channel(8);
+        let (door_tx, mut door_rx) = mpsc::channel(8);
+        let (events, mut event_rx) = mpsc::channel(8);
+        let (use_tx, mut use_rx) = mpsc::channel(8);
+        let io = GateIo {
+            frames,
+            faces: Some(faces),
+            doors: HashMap::from([(door.clone(), door_tx)]),
+            events,
+            face_uses: Some(use_tx),
+        };
+        let stage = tokio::spawn(run(ctx.clone(), io));
+        let matched = Verdict::Matched { resident: "r-face".into(), score: 0.9 };
+        face_tx.send(FaceVerdict { door: door.clone(), verdict: matched, at: MonoTime::now() }).await.unwrap();
+        frame_tx.send(card_frame(&door, 1)).await.unwrap();
+        // A bound only against a hang: with the write held, before the fix nothing ever arrives.
+        let within = Duration::from_secs(20);
+        for which in ["face", "card"] {
+            let cmd = tokio::time::timeout(within, door_rx.recv()).await;
+            assert!(matches!(cmd, Ok(Some(DoorCmd::Grant(_)))), "the {which} grant did not reach the door: {cmd:?}");
+            let ev = tokio::time::timeout(within, event_rx.recv()).await.unwrap().unwrap();
+            assert!(String::from_utf8(ev.to_json(1, "s", "g", false)).unwrap().contains("\"granted\""));
+        }
+        let u = tokio::time::timeout(within, use_rx.recv()).await.unwrap().unwrap();
+        assert_eq!(u.resident, "r-face");
+        assert!(!holder.is_finished(), "the write was held throughout");
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        ctx.shutdown.cancel();
+        stage.await.unwrap();
+    }
+}

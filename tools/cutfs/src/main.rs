@@ -12,6 +12,10 @@
 //!   the durable size (the device may reorder them), and a random prefix of the writes that
 //!   extended the file (so no hole appears). Then it thaws.
 //! - `lose-all`: as `cut`, but no unsynced write survives.
+//! - `full`: the disk is full, as a copy-on-write filesystem (btrfs, f2fs) is: every write, every
+//!   growth and every new file or directory fails with ENOSPC (an overwrite needs a new block
+//!   too), and `statfs` reports no free block. Reads, fsync, unlink and rename still work.
+//!   `space` frees it again.
 //!
 //! Commands come one per line on stdin; each is answered `ok` on stdout. Files are opened with
 //! direct I/O and attributes are never cached, so after a cut every read sees the new state.
@@ -67,6 +71,8 @@ struct State {
     nodes: HashMap<u64, Node>,
     next: u64,
     frozen: bool,
+    /// `full`: writes fail with ENOSPC.
+    full: bool,
     /// Counters, printed with each answer.
     fsyncs: u64,
     cuts: u64,
@@ -105,7 +111,7 @@ impl State {
                 mtime: SystemTime::now(),
             },
         );
-        State { nodes, next: 2, frozen: false, fsyncs: 0, cuts: 0 }
+        State { nodes, next: 2, frozen: false, full: false, fsyncs: 0, cuts: 0 }
     }
 
     fn attr(&self, ino: u64) -> Option<FileAttr> {
@@ -234,6 +240,16 @@ impl CutFs {
     }
 }
 
+/// Refuse with ENOSPC while the disk is `full`.
+macro_rules! room {
+    ($s:expr, $reply:expr) => {
+        if $s.full {
+            $reply.error(Errno::ENOSPC);
+            return;
+        }
+    };
+}
+
 macro_rules! live {
     ($s:expr, $reply:expr) => {
         if $s.frozen {
@@ -286,12 +302,14 @@ impl Filesystem for CutFs {
     ) {
         let mut s = self.state();
         live!(s, reply);
+        let full = s.full;
         let Some(n) = s.nodes.get_mut(&ino.0) else { return reply.error(Errno::ENOENT) };
         if let Some(m) = mode {
             n.perm = (m & 0o7777) as u16;
         }
         if let Some(len) = size {
             match &mut n.body {
+                Body::File { data, .. } if full && len > data.len() as u64 => return reply.error(Errno::ENOSPC),
                 Body::File { data, pending, .. } => {
                     data.resize(len as usize, 0);
                     pending.push(Pending::Truncate(len));
@@ -309,6 +327,7 @@ impl Filesystem for CutFs {
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         let mut s = self.state();
         live!(s, reply);
+        room!(s, reply);
         match s.create_node(parent.0, name, true, mode) {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
@@ -327,6 +346,7 @@ impl Filesystem for CutFs {
     ) {
         let mut s = self.state();
         live!(s, reply);
+        room!(s, reply);
         if mode & libc::S_IFMT != libc::S_IFREG {
             return reply.error(Errno::EPERM);
         }
@@ -348,6 +368,7 @@ impl Filesystem for CutFs {
     ) {
         let mut s = self.state();
         live!(s, reply);
+        room!(s, reply);
         match s.create_node(parent.0, name, false, mode) {
             Ok(a) => reply.created(&TTL, &a, Generation(0), FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(e),
@@ -459,6 +480,7 @@ impl Filesystem for CutFs {
     ) {
         let mut s = self.state();
         live!(s, reply);
+        room!(s, reply);
         let Some(n) = s.nodes.get_mut(&ino.0) else { return reply.error(Errno::ENOENT) };
         match &mut n.body {
             Body::File { data, durable, pending } => {
@@ -545,13 +567,14 @@ impl Filesystem for CutFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        reply.statfs(1 << 20, 1 << 19, 1 << 19, 1 << 16, 1 << 15, PAGE as u32, 255, PAGE as u32);
+        let free = if self.state().full { 0 } else { 1 << 19 };
+        reply.statfs(1 << 20, free, free, 1 << 16, 1 << 15, PAGE as u32, 255, PAGE as u32);
     }
 }
 
 fn main() {
     let Some(mountpoint) = std::env::args_os().nth(1) else {
-        eprintln!("usage: cutfs MOUNTPOINT   (commands on stdin: freeze | cut SEED | lose-all)");
+        eprintln!("usage: cutfs MOUNTPOINT   (commands on stdin: freeze | cut SEED | lose-all | full | space)");
         std::process::exit(2);
     };
     let state = Arc::new(Mutex::new(State::new()));
@@ -586,6 +609,14 @@ fn main() {
                 (Some("lose-all"), _) => {
                     s.cut(None);
                     format!("ok cuts={} fsyncs={}", s.cuts, s.fsyncs)
+                }
+                (Some("full"), _) => {
+                    s.full = true;
+                    "ok".to_string()
+                }
+                (Some("space"), _) => {
+                    s.full = false;
+                    "ok".to_string()
                 }
                 (Some("quit"), _) => break,
                 _ => format!("error: unknown command `{line}`"),

@@ -137,10 +137,6 @@ impl Engine {
         self.embedder.0.output_dim.unwrap_or(0)
     }
 
-    pub fn has_liveness(&self) -> bool {
-        !self.liveness.is_empty()
-    }
-
     /// Detect faces (boxes and landmarks in frame coordinates), best first.
     pub fn detect(&mut self, frame: &Rgb) -> Result<Vec<Face>, FaceError> {
         let t0 = Instant::now();

@@ -1,0 +1,119 @@
+
+use super::*;
+
+const NOW: i64 = 1_800_000_000_000;
+
+fn inb(verb: &str, payload: &str) -> Inbound {
+    Inbound {
+        topic: format!("menshen/v1/s/g/cmd/{verb}"),
+        payload: payload.as_bytes().to_vec(),
+        response_topic: Some("bms/replies".into()),
+        correlation: Some(b"c-1".to_vec()),
+        ..Inbound::default()
+    }
+}
+
+fn code(i: &Inbound) -> ErrorCode {
+    parse(i, "s", "g", &Limits::default(), NOW).unwrap_err().error.code
+}
+
+#[test]
+fn a_good_unlock_parses_with_correlation_as_request_id() {
+    let mut i = inb("unlock", r#"{"door":"front","duration_ms":3000}"#);
+    i.expiry_secs = Some(10);
+    let r = parse(&i, "s", "g", &Limits::default(), NOW).unwrap();
+    assert_eq!(r.request_id, "c-1");
+    assert_eq!(r.command, Command::Unlock { door: "front".into(), duration_ms: Some(3000) });
+    assert_eq!(r.reply.unwrap().correlation.unwrap(), b"c-1");
+}
+
+#[test]
+fn mqtt311_fallback_uses_payload_fields() {
+    let mut i = inb("health.get", r#"{"request_id":"r-9","reply_to":"bms/r"}"#);
+    i.response_topic = None;
+    i.correlation = None;
+    let r = parse(&i, "s", "g", &Limits::default(), NOW).unwrap();
+    assert_eq!(r.request_id, "r-9");
+    assert_eq!(r.reply, Some(ReplyTo { topic: "bms/r".into(), correlation: None }));
+}
+
+#[test]
+fn site_wide_topic_is_accepted_and_marked() {
+    let mut i = inb("rules.get", "{}");
+    i.topic = "menshen/v1/s/_site/cmd/rules.get".into();
+    assert!(parse(&i, "s", "g", &Limits::default(), NOW).unwrap().site_wide);
+    i.topic = "menshen/v1/s/other/cmd/rules.get".into();
+    assert_eq!(code(&i), ErrorCode::UnknownCommand);
+}
+
+#[test]
+fn refusals_have_their_codes() {
+    let mut retained = inb("health.get", "{}");
+    retained.retain = true;
+    assert_eq!(code(&retained), ErrorCode::RetainedCommand);
+    assert_eq!(code(&inb("open.sesame", "{}")), ErrorCode::UnknownCommand);
+    let mut bad_utf8 = inb("health.get", "{}");
+    bad_utf8.payload = vec![b'{', 0xff, b'}'];
+    assert_eq!(code(&bad_utf8), ErrorCode::InvalidUtf8);
+    assert_eq!(code(&inb("health.get", "{")), ErrorCode::InvalidJson);
+    assert_eq!(code(&inb("health.get", "[1]")), ErrorCode::NotAnObject);
+    assert_eq!(code(&inb("health.get", &format!("{}{}", "[".repeat(40), "]".repeat(40)))), ErrorCode::TooDeep);
+    assert_eq!(code(&inb("health.get", r#"{"x":1}"#)), ErrorCode::UnknownField);
+    assert_eq!(code(&inb("resident.set_mode", r#"{"resident":"r1"}"#)), ErrorCode::MissingField);
+    assert_eq!(code(&inb("resident.set_mode", r#"{"resident":"r1","mode":7}"#)), ErrorCode::WrongType);
+    assert_eq!(code(&inb("resident.set_mode", r#"{"resident":"r1","mode":"face"}"#)), ErrorCode::InvalidValue);
+    assert_eq!(code(&inb("resident.remove", r#"{"resident":"a b"}"#)), ErrorCode::InvalidValue);
+    let mut big = inb("health.get", "{}");
+    big.payload = vec![b' '; Limits::default().max_payload_bytes + 1];
+    assert_eq!(code(&big), ErrorCode::PayloadTooLarge);
+    let mut no_id = inb("health.get", "{}");
+    no_id.correlation = None;
+    assert_eq!(code(&no_id), ErrorCode::MissingRequestId);
+    assert_eq!(code(&inb("health.get", r#"{"request_id":""}"#)), ErrorCode::InvalidRequestId);
+    assert_eq!(code(&inb("health.get", &format!(r#"{{"expires_at":{}}}"#, NOW - 1))), ErrorCode::Expired);
+    assert_eq!(code(&inb("unlock", r#"{"door":"front"}"#)), ErrorCode::ExpiryRequired);
+    assert_eq!(
+        code(&inb("unlock", &format!(r#"{{"door":"f","expires_at":{}}}"#, NOW + 3_600_000))),
+        ErrorCode::ExpiryTooFar
+    );
+    let mut long = inb("unlock", r#"{"door":"f","duration_ms":3600000}"#);
+    long.expiry_secs = Some(5);
+    assert_eq!(code(&long), ErrorCode::InvalidValue);
+    let mut forged = inb("health.get", "{}");
+    forged.response_topic = Some("menshen/v1/s/g2/cmd/unlock".into());
+    assert_eq!(code(&forged), ErrorCode::InvalidReplyTo);
+    assert_eq!(
+        code(&inb("credential.add", r#"{"resident":"r","card":{"format":"H10301","facility":300,"number":1}}"#)),
+        ErrorCode::InvalidValue,
+        "facility out of range for 26-bit"
+    );
+    let dup = r#"{"version":1,"residents":[{"id":"a","mode":"card"},{"id":"a","mode":"card"}]}"#;
+    assert_eq!(code(&inb("roster.sync", dup)), ErrorCode::InvalidValue);
+}
+
+#[test]
+fn depth_scan_ignores_brackets_in_strings() {
+    assert_eq!(json_depth(br#"{"a":"[[[[[[","b":[1,{"c":2}]}"#), 3);
+    assert_eq!(json_depth(br#"{"a":"\"[["}"#), 1);
+}
+
+#[test]
+fn replies_carry_ok_or_code_and_message() {
+    let ok: Value =
+        serde_json::from_slice(&reply_json("s", "g", Some(Verb::HealthGet), Some("r"), &Ok(Value::Null))).unwrap();
+    assert_eq!(ok["ok"], true);
+    let e = CmdError::new(ErrorCode::Busy, "later");
+    let bad: Value = serde_json::from_slice(&reply_json("s", "g", None, None, &Err(e))).unwrap();
+    assert_eq!(bad["ok"], false);
+    assert_eq!(bad["code"], "busy");
+    assert_eq!(bad["message"], "later");
+}
+
+#[test]
+fn error_codes_are_unique_snake_case() {
+    let mut seen = std::collections::HashSet::new();
+    for c in ErrorCode::ALL {
+        assert!(seen.insert(c.code()));
+        assert_eq!(serde_json::to_value(c).unwrap(), Value::String(c.code().into()));
+    }
+}

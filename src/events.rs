@@ -173,44 +173,18 @@ impl NewEvent {
         serde_json::to_vec(&env).unwrap_or_default()
     }
 
-    pub fn access_card(
-        ts_ms: i64,
-        decision: Decision,
-        door: &str,
-        reader: &str,
-        resident: Option<&str>,
-        card: Option<CardId>,
-        bits: Bits,
-        detail: Option<Rejection>,
-    ) -> NewEvent {
-        NewEvent {
-            kind: EventType::Access,
-            ts_ms,
-            body: Body::Access {
-                decision: if decision.granted { "granted" } else { "denied" }.into(),
-                reason: decision.reason.code().into(),
-                method: Method::Card,
-                door: door.into(),
-                reader: Some(reader.into()),
-                resident: resident.map(str::to_string),
-                card: card.map(CardInfo::from),
-                frame: Some(bits.into()),
-                detail: detail.map(|d| d.code().to_string()),
-                request_id: None,
-                face_match: None,
-            },
-        }
-    }
-
-    /// A face decision (`method` `face`, or `face_and_card` when a card completed it). Carries no
-    /// image, no embedding and no score: at most the coarse bucket of a match.
-    pub fn access_face(
+    /// An access decision, every field given: the one place the access body is built.
+    #[allow(clippy::too_many_arguments)]
+    fn access(
         ts_ms: i64,
         decision: Decision,
         method: Method,
         door: &str,
+        reader: Option<&str>,
         resident: Option<&str>,
         card: Option<CardId>,
+        frame: Option<Bits>,
+        detail: Option<Rejection>,
         face_match: Option<&str>,
     ) -> NewEvent {
         NewEvent {
@@ -221,15 +195,44 @@ impl NewEvent {
                 reason: decision.reason.code().into(),
                 method,
                 door: door.into(),
-                reader: None,
+                reader: reader.map(str::to_string),
                 resident: resident.map(str::to_string),
                 card: card.map(CardInfo::from),
-                frame: None,
-                detail: None,
+                frame: frame.map(FrameInfo::from),
+                detail: detail.map(|d| d.code().to_string()),
                 request_id: None,
                 face_match: face_match.map(str::to_string),
             },
         }
+    }
+
+    /// A card decision (or a rejected frame: `detail` says why).
+    #[allow(clippy::too_many_arguments)]
+    pub fn access_card(
+        ts_ms: i64,
+        decision: Decision,
+        door: &str,
+        reader: &str,
+        resident: Option<&str>,
+        card: Option<CardId>,
+        bits: Bits,
+        detail: Option<Rejection>,
+    ) -> NewEvent {
+        NewEvent::access(ts_ms, decision, Method::Card, door, Some(reader), resident, card, Some(bits), detail, None)
+    }
+
+    /// A face decision (`method` `face`). Carries no image, no embedding and no score: at most
+    /// the coarse bucket of a match.
+    pub fn access_face(
+        ts_ms: i64,
+        decision: Decision,
+        method: Method,
+        door: &str,
+        resident: Option<&str>,
+        card: Option<CardId>,
+        face_match: Option<&str>,
+    ) -> NewEvent {
+        NewEvent::access(ts_ms, decision, method, door, None, resident, card, None, None, face_match)
     }
 
     /// A `face_and_card` decision: the card's frame and reader, and the face's match bucket.
@@ -244,13 +247,8 @@ impl NewEvent {
         bits: Bits,
         face_match: Option<&str>,
     ) -> NewEvent {
-        let mut ev =
-            NewEvent::access_face(ts_ms, decision, Method::FaceAndCard, door, resident, Some(card), face_match);
-        if let Body::Access { reader: r, frame, .. } = &mut ev.body {
-            *r = Some(reader.into());
-            *frame = Some(bits.into());
-        }
-        ev
+        let m = Method::FaceAndCard;
+        NewEvent::access(ts_ms, decision, m, door, Some(reader), resident, Some(card), Some(bits), None, face_match)
     }
 
     pub fn exit_request(ts_ms: i64, door: &str) -> NewEvent {

@@ -23,6 +23,14 @@ fn fail(e: anyhow::Error) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// What a long-running command needs: its config (a bad one exits 3-5), logging, a runtime.
+fn start(path: &std::path::Path) -> Result<(config::Config, tokio::runtime::Runtime), ExitCode> {
+    let cfg = load_config(path)?;
+    init_logging(cfg.log.format, &cfg.log.level);
+    let rt = runtime().map_err(|e| fail(e.into()))?;
+    Ok((cfg, rt))
+}
+
 /// Carry out one command line: the daemon, the demo or a tool. The exit code says how it went.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
@@ -41,14 +49,9 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         },
         Command::Run { config: path } => {
-            let cfg = match load_config(&path) {
-                Ok(c) => c,
+            let (cfg, rt) = match start(&path) {
+                Ok(x) => x,
                 Err(code) => return code,
-            };
-            init_logging(cfg.log.format, &cfg.log.level);
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => return fail(e.into()),
             };
             match rt.block_on(crate::daemon::run(Arc::new(cfg), None, None)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -115,14 +118,9 @@ pub fn run(cli: Cli) -> ExitCode {
             Err(e) => fail(e),
         },
         Command::Sim(SimCmd::Serve { config: path }) => {
-            let cfg = match load_config(&path) {
-                Ok(c) => c,
+            let (cfg, rt) = match start(&path) {
+                Ok(x) => x,
                 Err(code) => return code,
-            };
-            init_logging(cfg.log.format, &cfg.log.level);
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => return fail(e.into()),
             };
             let res = rt.block_on(async move {
                 let tok = tokio_util::sync::CancellationToken::new();

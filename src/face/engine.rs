@@ -77,6 +77,17 @@ fn infer_err(model: &str) -> impl Fn(ort::Error) -> FaceError + '_ {
     move |e| FaceError::Inference { model: model.to_string(), why: e.to_string() }
 }
 
+/// The model's output as f32 values: the one its manifest names, else the first.
+fn output_f32(outputs: &ort::session::SessionOutputs<'_>, e: &ModelEntry, what: &str) -> Result<Vec<f32>, FaceError> {
+    let out = match &e.output_name {
+        Some(n) => outputs.get(n),
+        None if outputs.len() > 0 => Some(&outputs[0]),
+        None => None,
+    }
+    .ok_or_else(|| FaceError::Inference { model: e.name.clone(), why: format!("no {what} output") })?;
+    Ok(out.try_extract_tensor::<f32>().map_err(infer_err(&e.name))?.1.to_vec())
+}
+
 /// Pixels → the model's input tensor (NCHW or NHWC, RGB or BGR, (x − mean) × scale).
 pub fn to_tensor(img: &Rgb, e: &ModelEntry) -> Vec<f32> {
     let (w, h) = (img.width as usize, img.height as usize);
@@ -207,14 +218,7 @@ impl Engine {
         let ti = Instant::now();
         let outputs = session.run(ort::inputs![tensor]).map_err(infer_err(&name))?;
         self.times.inference += ti.elapsed();
-        let out = match &e.output_name {
-            Some(n) => outputs.get(n),
-            None if outputs.len() > 0 => Some(&outputs[0]),
-            None => None,
-        }
-        .ok_or_else(|| FaceError::Inference { model: name.clone(), why: "no embedding output".into() })?;
-        let (_, data) = out.try_extract_tensor::<f32>().map_err(infer_err(&name))?;
-        let mut v = data.to_vec();
+        let mut v = output_f32(&outputs, e, "embedding")?;
         if Some(v.len()) != e.output_dim || !normalise(&mut v) {
             return Err(FaceError::Inference {
                 model: name,
@@ -244,13 +248,7 @@ impl Engine {
             let ti = Instant::now();
             let outputs = session.run(ort::inputs![tensor]).map_err(infer_err(&name))?;
             self.times.inference += ti.elapsed();
-            let out = match &e.output_name {
-                Some(n) => outputs.get(n),
-                None if outputs.len() > 0 => Some(&outputs[0]),
-                None => None,
-            }
-            .ok_or_else(|| FaceError::Inference { model: name.clone(), why: "no logits output".into() })?;
-            logits.push(out.try_extract_tensor::<f32>().map_err(infer_err(&name))?.1.to_vec());
+            logits.push(output_f32(&outputs, e, "logits")?);
         }
         self.times.liveness = t0.elapsed();
         Ok(liveness::real_probability(&logits))

@@ -133,7 +133,7 @@ fn scenario(swipes: usize, face: Option<&Face>) -> Figures {
         }
     }
     if let Some(f) = face {
-        cli(&cfg_path, &["add", "colin", "--mode", "face_or_card", "--card", "H10301:7:99999"]);
+        cli(&cfg_path, &["add", "colin", "--mode", "face_or_card", "--card", "H10301:7:60000"]);
         cli(&cfg_path, &["consent", "colin"]);
         let photos = ["Colin_Powell_0040", "Colin_Powell_0049"].map(|n| f.person.join(format!("{n}.jpg")));
         let mut a = vec!["enrol-face", "colin"];
@@ -144,10 +144,11 @@ fn scenario(swipes: usize, face: Option<&Face>) -> Figures {
         // The camera plays other photos of the enrolled resident, over and over.
         let cam = dir.path().join("camera");
         std::fs::create_dir_all(&cam).unwrap();
-        for (i, n) in
-            ["Colin_Powell_0095", "Colin_Powell_0133", "Colin_Powell_0001", "Colin_Powell_0002"].iter().enumerate()
-        {
-            std::fs::copy(f.person.join(format!("{n}.jpg")), cam.join(format!("{i:02}.jpg"))).unwrap();
+        let mut others: Vec<PathBuf> =
+            std::fs::read_dir(&f.person).unwrap().map(|e| e.unwrap().path()).filter(|p| !photos.contains(p)).collect();
+        others.sort();
+        for (i, p) in others.iter().take(4).enumerate() {
+            std::fs::copy(p, cam.join(format!("{i:02}.jpg"))).unwrap();
         }
     }
     // The daemon's runtime (`menshen run`): multi-thread, two workers.

@@ -229,12 +229,12 @@ async fn check_camera(cfg: &Config, n: usize) -> Check {
     let read = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         let mut reads = Vec::new();
-        let mut source = match crate::face::source::open_source(&cam) {
+        let mut source = match crate::face::camera::open_source(&cam) {
             Ok(s) => s,
             Err(e) => return (vec![CameraRead::Gone(e.to_string())], started.elapsed()),
         };
         while reads.len() < n {
-            let r = match source.next(crate::face::source::STALL) {
+            let r = match source.next(crate::face::camera::STALL) {
                 Ok(raw) => match raw.decode() {
                     Ok(img) => CameraRead::Frame { width: img.width, height: img.height },
                     Err(e) => CameraRead::Corrupt(e.to_string()),

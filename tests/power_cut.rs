@@ -324,7 +324,7 @@ fn check(state: &Path, exp: &Expect, round: u64) {
 /// lost in a cut would let its number be reused for another). `POWER_CUT_DAEMON_ROUNDS` (CI: 10).
 #[test]
 fn the_whole_daemon_loses_nothing_acknowledged_in_power_cuts() {
-    use common::{free_port, wait_for, Bms, Broker, Gate, GateOpts};
+    use common::{free_port, wait_for, Bms, Broker};
     let rounds: u64 = std::env::var("POWER_CUT_DAEMON_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let mut rng: u64 = std::env::var("POWER_CUT_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(20261123);
     let mut next = move || {
@@ -337,19 +337,7 @@ fn the_whole_daemon_loses_nothing_acknowledged_in_power_cuts() {
     let bdir = tempfile::tempdir().unwrap();
     let _broker = Broker::start_persistent(port, bdir.path());
     let bms = Bms::connect_with(port, Some("bms-power-cut"));
-    let mut gate = Gate::new(GateOpts { mqtt_port: port, pulse_ms: 150, ..GateOpts::default() });
-    let mnt = gate.dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mut fs = CutFs::mount(&mnt);
-    let admin = gate.dir.path().join("admin.sock");
-    gate.edit_config(|t| {
-        let g = t["gate"].as_table_mut().unwrap();
-        g.insert("state_dir".into(), mnt.join("state").display().to_string().into());
-        g.insert("admin_socket".into(), admin.display().to_string().into());
-    });
-    gate.start_sim();
-    let out = gate.resident(&["add", "known", "--card", "H10301:9:9"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (mut gate, mut fs) = gate_on_cutfs(port, 150);
     let acked = |corr: &str| {
         bms.replies.lock().unwrap().iter().any(|(k, v)| k.as_deref() == Some(corr.as_bytes()) && v["ok"] == true)
     };
@@ -451,23 +439,11 @@ fn the_whole_daemon_loses_nothing_acknowledged_in_power_cuts() {
 /// happened and published, followed by one `store_unavailable` alarm that says how many waited.
 #[test]
 fn the_whole_daemon_on_a_full_disk_loses_no_event() {
-    use common::{free_port, wait_for, Bms, Broker, Gate, GateOpts};
+    use common::{free_port, wait_for, Bms, Broker, Gate};
     let port = free_port();
     let _broker = Broker::start(port);
     let bms = Bms::connect(port);
-    let mut gate = Gate::new(GateOpts { mqtt_port: port, pulse_ms: 100, ..GateOpts::default() });
-    let mnt = gate.dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mut fs = CutFs::mount(&mnt);
-    let admin = gate.dir.path().join("admin.sock");
-    gate.edit_config(|t| {
-        let g = t["gate"].as_table_mut().unwrap();
-        g.insert("state_dir".into(), mnt.join("state").display().to_string().into());
-        g.insert("admin_socket".into(), admin.display().to_string().into());
-    });
-    gate.start_sim();
-    let out = gate.resident(&["add", "known", "--card", "H10301:9:9"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (mut gate, mut fs) = gate_on_cutfs(port, 100);
     gate.start_daemon();
     assert!(wait_for(Duration::from_secs(10), || gate.status().is_some_and(|s| s["outbox_depth"] == 0)));
     let before = gate.status().unwrap()["next_seq"].as_u64().unwrap();
@@ -539,4 +515,23 @@ fn the_whole_daemon_on_a_full_disk_loses_no_event() {
         "full disk: {swipes} swipes granted, {} events held and then stored in order, alarm: {detail}",
         waited.len()
     );
+}
+
+/// A gate whose state directory is on a fresh cutfs (the admin socket off it: cutfs has no
+/// sockets), its simulated chip running, with one resident `known` holding card 9:9.
+fn gate_on_cutfs(port: u16, pulse_ms: u64) -> (common::Gate, CutFs) {
+    let mut gate = common::Gate::new(common::GateOpts { mqtt_port: port, pulse_ms, ..common::GateOpts::default() });
+    let mnt = gate.dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let fs = CutFs::mount(&mnt);
+    let admin = gate.dir.path().join("admin.sock");
+    gate.edit_config(|t| {
+        let g = t["gate"].as_table_mut().unwrap();
+        g.insert("state_dir".into(), mnt.join("state").display().to_string().into());
+        g.insert("admin_socket".into(), admin.display().to_string().into());
+    });
+    gate.start_sim();
+    let out = gate.resident(&["add", "known", "--card", "H10301:9:9"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (gate, fs)
 }

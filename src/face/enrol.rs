@@ -3,8 +3,8 @@
 //! Every frame passes the quality gates; the embeddings of the good frames must agree with each
 //! other (one person, not a mix); their normalised mean is the template; and it is refused if it
 //! already matches another resident. Storing it is the caller's, through
-//! [`crate::store::Store::put_template`], which refuses without the resident's face consent or
-//! with mode `card`, and only ever receives the sealed template ([`crate::privacy`]).
+//! the store's `put_template`, which refuses without the resident's face consent or
+//! with mode `card`, and only ever receives the sealed template (sealed by the privacy module).
 
 use super::detect::primary;
 use super::engine::Engine;

@@ -4,6 +4,7 @@
 //! the face stage, `daemon::stages::face`.
 
 pub mod align;
+pub mod camera;
 pub mod detect;
 pub mod engine;
 pub mod enrol;

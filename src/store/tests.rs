@@ -41,7 +41,7 @@ fn consent(days: u32) -> FaceConsent {
 /// A sealed-template-shaped blob naming key id `k` (the store only reads the key id).
 fn blob(k: u8) -> (String, Vec<u8>) {
     let kid = [k; 16];
-    (crate::privacy::hex(&kid), [b"MTv2".as_slice(), &kid, &[0u8; 40]].concat())
+    (crate::digest::hex(&kid), [b"MTv2".as_slice(), &kid, &[0u8; 40]].concat())
 }
 
 fn whys(s: &Store) -> Vec<(String, String)> {

@@ -84,6 +84,9 @@ fn small_png(side: u32) -> Vec<u8> {
     out
 }
 
+/// An edge driven this much after its time (µs) may split a frame (see the Wiegand cases).
+const SIM_LATE_US: u64 = 5_000;
+
 fn rejections(st: &Value, code: &str) -> u64 {
     st["stats"]["wiegand_rejections"][code].as_u64().unwrap_or(0)
 }
@@ -321,14 +324,32 @@ fn every_bad_input_is_a_clear_counted_error_that_changes_nothing() {
                 );
             }
             Input::Wiegand { bits, pulse_us, interval_us, code } => {
-                let played = gate.world(WorldOp::Raw {
-                    reader: "front".into(),
-                    bits: bits.clone(),
-                    pulse_us: *pulse_us,
-                    interval_us: *interval_us,
-                });
                 let counted = |st: &Value| code.iter().map(|k| rejections(st, k)).sum::<u64>();
-                if !wait_for(Duration::from_secs(10), || counted(&gate.status().unwrap()) > counted(&before)) {
+                let play = || {
+                    gate.world(WorldOp::Raw {
+                        reader: "front".into(),
+                        bits: bits.clone(),
+                        pulse_us: *pulse_us,
+                        interval_us: *interval_us,
+                    })
+                };
+                let mut played = play();
+                let mut seen =
+                    wait_for(Duration::from_secs(10), || counted(&gate.status().unwrap()) > counted(&before));
+                // A simulator thread preempted on a loaded machine drives an edge late, which no
+                // real reader does: a frame played more than SIM_LATE_US late may have been read
+                // as two. Such a play proves nothing either way, so it is played again (twice at
+                // most); a frame played on time must be counted.
+                for _ in 0..2 {
+                    if seen || played["late_us"].as_u64().unwrap_or(0) <= SIM_LATE_US {
+                        break;
+                    }
+                    eprintln!("{}: the simulator played {played} late; again", c.name);
+                    let again = gate.status().unwrap();
+                    played = play();
+                    seen = wait_for(Duration::from_secs(10), || counted(&gate.status().unwrap()) > counted(&again));
+                }
+                if !seen {
                     // Say where the frame stopped: never read (no edges), read but never ended
                     // (edges, no frame), or ended as something else.
                     let after = gate.status().unwrap();

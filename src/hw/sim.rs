@@ -407,14 +407,32 @@ fn chip_op(v: &Value, conn: u64, chip: &Arc<Mutex<Chip>>) -> Value {
     }
 }
 
+/// How a timing thread played its steps: the time of the last edge, and how late the most
+/// delayed edge was driven after its scheduled time. A real reader is never late; a simulator
+/// thread preempted on a loaded machine can be, and an edge late by more than the gap between
+/// bits can make the daemon end a frame early.
+#[derive(Debug, Clone, Copy)]
+struct Played {
+    last: MonoTime,
+    late: Duration,
+}
+
+impl Played {
+    /// The reply fields every frame-playing world command carries.
+    fn fields(self, bits: Bits) -> Value {
+        json!({"ok": true, "bits": bits.to_string(), "len": bits.len, "last_edge_ns": self.last.as_nanos(),
+               "late_us": self.late.as_micros() as u64})
+    }
+}
+
 /// Run `steps` (pin, level, delay before this step) on a timing thread; returns the time of the
 /// last edge.
-async fn play(chip: &Arc<Mutex<Chip>>, steps: Vec<(u8, bool, Duration)>) -> Result<MonoTime, String> {
+async fn play(chip: &Arc<Mutex<Chip>>, steps: Vec<(u8, bool, Duration)>) -> Result<Played, String> {
     play_from(chip, steps, MonoTime::now()).await
 }
 
 /// Play a Wiegand frame on a reader, after the reader's previous frame and its re-arm time.
-async fn play_frame(chip: &Arc<Mutex<Chip>>, d0: u8, steps: Vec<(u8, bool, Duration)>) -> Result<MonoTime, String> {
+async fn play_frame(chip: &Arc<Mutex<Chip>>, d0: u8, steps: Vec<(u8, bool, Duration)>) -> Result<Played, String> {
     let length: Duration = steps.iter().map(|s| s.2).sum();
     let start = {
         let mut c = lock(chip);
@@ -426,24 +444,32 @@ async fn play_frame(chip: &Arc<Mutex<Chip>>, d0: u8, steps: Vec<(u8, bool, Durat
     play_from(chip, steps, start).await
 }
 
+/// How much higher than the rest of the simulator a timing thread asks to run (a nice value).
+/// Raising priority needs CAP_SYS_NICE (root, as the test script runs); without it the thread
+/// runs at the normal priority and a late edge is reported in `late_us`.
+const TIMING_NICE: i32 = -10;
+
 async fn play_from(
     chip: &Arc<Mutex<Chip>>,
     steps: Vec<(u8, bool, Duration)>,
     start: MonoTime,
-) -> Result<MonoTime, String> {
+) -> Result<Played, String> {
     let chip = chip.clone();
     let (tx, rx) = oneshot::channel();
     std::thread::spawn(move || {
+        // Best effort: a refusal (no CAP_SYS_NICE) leaves the normal priority.
+        let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), TIMING_NICE);
         let mut at = start;
-        let mut last = at;
+        let mut played = Played { last: at, late: Duration::ZERO };
         for (pin, high, delay) in steps {
             at = at + delay;
             wait_until(at);
+            played.late = played.late.max(MonoTime::now().saturating_sub(at));
             if let Some(t) = lock(&chip).drive(pin, high, at) {
-                last = t;
+                played.last = t;
             }
         }
-        let _ = tx.send(last);
+        let _ = tx.send(played);
     });
     rx.await.map_err(|_| "timing thread failed".to_string())
 }
@@ -513,8 +539,7 @@ async fn world_op(op: WorldOp, chip: &Arc<Mutex<Chip>>, wiring: &Arc<Wiring>) ->
             };
             let bits = wiegand::encode(format, facility, card).map_err(|e| e.to_string())?;
             let steps = wiegand_steps(d0, d1, bits, Duration::from_micros(50), Duration::from_millis(2));
-            let last = play_frame(chip, d0, steps).await?;
-            Ok(json!({"ok": true, "bits": bits.to_string(), "len": bits.len, "last_edge_ns": last.as_nanos()}))
+            Ok(play_frame(chip, d0, steps).await?.fields(bits))
         }
         WorldOp::Raw { reader: r, bits, pulse_us, interval_us } => {
             let (d0, d1, _) = reader(&r)?;
@@ -524,8 +549,7 @@ async fn world_op(op: WorldOp, chip: &Arc<Mutex<Chip>>, wiring: &Arc<Wiring>) ->
             if pulse >= interval || interval > Duration::from_secs(1) {
                 return Err("pulse_us must be below interval_us, and interval_us at most 1 s".into());
             }
-            let last = play_frame(chip, d0, wiegand_steps(d0, d1, bits, pulse, interval)).await?;
-            Ok(json!({"ok": true, "bits": bits.to_string(), "len": bits.len, "last_edge_ns": last.as_nanos()}))
+            Ok(play_frame(chip, d0, wiegand_steps(d0, d1, bits, pulse, interval)).await?.fields(bits))
         }
         WorldOp::Door { door: d, open } => {
             let (pin, open_high) = door(&d)?.contact.ok_or("this door has no contact")?;

@@ -17,6 +17,8 @@ use std::time::Duration;
 enum Input {
     /// A command: verb, payload, retained?, and the expected error code.
     Mqtt { verb: &'static str, payload: Vec<u8>, retain: bool, code: &'static str },
+    /// A command whose MQTT 5 correlation data is this many bytes (over the 62-byte limit).
+    Correlation { verb: &'static str, payload: &'static str, len: usize, code: &'static str },
     /// Raw Wiegand bits with optional timing (µs), and the rejection code it must be counted as.
     /// With early completion on, a valid 26-bit start followed by more bits is `overlong`.
     Wiegand { bits: String, pulse_us: Option<u64>, interval_us: Option<u64>, code: &'static [&'static str] },
@@ -186,6 +188,29 @@ fn every_bad_input_is_a_clear_counted_error_that_changes_nothing() {
             ),
         ),
         case("mqtt: withdraw for nobody", mqtt("consent.withdraw", r#"{"resident":"ghost"}"#, "unknown_resident")),
+        case("mqtt: duplicate key", mqtt("resident.remove", r#"{"resident":"c1","resident":"f1"}"#, "duplicate_key")),
+        case(
+            "mqtt: request_id in the correlation data namespace",
+            mqtt("resident.remove", r#"{"resident":"c1","request_id":"cd:1"}"#, "invalid_request_id"),
+        ),
+        case(
+            "mqtt: 63 bytes of correlation data",
+            Input::Correlation {
+                verb: "resident.set_mode",
+                payload: r#"{"resident":"c1","mode":"face_or_card"}"#,
+                len: 63,
+                code: "invalid_correlation_data",
+            },
+        ),
+        case(
+            "mqtt: 60,000 bytes of correlation data",
+            Input::Correlation {
+                verb: "resident.set_mode",
+                payload: r#"{"resident":"c1","mode":"face_or_card"}"#,
+                len: 60_000,
+                code: "invalid_correlation_data",
+            },
+        ),
         // Wiegand: lengths 1..64 that no format has, timing just outside the bounds.
         case("wiegand: 1 bit", wiegand("1", &["short_frame"])),
         case("wiegand: 4 bits (a PIN key)", wiegand("1010", &["short_frame"])),
@@ -316,6 +341,20 @@ fn every_bad_input_is_a_clear_counted_error_that_changes_nothing() {
                     c.name
                 );
                 assert!(reply["message"].as_str().is_some_and(|m| m.len() > 10), "{}: {reply}", c.name);
+                assert!(
+                    wait_for(Duration::from_secs(3), || command_rejections(&gate.status().unwrap(), code)
+                        > command_rejections(&before, code)),
+                    "{}: not counted",
+                    c.name
+                );
+            }
+            Input::Correlation { verb, payload, len, code } => {
+                let corr: Vec<u8> = (0..*len).map(|i| b'a' + (i % 26) as u8).collect();
+                let topic = format!("menshen/v1/site1/gate1/cmd/{verb}");
+                bms.publish(&topic, payload.as_bytes().to_vec(), Some(&corr), None, false);
+                let reply = bms.reply_for(&corr).unwrap_or_else(|| panic!("{}: no reply", c.name));
+                assert_eq!((reply["ok"].as_bool(), reply["code"].as_str()), (Some(false), Some(*code)), "{}", c.name);
+                assert!(reply["request_id"].is_null(), "{}: {reply}", c.name);
                 assert!(
                     wait_for(Duration::from_secs(3), || command_rejections(&gate.status().unwrap(), code)
                         > command_rejections(&before, code)),

@@ -188,9 +188,23 @@ fn sigkill_then_restart_publishes_every_stored_event_and_starts_safe() {
 
     let broker = Broker::start(port);
     let sub = Subscriber::start(broker.port, "menshen/v1/#");
+    let spawned = menshen::clock::MonoTime::now();
     gate.start_daemon();
     // First thing on start: the safe state; and no stale unlock is replayed afterwards.
-    assert_eq!(gate.relay("front")["relay_energized"], false);
+    let relay = gate.relay("front");
+    assert_eq!(relay["relay_energized"], false);
+    // The bound docs/reliability.md gives: from the daemon's start (exec) to the relay in its
+    // safe state, read from the chip's own record of the line (CLOCK_MONOTONIC, as ours).
+    let safe_at = relay["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|t| t["energized"] == false)
+        .and_then(|t| t["at_ns"].as_u64())
+        .expect("the restart put the relay line down");
+    assert!(safe_at > spawned.as_nanos(), "the relay went safe before the restart?");
+    eprintln!("relay safe {:.1} ms after the daemon was started", (safe_at - spawned.as_nanos()) as f64 / 1e6);
     std::thread::sleep(Duration::from_millis(500));
     let relay = gate.relay("front");
     assert_eq!(relay["relay_energized"], false, "restart must not re-send the unlock");
@@ -216,6 +230,17 @@ fn sigkill_then_restart_publishes_every_stored_event_and_starts_safe() {
     for seq in 1..=stored {
         assert_eq!(by_seq[&seq]["backfill"], true, "seq {seq} was made while offline");
     }
+    // The unlock the crash cut short is closed by the door's real state, published at start.
+    let unlocked = by_seq.values().filter(|e| e["event"] == "unlocked").map(|e| e["seq"].as_u64().unwrap()).max();
+    let unlocked = unlocked.expect("the granted swipes' unlocked events");
+    assert!(
+        wait_for(Duration::from_secs(10), || sub
+            .events("door")
+            .iter()
+            .any(|e| e["event"] == "locked" && e["cause"] == "daemon_start" && e["seq"].as_u64() > Some(unlocked))),
+        "no `locked` (daemon_start) after the last `unlocked` (seq {unlocked}): {:?}",
+        sub.events("door")
+    );
     let access: Vec<&Value> = by_seq.values().filter(|e| e["type"] == "access").collect();
     assert_eq!(access.len(), 12);
     let reasons: Vec<&Value> = access.iter().map(|e| &e["reason"]).collect();

@@ -391,6 +391,25 @@ fn bad_inputs_get_an_error_reply_and_change_nothing() {
         bad("backfill limit too large", "events.backfill", r#"{"from_seq":1,"limit":1000000}"#, "invalid_value"),
         bad("request_id not a string", "health.get", r#"{"request_id":5}"#, "wrong_type"),
         bad("request_id with spaces", "health.get", r#"{"request_id":"a b"}"#, "invalid_request_id"),
+        // The `cd:` and `cdx:` prefixes are reserved for ids made from correlation data.
+        bad("request_id in the correlation namespace", "health.get", r#"{"request_id":"cd:x"}"#, "invalid_request_id"),
+        bad(
+            "request_id in the binary correlation namespace",
+            "health.get",
+            r#"{"request_id":"cdx:ca"}"#,
+            "invalid_request_id",
+        ),
+        // A BMS-side validator may read the first `door`, the gate the last: refused.
+        bad("duplicate key", "resident.remove", r#"{"resident":"c1","resident":"f1"}"#, "duplicate_key"),
+        bad(
+            "duplicate nested key",
+            "credential.add",
+            r#"{"resident":"c1","card":{"format":"H10301","facility":1,"facility":2,"number":9}}"#,
+            "duplicate_key",
+        ),
+        bad("fields where none are taken", "health.get", r#"{"verbose":true}"#, "unknown_field"),
+        bad("wrong type: from_seq string", "events.backfill", r#"{"from_seq":"1"}"#, "wrong_type"),
+        bad("wrong type: card number list", "credential.remove", r#"{"card":[1,2]}"#, "wrong_type"),
     ];
     table.extend([
         bad_bytes(
@@ -451,7 +470,14 @@ fn bad_inputs_get_an_error_reply_and_change_nothing() {
         let reply = reply.unwrap_or_else(|| panic!("{}: no reply; log:\n{}", b.name, gate.log()));
         assert_eq!(reply["ok"], false, "{}: {reply}", b.name);
         assert_eq!(reply["code"], b.code, "{}: {reply}", b.name);
-        assert!(!reply["message"].as_str().unwrap().is_empty(), "{}", b.name);
+        let message = reply["message"].as_str().unwrap();
+        assert!(!message.is_empty(), "{}", b.name);
+        // Said in the BMS's terms: field names and JSON types, never the parser's Rust wording.
+        for serde_ism in
+            ["invalid type:", "u64", "u32", "i64", "string or map", "there are no fields", "struct ", "variant "]
+        {
+            assert!(!message.contains(serde_ism), "{}: `{serde_ism}` in {message:?}", b.name);
+        }
         assert_eq!(gate.fingerprint(), fp, "{}: the roster changed", b.name);
         assert_eq!(gate.relay_writes("front"), writes, "{}: the relay moved", b.name);
     }
@@ -583,4 +609,105 @@ fn health_is_published_periodically() {
     assert!(wait_for(Duration::from_secs(5), counted), "{:?}", bms.messages("/health"));
     assert!(wait_for(Duration::from_secs(5), || bms.messages("/health").len() >= 2), "not periodic");
     common::schema::check_all(&bms);
+}
+
+/// Correlation data (MQTT 5) stands in for a request id: at most 62 bytes, so that its id
+/// (`cd:` + the text, or `cdx:` + hex for bytes that are not printable ASCII) fits the 128
+/// characters every schema allows, in a namespace of its own.
+#[test]
+fn correlation_data_is_bounded_and_kept_apart_from_request_ids() {
+    let port = free_port();
+    let (_broker, gate, bms) = up(port);
+    ok(&bms.command(SITE, GATE, "resident.upsert", json!({"resident": {"id": "c1", "mode": "card"}}), None));
+    let topic = format!("menshen/v1/{SITE}/{GATE}/cmd/resident.set_mode");
+    let size = |g: &Gate| std::fs::metadata(g.dir.path().join("state/menshen.redb")).unwrap().len();
+    let before = size(&gate);
+
+    // Printable correlation data: `cd:` + the text.
+    let r = bms.command(SITE, GATE, "health.get", json!({}), None);
+    assert!(r["request_id"].as_str().unwrap().starts_with("cd:req-"), "{r}");
+    // The longest accepted: 62 bytes.
+    let longest = "k".repeat(62);
+    bms.publish(&topic, br#"{"resident":"c1","mode":"card"}"#.to_vec(), Some(longest.as_bytes()), None, false);
+    let r = bms.reply_for(longest.as_bytes()).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["request_id"], format!("cd:{longest}"));
+
+    // Forty commands with 60,000 bytes of random correlation data each: refused, nothing stored.
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    for i in 0..40 {
+        let corr: Vec<u8> = (0..60_000)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let mode = if i % 2 == 0 { "face_or_card" } else { "card" };
+        bms.publish(&topic, json!({"resident": "c1", "mode": mode}).to_string().into_bytes(), Some(&corr), None, false);
+        let r = bms.reply_for(&corr).unwrap_or_else(|| panic!("no reply to an oversize correlation data"));
+        assert_eq!((r["ok"].as_bool(), r["code"].as_str()), (Some(false), Some("invalid_correlation_data")), "{r}");
+        assert!(r["request_id"].is_null(), "no id is made from refused correlation data");
+        assert!(r["message"].as_str().unwrap().contains("62"), "{r}");
+    }
+    assert_eq!(gate.resident_modes()["c1"], "card", "an oversize command was carried out");
+    assert!(size(&gate) < before + 1_000_000, "the store grew from {before} to {} bytes", size(&gate));
+
+    // Binary correlation data gets `cdx:` + hex; the same hex as a request_id is another id.
+    bms.publish(&topic, br#"{"resident":"c1","mode":"card"}"#.to_vec(), Some(b"\xca\xfe"), None, false);
+    let r = bms.reply_for(b"\xca\xfe").unwrap();
+    assert_eq!(r["request_id"], "cdx:cafe", "{r}");
+    let r = bms.command(
+        SITE,
+        GATE,
+        "resident.set_mode",
+        json!({"request_id": "cafe", "resident": "c1", "mode": "card"}),
+        None,
+    );
+    assert_eq!(r["ok"], true, "`cafe` was taken by correlation data: {r}");
+    assert_eq!(r["request_id"], "cafe");
+    common::schema::check_all(&bms);
+}
+
+/// A command that would change nothing answers ok with `changed: false` and writes no event and
+/// no audit record: a BMS that retries (with a new request id) leaves no trail of non-changes.
+#[test]
+fn a_command_that_changes_nothing_says_so_and_leaves_no_event_or_audit_record() {
+    let port = free_port();
+    let (_broker, gate, bms) = up(port);
+    let cmd = |verb: &str, p: Value| bms.command(SITE, GATE, verb, p, None);
+    ok(&cmd(
+        "resident.upsert",
+        json!({"resident": {"id": "r1", "mode": "card", "cards": [{"format": "H10301", "facility": 7, "number": 5}]}}),
+    ));
+    let audit =
+        || std::fs::read_to_string(gate.dir.path().join("state/audit.jsonl")).unwrap_or_default().lines().count();
+    // A real change first: it is an event and an audit record, and says `changed: true`.
+    let r = cmd("resident.set_mode", json!({"resident": "r1", "mode": "face_or_card"}));
+    assert_eq!(ok(&r)["changed"], true, "{r}");
+    assert!(wait_for(Duration::from_secs(5), || bms
+        .messages("/event/privacy")
+        .iter()
+        .any(|e| e["event"] == "mode_changed")));
+    let (events, records) = (gate.status().unwrap()["next_seq"].as_u64().unwrap(), audit());
+    assert!(records > 0);
+
+    for _ in 0..5 {
+        let r = cmd("resident.set_mode", json!({"resident": "r1", "mode": "face_or_card"}));
+        assert_eq!(ok(&r)["changed"], false, "{r}");
+        assert_eq!(ok(&r)["previous_mode"], "face_or_card", "{r}");
+    }
+    // Withdrawing a consent that was never given.
+    for _ in 0..3 {
+        let r = cmd("consent.withdraw", json!({"resident": "r1"}));
+        assert_eq!(ok(&r)["changed"], false, "{r}");
+        assert_eq!(ok(&r)["template_deleted"], false, "{r}");
+    }
+    // Nothing new: no event, no audit record (a health.get is neither).
+    ok(&cmd("health.get", json!({})));
+    assert_eq!(gate.status().unwrap()["next_seq"].as_u64().unwrap(), events, "events were written");
+    assert_eq!(audit(), records, "audit records were written");
+    assert!(!bms.messages("/event/privacy").iter().any(|e| e["event"] == "consent_withdrawn"));
+    assert_eq!(bms.messages("/event/privacy").iter().filter(|e| e["event"] == "mode_changed").count(), 1);
 }

@@ -109,6 +109,11 @@ impl Broker {
         Broker { port, child, _dir: tempfile::tempdir().unwrap() }
     }
 
+    /// SIGHUP: mosquitto re-reads its password and ACL files.
+    pub fn reload(&self) {
+        Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status().unwrap();
+    }
+
     /// SIGTERM: mosquitto saves its persistence file and exits.
     pub fn terminate(mut self) {
         Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
@@ -482,11 +487,23 @@ impl Bms {
     /// With a client id, the session persists on the broker (clean start off, 1 h expiry), so
     /// nothing is missed while this client or the broker is away.
     pub fn connect_with(port: u16, persistent_id: Option<&str>) -> Bms {
+        Bms::connect_full(port, persistent_id, None)
+    }
+
+    /// Logged in as `user` (a broker with a password file and an ACL).
+    pub fn connect_login(port: u16, user: &str, password: &str) -> Bms {
+        Bms::connect_full(port, None, Some((user, password)))
+    }
+
+    fn connect_full(port: u16, persistent_id: Option<&str>, login: Option<(&str, &str)>) -> Bms {
         use rumqttc::v5::mqttbytes::v5::Packet;
         use rumqttc::v5::mqttbytes::QoS;
         let id = persistent_id.map_or_else(|| format!("bms-{}", free_port()), str::to_string);
         let mut o = rumqttc::v5::MqttOptions::new(id.clone(), "127.0.0.1", port);
         o.set_keep_alive(Duration::from_secs(30));
+        if let Some((user, password)) = login {
+            o.set_credentials(user, password);
+        }
         if persistent_id.is_some() {
             o.set_clean_start(false);
             o.set_session_expiry_interval(Some(3600));
@@ -541,6 +558,19 @@ impl Bms {
         };
         self.client
             .publish_with_properties(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, retain, payload, props)
+            .unwrap();
+    }
+
+    /// Publish a command (QoS 1, not retained) answered on `reply_topic` instead of this BMS's own.
+    pub fn publish_replying_to(&self, topic: &str, payload: Vec<u8>, correlation: &[u8], reply_topic: &str) {
+        use rumqttc::v5::mqttbytes::v5::PublishProperties;
+        let props = PublishProperties {
+            response_topic: Some(reply_topic.to_string()),
+            correlation_data: Some(correlation.to_vec().into()),
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload, props)
             .unwrap();
     }
 

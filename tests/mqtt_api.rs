@@ -171,7 +171,7 @@ fn every_command_succeeds_over_mqtt5_and_mqtt311() {
     let mut o = rumqttc::MqttOptions::new(format!("bms311-{}", free_port()), "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(30));
     let (client, mut conn) = rumqttc::Client::new(o, 100);
-    client.subscribe("bms311/replies", rumqttc::QoS::AtLeastOnce).unwrap();
+    client.subscribe("bms/311/replies", rumqttc::QoS::AtLeastOnce).unwrap();
     let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
     let g = got.clone();
     let suback = std::sync::Arc::new(std::sync::Mutex::new(false));
@@ -189,7 +189,7 @@ fn every_command_succeeds_over_mqtt5_and_mqtt311() {
         }
     });
     assert!(wait_for(Duration::from_secs(5), || *suback.lock().unwrap()));
-    let p = json!({"request_id": "v311-1", "reply_to": "bms311/replies", "resident": "site-r", "mode": "card"});
+    let p = json!({"request_id": "v311-1", "reply_to": "bms/311/replies", "resident": "site-r", "mode": "card"});
     client
         .publish(
             format!("menshen/v1/{SITE}/{GATE}/cmd/resident.set_mode"),
@@ -644,14 +644,18 @@ fn correlation_data_is_bounded_and_kept_apart_from_request_ids() {
                 seed as u8
             })
             .collect();
-        let mode = if i % 2 == 0 { "face_or_card" } else { "card" };
-        bms.publish(&topic, json!({"resident": "c1", "mode": mode}).to_string().into_bytes(), Some(&corr), None, false);
+        let upsert = format!("menshen/v1/{SITE}/{GATE}/cmd/resident.upsert");
+        let p = json!({"resident": {"id": format!("big-{i}"), "mode": "card"}});
+        bms.publish(&upsert, p.to_string().into_bytes(), Some(&corr), None, false);
         let r = bms.reply_for(&corr).unwrap_or_else(|| panic!("no reply to an oversize correlation data"));
         assert_eq!((r["ok"].as_bool(), r["code"].as_str()), (Some(false), Some("invalid_correlation_data")), "{r}");
         assert!(r["request_id"].is_null(), "no id is made from refused correlation data");
         assert!(r["message"].as_str().unwrap().contains("62"), "{r}");
     }
-    assert_eq!(gate.resident_modes()["c1"], "card", "an oversize command was carried out");
+    for i in [0, 39] {
+        let r = bms.command(SITE, GATE, "resident.remove", json!({"resident": format!("big-{i}")}), None);
+        assert_eq!(r["code"], "unknown_resident", "an oversize command was carried out: {r}");
+    }
     assert!(size(&gate) < before + 1_000_000, "the store grew from {before} to {} bytes", size(&gate));
 
     // Binary correlation data gets `cdx:` + hex; the same hex as a request_id is another id.
@@ -689,7 +693,7 @@ fn a_command_that_changes_nothing_says_so_and_leaves_no_event_or_audit_record() 
     assert!(wait_for(Duration::from_secs(5), || bms
         .messages("/event/privacy")
         .iter()
-        .any(|e| e["event"] == "mode_changed")));
+        .any(|e| e["privacy"] == "mode_changed")));
     let (events, records) = (gate.status().unwrap()["next_seq"].as_u64().unwrap(), audit());
     assert!(records > 0);
 
@@ -708,6 +712,6 @@ fn a_command_that_changes_nothing_says_so_and_leaves_no_event_or_audit_record() 
     ok(&cmd("health.get", json!({})));
     assert_eq!(gate.status().unwrap()["next_seq"].as_u64().unwrap(), events, "events were written");
     assert_eq!(audit(), records, "audit records were written");
-    assert!(!bms.messages("/event/privacy").iter().any(|e| e["event"] == "consent_withdrawn"));
-    assert_eq!(bms.messages("/event/privacy").iter().filter(|e| e["event"] == "mode_changed").count(), 1);
+    assert!(!bms.messages("/event/privacy").iter().any(|e| e["privacy"] == "consent_withdrawn"));
+    assert_eq!(bms.messages("/event/privacy").iter().filter(|e| e["privacy"] == "mode_changed").count(), 1);
 }

@@ -182,8 +182,13 @@ fn resident_cmd_inner(cmd: ResidentCmd) -> anyhow::Result<()> {
         ResidentCmd::WithdrawConsent { store, id } => {
             let s = open_store(&store)?;
             let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
-            let deleted = s.withdraw_face_consent(&id, None, now)?;
-            println!("face consent of {id} withdrawn; template {}", if deleted { "deleted" } else { "none stored" });
+            let w = s.withdraw_face_consent(&id, None, now)?;
+            if w.withdrawn {
+                let t = if w.template_deleted { "deleted" } else { "none stored" };
+                println!("face consent of {id} withdrawn; template {t}");
+            } else {
+                println!("{id} had no face consent: nothing changed");
+            }
         }
         ResidentCmd::EnrolFace { store, id, photos, min_good } => {
             enrol_face(&store.config, &id, &photos, min_good, now)?

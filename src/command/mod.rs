@@ -19,9 +19,11 @@ use crate::model::{AccessMode, ResidentId};
 use crate::wiegand::CardId;
 
 mod args;
+mod json;
 mod reply;
 
 pub use args::*;
+pub use json::parse_strict;
 pub use reply::{reply_json, CmdError, ErrorCode};
 
 /// Where commands for this gate and for the whole site arrive.
@@ -99,7 +101,7 @@ impl Verb {
 }
 
 /// Limits from the configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     pub max_payload_bytes: usize,
     pub max_depth: usize,
@@ -107,11 +109,19 @@ pub struct Limits {
     pub unlock_max_ms: u64,
     /// How far ahead an unlock's expiry may be (and the least time request ids are kept).
     pub max_command_lifetime_ms: u64,
+    /// Replies go only under this topic prefix (`mqtt.reply_topic_prefix`).
+    pub reply_topic_prefix: String,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_payload_bytes: 1 << 20, max_depth: 16, unlock_max_ms: 30_000, max_command_lifetime_ms: 300_000 }
+        Limits {
+            max_payload_bytes: 1 << 20,
+            max_depth: 16,
+            unlock_max_ms: 30_000,
+            max_command_lifetime_ms: 300_000,
+            reply_topic_prefix: "bms/".into(),
+        }
     }
 }
 
@@ -200,18 +210,40 @@ pub struct Refusal {
     pub error: CmdError,
 }
 
-/// Is `t` a topic we may publish a reply to? Not empty, no wildcards, no NUL, and never a
-/// command topic (a forged response topic must not turn a reply into somebody's command).
-pub fn valid_reply_topic(t: &str) -> bool {
-    if t.is_empty() || t.len() > 512 || t.contains(['+', '#', '\0']) {
+/// Is `t` a topic we may publish a reply to? Under `prefix` (`mqtt.reply_topic_prefix`: the
+/// broker's ACL lets the gate write there, so a reply is never refused), no wildcards, no NUL,
+/// and never a command topic (a forged response topic must not turn a reply into somebody's
+/// command).
+pub fn valid_reply_topic(t: &str, prefix: &str) -> bool {
+    if t.is_empty() || t.len() > 512 || t.contains(['+', '#', '\0']) || !t.starts_with(prefix) {
         return false;
     }
     let levels: Vec<&str> = t.split('/').collect();
     !(levels.len() >= 5 && levels[0] == "menshen" && levels[4] == "cmd")
 }
 
+/// The most bytes of MQTT 5 correlation data: its request id (`cdx:` + 2 hex digits a byte)
+/// then fits the 128 characters of a request id.
+pub const MAX_CORRELATION: usize = 62;
+
+/// Request ids made from correlation data start with these; a payload `request_id` may not, so
+/// the two namespaces never meet (`\xca\xfe` is `cdx:cafe`, never `cafe`).
+const CORRELATION_PREFIXES: [&str; 2] = ["cd:", "cdx:"];
+
 fn valid_request_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_graphic())
+}
+
+/// The request id that correlation data stands for: `cd:` + the text when it is printable
+/// ASCII, else `cdx:` + hex; `None` when it is empty or over [`MAX_CORRELATION`] bytes.
+pub fn correlation_request_id(c: &[u8]) -> Option<String> {
+    if c.is_empty() || c.len() > MAX_CORRELATION {
+        return None;
+    }
+    Some(match std::str::from_utf8(c) {
+        Ok(s) if s.chars().all(|ch| ch.is_ascii_graphic()) => format!("cd:{s}"),
+        _ => format!("cdx:{}", crate::digest::hex(c)),
+    })
 }
 
 /// The deepest nesting of arrays and objects in `bytes` (JSON text), without parsing it, so a
@@ -242,7 +274,7 @@ pub fn json_depth(bytes: &[u8]) -> usize {
     max
 }
 
-/// Map a serde error to a code: the message says which rule was broken.
+/// Map a serde error to a code (its message says which rule was broken), said in JSON's terms.
 fn shape_error(e: &serde_json::Error) -> CmdError {
     let msg = e.to_string();
     let code = if msg.starts_with("unknown field") {
@@ -254,7 +286,7 @@ fn shape_error(e: &serde_json::Error) -> CmdError {
     } else {
         ErrorCode::InvalidValue
     };
-    CmdError::new(code, msg)
+    CmdError::new(code, json::plain(&msg))
 }
 
 fn args<T: serde::de::DeserializeOwned>(rest: Map<String, Value>) -> Result<T, CmdError> {
@@ -282,12 +314,32 @@ pub fn parse(inb: &Inbound, site: &str, gate: &str, limits: &Limits, now_ms: i64
     // The reply path first, so that even a refusal can be answered.
     let mut reply =
         inb.response_topic.as_ref().map(|t| ReplyTo { topic: t.clone(), correlation: inb.correlation.clone() });
-    let corr_id = inb.correlation.as_ref().map(|c| match std::str::from_utf8(c) {
-        Ok(s) if valid_request_id(s) => s.to_string(),
-        _ => crate::digest::hex(c),
-    });
     let refuse = |verb: Option<Verb>, rid: Option<String>, reply: Option<ReplyTo>, error: CmdError| {
         Box::new(Refusal { verb, request_id: rid, reply, error })
+    };
+    let corr_id = match inb.correlation.as_deref() {
+        None => None,
+        Some(c) => match correlation_request_id(c) {
+            Some(id) => Some(id),
+            None => {
+                // Answered (the BMS matches the reply by its correlation data), but no id is made
+                // from it and nothing is stored.
+                let verb = topic_verb(&inb.topic, site, gate).and_then(|(v, _)| Verb::from_name(&v));
+                let e = CmdError::new(
+                    ErrorCode::InvalidCorrelationData,
+                    format!(
+                        "correlation data must be 1 to {MAX_CORRELATION} bytes (it stands for the request id); got {}",
+                        c.len()
+                    ),
+                );
+                return Err(refuse(
+                    verb,
+                    None,
+                    reply.filter(|r| valid_reply_topic(&r.topic, &limits.reply_topic_prefix)),
+                    e,
+                ));
+            }
+        },
     };
 
     let Some((verb_s, site_wide)) = topic_verb(&inb.topic, site, gate) else {
@@ -332,9 +384,14 @@ pub fn parse(inb: &Inbound, site: &str, gate: &str, limits: &Limits, now_ms: i64
         );
         return Err(refuse(Some(verb), corr_id, reply, e));
     }
-    let value: Value = match serde_json::from_str(text) {
+    let value: Value = match parse_strict(text) {
         Ok(v) => v,
-        Err(e) => return Err(refuse(Some(verb), corr_id, reply, CmdError::new(ErrorCode::InvalidJson, e.to_string()))),
+        Err(e) => {
+            let msg = e.to_string();
+            let code =
+                if msg.starts_with(json::DUPLICATE_KEY) { ErrorCode::DuplicateKey } else { ErrorCode::InvalidJson };
+            return Err(refuse(Some(verb), corr_id, reply, CmdError::new(code, msg)));
+        }
     };
     let Value::Object(mut obj) = value else {
         let e = CmdError::new(ErrorCode::NotAnObject, "a command payload is a JSON object");
@@ -344,6 +401,13 @@ pub fn parse(inb: &Inbound, site: &str, gate: &str, limits: &Limits, now_ms: i64
     // Envelope fields, common to every command.
     let request_id = match obj.remove("request_id") {
         None => None,
+        Some(Value::String(s)) if CORRELATION_PREFIXES.iter().any(|p| s.starts_with(p)) => {
+            let e = CmdError::new(
+                ErrorCode::InvalidRequestId,
+                "request_id may not start with `cd:` or `cdx:`: those are the ids made from correlation data",
+            );
+            return Err(refuse(Some(verb), corr_id, reply, e));
+        }
         Some(Value::String(s)) if valid_request_id(&s) => Some(s),
         Some(Value::String(_)) => {
             let e = CmdError::new(ErrorCode::InvalidRequestId, "request_id: 1-128 printable ASCII characters");
@@ -366,10 +430,14 @@ pub fn parse(inb: &Inbound, site: &str, gate: &str, limits: &Limits, now_ms: i64
         }
     }
     if let Some(r) = &reply {
-        if !valid_reply_topic(&r.topic) {
+        if !valid_reply_topic(&r.topic, &limits.reply_topic_prefix) {
             let e = CmdError::new(
                 ErrorCode::InvalidReplyTo,
-                "the reply topic must be a plain topic name (no wildcards) outside any cmd/ tree",
+                format!(
+                    "the reply topic must be a plain topic name (no wildcards) under `{}` (mqtt.reply_topic_prefix) \
+                     and outside any cmd/ tree",
+                    limits.reply_topic_prefix
+                ),
             );
             return Err(refuse(Some(verb), rid, None, e));
         }

@@ -14,6 +14,7 @@ pub enum ErrorCode {
     PayloadTooLarge,
     InvalidUtf8,
     InvalidJson,
+    DuplicateKey,
     TooDeep,
     NotAnObject,
     UnknownField,
@@ -23,6 +24,7 @@ pub enum ErrorCode {
     MissingRequestId,
     InvalidRequestId,
     InvalidReplyTo,
+    InvalidCorrelationData,
     Expired,
     ExpiryRequired,
     ExpiryTooFar,
@@ -41,12 +43,13 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 29] = [
+    pub const ALL: [ErrorCode; 31] = [
         ErrorCode::RetainedCommand,
         ErrorCode::UnknownCommand,
         ErrorCode::PayloadTooLarge,
         ErrorCode::InvalidUtf8,
         ErrorCode::InvalidJson,
+        ErrorCode::DuplicateKey,
         ErrorCode::TooDeep,
         ErrorCode::NotAnObject,
         ErrorCode::UnknownField,
@@ -56,6 +59,7 @@ impl ErrorCode {
         ErrorCode::MissingRequestId,
         ErrorCode::InvalidRequestId,
         ErrorCode::InvalidReplyTo,
+        ErrorCode::InvalidCorrelationData,
         ErrorCode::Expired,
         ErrorCode::ExpiryRequired,
         ErrorCode::ExpiryTooFar,
@@ -80,6 +84,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::InvalidUtf8 => "invalid_utf8",
             ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::DuplicateKey => "duplicate_key",
             ErrorCode::TooDeep => "too_deep",
             ErrorCode::NotAnObject => "not_an_object",
             ErrorCode::UnknownField => "unknown_field",
@@ -89,6 +94,7 @@ impl ErrorCode {
             ErrorCode::MissingRequestId => "missing_request_id",
             ErrorCode::InvalidRequestId => "invalid_request_id",
             ErrorCode::InvalidReplyTo => "invalid_reply_to",
+            ErrorCode::InvalidCorrelationData => "invalid_correlation_data",
             ErrorCode::Expired => "expired",
             ErrorCode::ExpiryRequired => "expiry_required",
             ErrorCode::ExpiryTooFar => "expiry_too_far",

@@ -21,7 +21,7 @@ fn a_good_unlock_parses_with_correlation_as_request_id() {
     let mut i = inb("unlock", r#"{"door":"front","duration_ms":3000}"#);
     i.expiry_secs = Some(10);
     let r = parse(&i, "s", "g", &Limits::default(), NOW).unwrap();
-    assert_eq!(r.request_id, "c-1");
+    assert_eq!(r.request_id, "cd:c-1", "correlation data has its own namespace");
     assert_eq!(r.command, Command::Unlock { door: "front".into(), duration_ms: Some(3000) });
     assert_eq!(r.reply.unwrap().correlation.unwrap(), b"c-1");
 }
@@ -115,4 +115,57 @@ fn error_codes_are_unique_snake_case() {
         assert!(seen.insert(c.code()));
         assert_eq!(serde_json::to_value(c).unwrap(), Value::String(c.code().into()));
     }
+}
+
+#[test]
+fn correlation_data_is_bounded_and_names_its_own_ids() {
+    assert_eq!(correlation_request_id(b"c-1").as_deref(), Some("cd:c-1"));
+    assert_eq!(correlation_request_id(b"\xca\xfe").as_deref(), Some("cdx:cafe"));
+    assert_eq!(correlation_request_id(b"a b").as_deref(), Some("cdx:612062"), "a space is not printable ASCII");
+    assert_eq!(correlation_request_id(b""), None);
+    let longest = correlation_request_id(&[0xff; MAX_CORRELATION]).unwrap();
+    assert_eq!(longest.len(), 128, "the longest id fits the schema's 128 characters");
+    assert_eq!(correlation_request_id(&[0xff; MAX_CORRELATION + 1]), None);
+    // Over the limit: answered (with the correlation data echoed), no id made, nothing parsed.
+    let mut i = inb("health.get", "{}");
+    i.correlation = Some(vec![7; 60_000]);
+    let r = parse(&i, "s", "g", &Limits::default(), NOW).unwrap_err();
+    assert_eq!((r.error.code, r.request_id, r.verb), (ErrorCode::InvalidCorrelationData, None, Some(Verb::HealthGet)));
+    assert_eq!(r.reply.unwrap().correlation.unwrap().len(), 60_000);
+    // A payload id may not enter the correlation namespace.
+    for id in ["cd:c-1", "cdx:cafe"] {
+        let mut i = inb("health.get", &format!(r#"{{"request_id":"{id}"}}"#));
+        i.correlation = None;
+        assert_eq!(code(&i), ErrorCode::InvalidRequestId, "{id}");
+    }
+}
+
+#[test]
+fn replies_go_only_under_the_configured_prefix() {
+    for (topic, ok) in [
+        ("bms/replies", true),
+        ("bms/a/replies", true),
+        ("$SYS/broker/x", false),
+        ("other/replies", false),
+        ("bms/+/replies", false),
+        ("menshen/v1/s/g/cmd/unlock", false),
+    ] {
+        let mut i = inb("health.get", "{}");
+        i.response_topic = Some(topic.into());
+        let got = parse(&i, "s", "g", &Limits::default(), NOW);
+        assert_eq!(got.is_ok(), ok, "{topic}: {got:?}");
+        if let Err(r) = got {
+            assert_eq!(r.error.code, ErrorCode::InvalidReplyTo);
+            assert_eq!(r.reply, None, "never answered on a topic it may not use");
+        }
+    }
+}
+
+#[test]
+fn a_key_twice_is_refused_with_its_own_code() {
+    assert_eq!(code(&inb("resident.remove", r#"{"resident":"a","resident":"b"}"#)), ErrorCode::DuplicateKey);
+    assert_eq!(
+        code(&inb("resident.remove", r#"{"resident":"a","request_id":"x","request_id":"y"}"#)),
+        ErrorCode::DuplicateKey
+    );
 }

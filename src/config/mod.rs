@@ -472,6 +472,14 @@ pub struct MqttConfig {
     /// Also take commands from `menshen/v1/{site}/_site/cmd/#`.
     #[serde(default = "default_true")]
     pub site_commands: bool,
+    /// Replies go only to topics under this prefix (the broker's ACL must let the gate write
+    /// there); any other reply topic is refused (`invalid_reply_to`) before anything is sent.
+    #[serde(default = "default_reply_prefix")]
+    pub reply_topic_prefix: String,
+}
+
+fn default_reply_prefix() -> String {
+    "bms/".into()
 }
 
 fn default_max_payload() -> usize {
@@ -541,6 +549,7 @@ impl Config {
             max_depth: self.mqtt.max_json_depth,
             unlock_max_ms: self.mqtt.unlock_max_ms,
             max_command_lifetime_ms: self.mqtt.max_command_lifetime_ms,
+            reply_topic_prefix: self.mqtt.reply_topic_prefix.clone(),
         }
     }
 

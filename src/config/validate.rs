@@ -25,6 +25,18 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     if !(1_000..=3_600_000).contains(&m.max_command_lifetime_ms) {
         return Err(invalid("mqtt.max_command_lifetime_ms", "must be 1000..=3600000"));
     }
+    let prefix = &m.reply_topic_prefix;
+    if prefix.is_empty()
+        || prefix.len() > 128
+        || prefix.contains(['+', '#', '\0'])
+        || prefix.starts_with("menshen/")
+        || prefix.starts_with('$')
+    {
+        return Err(invalid(
+            "mqtt.reply_topic_prefix",
+            "must be 1-128 characters, no wildcards, not under menshen/ or $ (e.g. \"bms/\")",
+        ));
+    }
     if m.request_keep < 100 {
         return Err(invalid("mqtt.request_keep", "must be at least 100"));
     }

@@ -33,7 +33,7 @@ pub use roster::{OpOutcome, RosterOp};
 pub use schema::SCHEMA_VERSION;
 use schema::*;
 use templates::enforce_template_invariant;
-pub use templates::{PendingDeletion, TemplateMeta};
+pub use templates::{PendingDeletion, TemplateMeta, Withdrawal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

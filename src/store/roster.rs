@@ -37,10 +37,20 @@ pub enum RosterOp {
 #[derive(Debug, Clone, PartialEq)]
 pub enum OpOutcome {
     Done,
-    ModeChanged { before: AccessMode },
+    /// The op would change nothing (a mode set to itself): nothing was written.
+    Unchanged,
+    ModeChanged {
+        before: AccessMode,
+    },
     CredentialRemoved(Credential),
-    ResidentRemoved { credentials: usize },
-    Synced { residents: usize, credentials: usize, removed: usize },
+    ResidentRemoved {
+        credentials: usize,
+    },
+    Synced {
+        residents: usize,
+        credentials: usize,
+        removed: usize,
+    },
 }
 
 impl Store {
@@ -146,6 +156,10 @@ impl Store {
                     None => return Err(StoreError::NoResident(id.to_string())),
                 };
                 let before = r.mode;
+                if before == mode {
+                    // Nothing to change: no write, no audit record (kind to a BMS that retries).
+                    return Ok((OpOutcome::Unchanged, Vec::new()));
+                }
                 r.mode = mode;
                 t.residents.insert(id.as_str(), encode(&r).as_slice())?;
                 t.audit.push(AuditEntry::new(

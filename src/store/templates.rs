@@ -121,23 +121,24 @@ impl Store {
         })
     }
 
-    /// Withdraw the face consent; the template goes in the same transaction. Returns whether a
-    /// template was deleted.
+    /// Withdraw the face consent; the template goes in the same transaction. Without a consent
+    /// nothing changes and nothing is audited (`withdrawn: false`).
     pub fn withdraw_face_consent(
         &self,
         id: &ResidentId,
         claim: Option<Claim<'_>>,
         now_ms: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Withdrawal, StoreError> {
         self.mutate(now_ms, claim, |t| {
             if t.residents.get(id.as_str())?.is_none() {
                 return Err(StoreError::NoResident(id.to_string()));
             }
-            if t.consents.remove(id.as_str())?.is_some() {
+            let withdrawn = t.consents.remove(id.as_str())?.is_some();
+            if withdrawn {
                 t.audit.push(AuditEntry::new(now_ms, "consent_withdrawn", Some(id.as_str()), "by the resident"));
             }
-            let had = t.templates.get(id.as_str())?.is_some();
-            Ok((had, Vec::new()))
+            let template_deleted = t.templates.get(id.as_str())?.is_some();
+            Ok((Withdrawal { withdrawn, template_deleted }, Vec::new()))
         })
     }
 
@@ -309,4 +310,13 @@ impl Store {
         let t = tx.open_table(META)?;
         Ok(t.get("templates_generation")?.map(|v| v.value()).unwrap_or(0))
     }
+}
+
+/// What [`Store::withdraw_face_consent`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Withdrawal {
+    /// There was a consent, and it is gone.
+    pub withdrawn: bool,
+    /// A template was deleted with it.
+    pub template_deleted: bool,
 }

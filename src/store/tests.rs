@@ -92,7 +92,15 @@ fn a_template_needs_consent_and_a_face_mode_and_goes_when_face_is_turned_off() {
     s.set_mode(&rid("a"), AccessMode::FaceOrCard, 4).unwrap();
     let (k2, b2) = blob(2);
     s.put_template(&rid("a"), &k2, &b2, 5).unwrap();
-    assert!(s.withdraw_face_consent(&rid("a"), None, 6).unwrap());
+    assert_eq!(
+        s.withdraw_face_consent(&rid("a"), None, 6).unwrap(),
+        Withdrawal { withdrawn: true, template_deleted: true }
+    );
+    // Again: nothing to withdraw, nothing changes.
+    assert_eq!(
+        s.withdraw_face_consent(&rid("a"), None, 6).unwrap(),
+        Withdrawal { withdrawn: false, template_deleted: false }
+    );
     assert!(s.templates().unwrap().is_empty());
     assert!(s.face_consent(&rid("a")).unwrap().is_none());
     // Removing the resident deletes it.

@@ -337,13 +337,13 @@ async fn roster(ctx: &Cmd<'_>, command: &Command, rid: &str, now: i64) -> Result
         }
         Command::SetMode { resident, mode } => {
             let out = apply(ctx, RosterOp::SetMode { id: resident.clone(), mode: *mode }, rid, now).await?;
-            let before = match out {
-                OpOutcome::ModeChanged { before } => before,
-                _ => *mode,
+            let OpOutcome::ModeChanged { before } = out else {
+                // Already in that mode: ok, and no event (the store wrote no audit record).
+                return Ok(json!({"resident": resident, "mode": mode, "previous_mode": mode, "changed": false}));
             };
             tracing::info!(%resident, from = before.name(), to = mode.name(), request_id = rid, "mode changed");
             emit(ctx, NewEvent::mode_changed(now, resident.as_str(), before.name(), mode.name(), Some(rid))).await;
-            Ok(json!({"resident": resident, "mode": mode, "previous_mode": before}))
+            Ok(json!({"resident": resident, "mode": mode, "previous_mode": before, "changed": true}))
         }
         Command::CredentialAdd { resident, card } => {
             apply(ctx, RosterOp::AddCredential(card.credential(resident)), rid, now).await?;
@@ -398,15 +398,17 @@ async fn consent_record(ctx: &Cmd<'_>, a: &command::ConsentArgs, rid: &str, now:
 
 async fn consent_withdraw(ctx: &Cmd<'_>, id: &ResidentId, rid: &str, now: i64) -> Result<Value, CmdError> {
     let (store, rid2, r) = (ctx.ctx.store.clone(), id.clone(), rid.to_string());
-    let deleted = tokio::task::spawn_blocking(move || {
+    let w = tokio::task::spawn_blocking(move || {
         store.withdraw_face_consent(&rid2, Some(Claim { request_id: &r, now_ms: now }), now)
     })
     .await
     .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?
     .map_err(store_error)?;
-    emit(ctx, NewEvent::consent(now, "consent_withdrawn", id.as_str(), Some(rid))).await;
+    if w.withdrawn {
+        emit(ctx, NewEvent::consent(now, "consent_withdrawn", id.as_str(), Some(rid))).await;
+    }
     // The receipt follows on event/privacy within a second (the privacy stage).
-    Ok(json!({"resident": id, "template_deleted": deleted}))
+    Ok(json!({"resident": id, "template_deleted": w.template_deleted, "changed": w.withdrawn}))
 }
 
 /// `events.backfill`: re-send stored events (delivered or not), marked `backfill`.

@@ -56,6 +56,8 @@ fn start_link(cfg: &Arc<menshen::config::Config>, store: &Arc<Store>) -> Link {
     let stop = CancellationToken::new();
     let (commands, _cmd_rx) = mpsc::channel(16);
     let (_out_tx, outgoing) = mpsc::channel(16);
+    // The link's own alarms (none in this bench: the broker refuses nothing).
+    let (events, _alarms) = mpsc::channel(16);
     let ctx = StageCtx {
         name: "mqtt".into(),
         cfg: cfg.clone(),
@@ -64,7 +66,7 @@ fn start_link(cfg: &Arc<menshen::config::Config>, store: &Arc<Store>) -> Link {
         started: MonoTime::now(),
         shutdown: stop.clone(),
     };
-    let io = link::LinkIo { wake: wake.clone(), board: Arc::new(StateBoard::default()), commands, outgoing };
+    let io = link::LinkIo { wake: wake.clone(), board: Arc::new(StateBoard::default()), commands, outgoing, events };
     let task = tokio::spawn(link::run(ctx, io));
     Link { stats, wake, stop, task }
 }

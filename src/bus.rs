@@ -130,6 +130,8 @@ pub struct Outgoing {
     /// MQTT 5 correlation data of the request being answered.
     pub correlation: Option<Vec<u8>>,
     pub retain: bool,
+    /// A command reply (a refused one is counted as `replies_refused`).
+    pub reply: bool,
 }
 
 /// The retained state topics (`state/door/{door}`, `state/lock/{door}`): the door stages write,

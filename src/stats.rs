@@ -34,6 +34,13 @@ pub struct Stats {
     pub events_held: AtomicU64,
     /// Events dropped because more than the memory bound waited for the store.
     pub events_lost: AtomicU64,
+    /// Command replies the broker refused (MQTT 5 PUBACK ≥ 0x80, e.g. its ACL): dropped, the
+    /// connection kept.
+    pub replies_refused: AtomicU64,
+    /// Retained state, status or health publishes the broker refused: dropped likewise.
+    pub publishes_refused: AtomicU64,
+    /// The refused event holding back the outbox (`seq`, `reason`, `since_ms`, `attempts`).
+    outbox_blocked: Mutex<Option<serde_json::Value>>,
     /// The camera's state (`disabled` without a face path).
     camera: Mutex<&'static str>,
     rejections: Mutex<BTreeMap<&'static str, u64>>,
@@ -174,6 +181,18 @@ impl Stats {
         self.latency.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The refused event holding back the outbox, if any.
+    pub fn outbox_blocked(&self) -> Option<serde_json::Value> {
+        self.outbox_blocked.lock().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn set_outbox_blocked(&self, v: Option<serde_json::Value>) {
+        match self.outbox_blocked.lock() {
+            Ok(mut g) => *g = v,
+            Err(p) => *p.into_inner() = v,
+        }
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let l = self.latency();
         StatsSnapshot {
@@ -185,6 +204,8 @@ impl Stats {
             mqtt_connects: self.mqtt_connects.load(Ordering::Relaxed),
             mqtt_inflight: self.mqtt_inflight.load(Ordering::Relaxed),
             mqtt_online: self.mqtt_online.load(Ordering::Relaxed),
+            replies_refused: self.replies_refused.load(Ordering::Relaxed),
+            publishes_refused: self.publishes_refused.load(Ordering::Relaxed),
             wiegand_edges: self.wiegand_edges.load(Ordering::Relaxed),
             wiegand_frames: self.wiegand_frames.load(Ordering::Relaxed),
             wiegand_rejections: self.rejections(),
@@ -211,6 +232,8 @@ pub struct StatsSnapshot {
     pub mqtt_connects: u64,
     pub mqtt_inflight: u64,
     pub mqtt_online: bool,
+    pub replies_refused: u64,
+    pub publishes_refused: u64,
     pub commands_ok: u64,
     pub command_rejections: BTreeMap<&'static str, u64>,
     /// Edges read from the Wiegand lines: with `wiegand_frames`, tells a silent reader (no

@@ -116,6 +116,7 @@ fn a_refused_reply_is_counted_and_dropped_and_the_link_stays_up() {
     assert_eq!(bms.messages("/gate1/status").len(), statuses, "status flapped (retained topics re-sent)");
     assert!(!gate.log().contains("MQTT broker unreachable"), "{}", gate.log());
     assert_eq!(stat(&gate, "replies_refused"), 5);
+    common::schema::check_all(&bms);
 }
 
 fn seqs(bms: &Bms, kind: &str) -> Vec<u64> {
@@ -187,4 +188,6 @@ fn a_refused_event_blocks_the_events_behind_it_keeps_the_link_and_goes_out_when_
     assert!(alarms[0]["detail"].as_str().unwrap().contains(&held.to_string()), "{}", alarms[0]);
     assert!(wait_for(Duration::from_secs(5), || gate.status().unwrap()["outbox_blocked"].is_null()));
     assert_eq!(stat(&gate, "mqtt_connects"), connects, "the gate reconnected:\n{}", gate.log());
+    // The health reports with the block, and the alarm, are valid against the schemas.
+    common::schema::check_all(&bms);
 }

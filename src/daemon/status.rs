@@ -46,6 +46,9 @@ pub fn health(cfg: &Config, f: &StoreFacts, stats: &Stats, started: MonoTime) ->
         "store_write_failed": f.store_write_failed,
         "events_held": stats.events_held.load(Ordering::Relaxed),
         "events_lost": stats.events_lost.load(Ordering::Relaxed),
+        // A refused event holding back the outbox (null when none): fix the broker's ACL.
+        "outbox_blocked": stats.outbox_blocked(),
+        "replies_refused": snap.replies_refused,
         "granted": snap.granted,
         "denied": snap.denied,
         "events_stored": snap.events_stored,
@@ -73,6 +76,7 @@ pub fn status(f: &StoreFacts, stats: &Stats, started: MonoTime) -> Value {
         "store_write_failed": f.store_write_failed,
         "events_held": stats.events_held.load(Ordering::Relaxed),
         "events_lost": stats.events_lost.load(Ordering::Relaxed),
+        "outbox_blocked": stats.outbox_blocked(),
         "stats": stats.snapshot(),
         "camera": stats.camera(),
         "face_frames": stats.face_frames.load(Ordering::Relaxed),

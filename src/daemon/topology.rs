@@ -227,7 +227,7 @@ impl Topology {
                 enrol,
             };
             st.spawn("api", stages::commands::run(ctx.named("api"), io));
-            link_parts = Some((cmd_tx, out_rx));
+            link_parts = Some((cmd_tx, out_rx, ev_tx.clone()));
         }
         drop(ev_tx);
         let io = stages::outbox::OutboxIo { events: ev_rx, wake: wake.clone() };
@@ -236,8 +236,8 @@ impl Topology {
             let io = stages::privacy::PrivacyIo { privacy, wake: wake.clone(), face_uses: use_rx, audit };
             st.spawn("privacy", stages::privacy::run(ctx.named("privacy"), io));
         }
-        if let Some((commands, outgoing)) = link_parts {
-            let io = stages::link::LinkIo { wake, board, commands, outgoing };
+        if let Some((commands, outgoing, events)) = link_parts {
+            let io = stages::link::LinkIo { wake, board, commands, outgoing, events };
             st.spawn("mqtt", stages::link::run(ctx.named("mqtt"), io));
         }
         st.spawn("admin", stages::admin::run(ctx.named("admin")));

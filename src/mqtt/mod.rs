@@ -9,4 +9,4 @@ pub mod pipeline;
 
 pub use discovery::discovery;
 pub use options::{base_options, options, status_payload, Backoff};
-pub use pipeline::{Acked, Pipeline};
+pub use pipeline::{Acked, Entry, Pipeline};

@@ -1,22 +1,38 @@
 //! The publish pipeline's bookkeeping, pure: what was handed to the client, which packet id it
-//! got, which PUBACK completes which outbox event, and how much may be in flight.
+//! got, which PUBACK completes which outbox event, how much may be in flight, and which refused
+//! event holds back the ones behind it.
 //!
 //! rumqttc hands publishes out in order and reports each one's packet id when it goes on the
-//! wire (`Outgoing::Publish(pkid)`); the PUBACK names that id. An entry is `Some(seq)` for an
-//! outbox event (removed from the outbox only after its PUBACK) and `None` for anything else
-//! (replies, retained state, health).
+//! wire (`Outgoing::Publish(pkid)`); the PUBACK names that id. An entry is an outbox event
+//! (removed from the outbox only after its PUBACK), a reply, or anything else (retained state,
+//! health).
+//!
+//! A refused event (an ACL, a quota: MQTT 5 PUBACK reason ≥ 0x80) stays in the outbox and is
+//! *held*: no further outbox event is handed over until [`Pipeline::release`] rewinds the cursor
+//! to it, so events go out in sequence order. Replies and state are never held.
 
 use std::collections::{HashMap, VecDeque};
+
+/// What one publish was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// The outbox event with this seq.
+    Event(u64),
+    /// A command reply.
+    Reply,
+    /// Retained status and state, health.
+    Other,
+}
 
 /// One acknowledgement's meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acked {
     /// Not a packet of this pipeline.
     Unknown,
-    /// The broker took it; `Some(seq)` for an outbox event.
-    Delivered(Option<u64>),
-    /// The broker refused it (an ACL, a quota); `Some(seq)` for an outbox event, which stays.
-    Refused(Option<u64>),
+    /// The broker took it.
+    Delivered(Entry),
+    /// The broker refused it (an ACL, a quota); an outbox event stays, and is held.
+    Refused(Entry),
 }
 
 /// Outbox removals are batched: flushed at this many, or when the link is quiet.
@@ -25,14 +41,18 @@ pub const ACK_BATCH: usize = 64;
 #[derive(Debug)]
 pub struct Pipeline {
     capacity: usize,
-    awaiting_pkid: VecDeque<Option<u64>>,
-    in_flight: HashMap<u16, Option<u64>>,
+    awaiting_pkid: VecDeque<Entry>,
+    in_flight: HashMap<u16, Entry>,
     /// Handed to the client and not yet acknowledged.
     queued: usize,
     /// The highest outbox seq handed to the client in this session.
     cursor: u64,
     /// Delivered outbox events not yet removed from the outbox.
     acks: Vec<u64>,
+    /// The lowest refused event, holding back the outbox until released.
+    held: Option<u64>,
+    /// A released event on trial: sent alone, nothing behind it until the broker takes it.
+    probing: Option<u64>,
 }
 
 impl Pipeline {
@@ -45,6 +65,8 @@ impl Pipeline {
             queued: 0,
             cursor: 0,
             acks: Vec::new(),
+            held: None,
+            probing: None,
         }
     }
 
@@ -62,9 +84,41 @@ impl Pipeline {
         self.cursor
     }
 
-    /// A publish was handed to the client: `Some(seq)` for an outbox event.
-    pub fn handed(&mut self, entry: Option<u64>) {
-        if let Some(seq) = entry {
+    /// How many outbox events may be handed over now: none while a refused event is held, one
+    /// (the released event itself) while it is on trial, else the room.
+    pub fn outbox_room(&self) -> usize {
+        match (self.held, self.probing) {
+            (Some(_), _) => 0,
+            (None, Some(seq)) if self.cursor >= seq => 0,
+            (None, Some(_)) => self.room().min(1),
+            (None, None) => self.room(),
+        }
+    }
+
+    /// The refused event holding back the outbox.
+    pub fn held(&self) -> Option<u64> {
+        self.held
+    }
+
+    /// Retry the held event: the next outbox read starts at it (the events behind it that were
+    /// already delivered may go again: at least once). Returns its seq.
+    pub fn release(&mut self) -> Option<u64> {
+        let seq = self.held.take()?;
+        self.cursor = seq.saturating_sub(1);
+        self.probing = Some(seq);
+        Some(seq)
+    }
+
+    /// Start a connection with `seq` on trial (a block from the connection before): the outbox is
+    /// read from it, and nothing behind it goes until the broker takes it.
+    pub fn probe_first(&mut self, seq: u64) {
+        self.held = Some(seq);
+        self.release();
+    }
+
+    /// A publish was handed to the client.
+    pub fn handed(&mut self, entry: Entry) {
+        if let Entry::Event(seq) = entry {
             self.cursor = self.cursor.max(seq);
         }
         self.awaiting_pkid.push_back(entry);
@@ -78,15 +132,25 @@ impl Pipeline {
         }
     }
 
-    /// The PUBACK of `pkid`; a delivered event is queued for removal from the outbox.
+    /// The PUBACK of `pkid`; a delivered event is queued for removal from the outbox, a refused
+    /// one is held.
     pub fn acked(&mut self, pkid: u16, delivered: bool) -> Acked {
         let Some(e) = self.in_flight.remove(&pkid) else { return Acked::Unknown };
         self.queued = self.queued.saturating_sub(1);
         if !delivered {
+            if let Entry::Event(seq) = e {
+                self.held = Some(self.held.map_or(seq, |h| h.min(seq)));
+                self.probing = None;
+            }
             return Acked::Refused(e);
         }
-        if let Some(seq) = e {
+        if let Entry::Event(seq) = e {
             self.acks.push(seq);
+            // (`>=`: should the event on trial have left the outbox meanwhile, the first one
+            // after it stands in for it.)
+            if self.probing.is_some_and(|p| seq >= p) {
+                self.probing = None;
+            }
         }
         Acked::Delivered(e)
     }
@@ -113,29 +177,67 @@ mod tests {
     #[test]
     fn an_event_is_removed_only_after_its_own_puback() {
         let mut p = Pipeline::new(3);
-        p.handed(None); // status
-        p.handed(Some(7));
-        p.handed(Some(8));
+        p.handed(Entry::Other); // status
+        p.handed(Entry::Event(7));
+        p.handed(Entry::Event(8));
         assert!(!p.has_room());
         assert_eq!(p.cursor(), 8);
         p.sent(1);
         p.sent(2);
         p.sent(3);
-        assert_eq!(p.acked(3, true), Acked::Delivered(Some(8)));
+        assert_eq!(p.acked(3, true), Acked::Delivered(Entry::Event(8)));
         assert_eq!(p.acked(9, true), Acked::Unknown);
         assert_eq!(p.room(), 1);
-        assert_eq!(p.acked(2, false), Acked::Refused(Some(7)));
-        assert_eq!(p.acked(1, true), Acked::Delivered(None));
+        assert_eq!(p.acked(2, false), Acked::Refused(Entry::Event(7)));
+        assert_eq!(p.acked(1, true), Acked::Delivered(Entry::Other));
         assert_eq!(p.take_acks(false), Vec::<u64>::new(), "batched until full or quiet");
         assert_eq!(p.take_acks(true), vec![8], "the refused event stays in the outbox");
         assert!(!p.acks_waiting());
     }
 
     #[test]
+    fn a_refused_event_holds_the_outbox_until_released_and_then_goes_first() {
+        let mut p = Pipeline::new(10);
+        for (pkid, e) in [(1, Entry::Event(4)), (2, Entry::Reply), (3, Entry::Event(5)), (4, Entry::Event(6))] {
+            p.handed(e);
+            p.sent(pkid);
+        }
+        assert_eq!(p.outbox_room(), 6);
+        // A refused reply holds nothing.
+        assert_eq!(p.acked(2, false), Acked::Refused(Entry::Reply));
+        assert_eq!(p.outbox_room(), 7);
+        // Event 5 refused, then 6 too: the lowest is held; 4 was delivered.
+        assert_eq!(p.acked(4, false), Acked::Refused(Entry::Event(6)));
+        assert_eq!(p.acked(3, false), Acked::Refused(Entry::Event(5)));
+        assert_eq!(p.acked(1, true), Acked::Delivered(Entry::Event(4)));
+        assert_eq!(p.outbox_room(), 0);
+        assert_eq!(p.held(), Some(5));
+        assert_eq!(p.cursor(), 6);
+        // Released: the next read starts at 5, and takes only 5.
+        assert_eq!(p.release(), Some(5));
+        assert_eq!(p.cursor(), 4);
+        assert_eq!(p.outbox_room(), 1);
+        assert_eq!(p.release(), None);
+        p.handed(Entry::Event(5));
+        p.sent(5);
+        assert_eq!(p.outbox_room(), 0, "nothing behind the event on trial");
+        // Refused again: held again.
+        assert_eq!(p.acked(5, false), Acked::Refused(Entry::Event(5)));
+        assert_eq!((p.held(), p.outbox_room()), (Some(5), 0));
+        // Released and taken: the outbox flows.
+        p.release();
+        p.handed(Entry::Event(5));
+        p.sent(6);
+        assert_eq!(p.acked(6, true), Acked::Delivered(Entry::Event(5)));
+        assert_eq!(p.outbox_room(), 10);
+        assert_eq!(p.take_acks(true), vec![4, 5]);
+    }
+
+    #[test]
     fn acks_flush_by_themselves_when_a_batch_is_full() {
         let mut p = Pipeline::new(ACK_BATCH + 1);
         for s in 1..=ACK_BATCH as u64 {
-            p.handed(Some(s));
+            p.handed(Entry::Event(s));
             p.sent(s as u16);
             p.acked(s as u16, true);
         }

@@ -137,7 +137,7 @@ impl Responder {
         }
         let Some(reply) = reply else { return };
         let payload = command::reply_json(site, gate, verb, request_id.as_deref(), &outcome);
-        let msg = Outgoing { topic: reply.topic, payload, correlation: reply.correlation, retain: false };
+        let msg = Outgoing { topic: reply.topic, payload, correlation: reply.correlation, retain: false, reply: true };
         if !send_out(&ctx.out, msg).await {
             tracing::warn!(request_id = request_id.as_deref().unwrap_or("-"), "reply dropped: the broker link is down");
         }
@@ -427,7 +427,8 @@ async fn backfill(ctx: &Cmd<'_>, from_seq: u64, limit: usize) -> Result<Value, C
         v["backfill"] = Value::Bool(true);
         let kind = v["type"].as_str().unwrap_or("system").to_string();
         let payload = serde_json::to_vec(&v).unwrap_or_default();
-        let msg = Outgoing { topic: format!("{root}event/{kind}"), payload, correlation: None, retain: false };
+        let msg =
+            Outgoing { topic: format!("{root}event/{kind}"), payload, correlation: None, retain: false, reply: false };
         if !send_out(&ctx.io.out, msg).await {
             return Err(CmdError::new(ErrorCode::Busy, "the broker link went down while re-sending"));
         }

@@ -10,6 +10,14 @@
 //! exponentially with jitter (rumqttc's `poll()` fails at once while the broker is down, so a
 //! plain loop would spin). In flight it never has more than the smaller of `mqtt.inflight` and
 //! the broker's receive-maximum (mosquitto: 20). The bookkeeping is `mqtt::Pipeline` (pure).
+//!
+//! A publish the broker refuses (MQTT 5 PUBACK reason ≥ 0x80: its ACL, a quota) never costs the
+//! connection. A refused reply or state publish is logged, counted and dropped. A refused event
+//! stays in the outbox and holds back the events behind it (in-order delivery): it is retried
+//! with backoff (`mqtt.backoff_min_ms`..`backoff_max_ms`), `health` is published at once with
+//! `outbox_blocked`, and one `publish_refused` alarm is stored (it goes out behind the held
+//! event, once the broker takes it). MQTT 3.1.1 brokers cannot report a refusal at all: they
+//! acknowledge and drop, so the ACL must be right before a 3.1.1 gate goes live.
 
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PubAckReason, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
@@ -22,10 +30,11 @@ use tokio::sync::{mpsc, Notify};
 
 use super::StageCtx;
 use crate::bus::{Outgoing, StateBoard};
+use crate::clock::wall_ms;
 use crate::command::{Inbound, SITE_SCOPE};
 use crate::daemon::status;
-use crate::events::Head;
-use crate::mqtt::{discovery, options, status_payload, Acked, Backoff, Pipeline};
+use crate::events::{Head, NewEvent};
+use crate::mqtt::{discovery, options, status_payload, Acked, Backoff, Entry, Pipeline};
 
 /// The link stage's channels.
 pub struct LinkIo {
@@ -36,6 +45,28 @@ pub struct LinkIo {
     pub commands: mpsc::Sender<Inbound>,
     /// Replies and re-sent events from the commands stage.
     pub outgoing: mpsc::Receiver<Outgoing>,
+    /// For the `publish_refused` alarm.
+    pub events: mpsc::Sender<NewEvent>,
+}
+
+/// A refused event holding back the outbox, across reconnects.
+#[derive(Debug)]
+struct Block {
+    seq: u64,
+    reason: String,
+    since_ms: i64,
+    attempts: u32,
+    /// The `publish_refused` alarm for this seq is stored.
+    alarmed: bool,
+    backoff: Backoff,
+    /// When to hand the held event over again.
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl Block {
+    fn report(&self) -> serde_json::Value {
+        serde_json::json!({"seq": self.seq, "reason": self.reason, "since_ms": self.since_ms, "attempts": self.attempts})
+    }
 }
 
 /// Run the link until shutdown.
@@ -52,12 +83,13 @@ pub async fn run(ctx: StageCtx, mut io: LinkIo) {
         }
     };
     let mut failures: u64 = 0;
+    let mut block: Option<Block> = None;
     loop {
         if ctx.shutdown.is_cancelled() {
             return;
         }
         let connects = ctx.stats.mqtt_connects.load(Ordering::Relaxed);
-        match session(&ctx, &mut io, opts.clone(), &mut backoff).await {
+        match session(&ctx, &mut io, opts.clone(), &mut backoff, &mut block).await {
             SessionEnd::Shutdown => return,
             SessionEnd::Lost(error) => {
                 ctx.stats.mqtt_online.store(false, Ordering::Relaxed);
@@ -93,12 +125,18 @@ struct Session<'a> {
     root: String,
     pipe: Pipeline,
     board_seen: u64,
+    block: &'a mut Option<Block>,
 }
 
 impl Session<'_> {
-    /// Hand one QoS 1 publish to the client; false if its queue is full.
-    fn publish(&mut self, topic: String, payload: Vec<u8>, retain: bool, correlation: Option<Vec<u8>>) -> bool {
-        self.publish_entry(topic, payload, retain, correlation, None)
+    /// Hand one QoS 1 publish (state, status, health) to the client; false if its queue is full.
+    fn publish(&mut self, topic: String, payload: Vec<u8>, retain: bool) -> bool {
+        self.publish_entry(topic, payload, retain, None, Entry::Other)
+    }
+
+    fn publish_out(&mut self, o: Outgoing) -> bool {
+        let kind = if o.reply { Entry::Reply } else { Entry::Other };
+        self.publish_entry(o.topic, o.payload, o.retain, o.correlation, kind)
     }
 
     fn publish_entry(
@@ -107,18 +145,32 @@ impl Session<'_> {
         payload: Vec<u8>,
         retain: bool,
         correlation: Option<Vec<u8>>,
-        seq: Option<u64>,
+        entry: Entry,
     ) -> bool {
         let props = PublishProperties { correlation_data: correlation.map(Into::into), ..PublishProperties::default() };
         let ok = self.client.try_publish_with_properties(topic, QoS::AtLeastOnce, retain, payload, props).is_ok();
         if ok {
-            self.pipe.handed(seq);
+            self.pipe.handed(entry);
         }
         ok
     }
+
+    /// The health message, now.
+    async fn publish_health(&mut self) {
+        let facts = status::gather(&self.ctx.store, false).await;
+        let h = status::health(&self.ctx.cfg, &facts, &self.ctx.stats, self.ctx.started);
+        let topic = format!("{}health", self.root);
+        self.publish(topic, h.to_string().into_bytes(), false);
+    }
 }
 
-async fn session(ctx: &StageCtx, io: &mut LinkIo, opts: MqttOptions, backoff: &mut Backoff) -> SessionEnd {
+async fn session(
+    ctx: &StageCtx,
+    io: &mut LinkIo,
+    opts: MqttOptions,
+    backoff: &mut Backoff,
+    block: &mut Option<Block>,
+) -> SessionEnd {
     let cap = usize::from(ctx.cfg.mqtt.inflight) * 2 + 64;
     let (client, mut el) = AsyncClient::new(opts, cap);
     let inflight = match connack(ctx, &mut el).await {
@@ -130,7 +182,13 @@ async fn session(ctx: &StageCtx, io: &mut LinkIo, opts: MqttOptions, backoff: &m
     ctx.stats.mqtt_connects.fetch_add(1, Ordering::Relaxed);
     ctx.stats.mqtt_inflight.store(inflight as u64, Ordering::Relaxed);
     tracing::info!(host = %ctx.cfg.mqtt.host, port = ctx.cfg.mqtt.port, inflight, "MQTT connected");
-    let mut s = Session { ctx, client, root: ctx.cfg.topic_root(), pipe: Pipeline::new(inflight), board_seen: 0 };
+    // A block from an earlier connection is retried at once on this one, alone.
+    let mut pipe = Pipeline::new(inflight);
+    if let Some(b) = block.as_mut() {
+        b.retry_at = None;
+        pipe.probe_first(b.seq);
+    }
+    let mut s = Session { ctx, client, root: ctx.cfg.topic_root(), pipe, board_seen: 0, block };
     if let Err(e) = announce(&mut s, &io.board) {
         return e;
     }
@@ -142,6 +200,7 @@ async fn session(ctx: &StageCtx, io: &mut LinkIo, opts: MqttOptions, backoff: &m
         fill(&mut s, io).await;
         let mut acked = s.pipe.take_acks(false);
         let room = s.pipe.has_room();
+        let retry_at = s.block.as_ref().and_then(|b| b.retry_at);
         tokio::select! {
             _ = ctx.shutdown.cancelled() => {
                 goodbye(&mut s, &mut el, acked).await;
@@ -149,28 +208,93 @@ async fn session(ctx: &StageCtx, io: &mut LinkIo, opts: MqttOptions, backoff: &m
             }
             _ = io.wake.notified(), if room => {}
             Some(o) = io.outgoing.recv(), if room => {
-                s.publish(o.topic, o.payload, o.retain, o.correlation);
+                s.publish_out(o);
             }
             _ = io.board.changed.notified(), if room => {}
-            _ = health.tick(), if health_every > 0 => {
-                let facts = status::gather(&ctx.store, false).await;
-                let h = status::health(&ctx.cfg, &facts, &ctx.stats, ctx.started);
-                let topic = format!("{}health", s.root);
-                s.publish(topic, h.to_string().into_bytes(), false, None);
-            }
+            _ = health.tick(), if health_every > 0 => s.publish_health().await,
             // Batch outbox removals: flush when the event loop has been quiet for a moment.
             _ = tokio::time::sleep(Duration::from_millis(2)), if s.pipe.acks_waiting() => {
                 acked.extend(s.pipe.take_acks(true));
             }
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                // Retry the held event: what was delivered behind it leaves the outbox first, so
+                // the re-read starts at the held event with as few duplicates as possible.
+                acked.extend(s.pipe.take_acks(true));
+                ack(ctx, std::mem::take(&mut acked)).await;
+                if let Some(b) = s.block.as_mut() {
+                    b.retry_at = None;
+                    b.attempts += 1;
+                }
+                s.pipe.release();
+            }
             ev = el.poll() => {
-                if let Err(end) = on_event(&mut s, io, ev) {
-                    acked.extend(s.pipe.take_acks(true));
-                    ack(ctx, acked).await;
-                    return end;
+                match on_event(&mut s, io, ev) {
+                    Err(end) => {
+                        acked.extend(s.pipe.take_acks(true));
+                        ack(ctx, acked).await;
+                        return end;
+                    }
+                    Ok(Some(Refusal::FirstOfBlock)) => s.publish_health().await,
+                    Ok(_) => {}
                 }
             }
         }
         ack(ctx, acked).await;
+    }
+}
+
+/// What a refused event meant for the block.
+enum Refusal {
+    /// A new block began: say so now.
+    FirstOfBlock,
+    /// The block goes on (retried later).
+    Held,
+}
+
+/// An event was refused: hold it (the pipeline already does), schedule its retry, and on the
+/// first refusal of this seq log it loudly and store one alarm.
+fn on_refused_event(s: &mut Session<'_>, io: &LinkIo, seq: u64, reason: &str) -> Refusal {
+    let m = &s.ctx.cfg.mqtt;
+    let held = s.pipe.held().unwrap_or(seq);
+    let first = s.block.as_ref().is_none_or(|b| b.seq != held);
+    if first {
+        tracing::error!(
+            seq = held, %reason,
+            "broker refused an event (check its ACL): it and the events behind it are held and retried; \
+             the connection stays up"
+        );
+        let b = Block {
+            seq: held,
+            reason: reason.to_string(),
+            since_ms: wall_ms(),
+            attempts: 1,
+            alarmed: false,
+            backoff: Backoff::new(Duration::from_millis(m.backoff_min_ms), Duration::from_millis(m.backoff_max_ms)),
+            retry_at: None,
+        };
+        *s.block = Some(b);
+    }
+    let Some(b) = s.block.as_mut() else { return Refusal::Held };
+    if b.retry_at.is_none() {
+        b.retry_at = Some(tokio::time::Instant::now() + b.backoff.next_delay(&mut rand::thread_rng()));
+    }
+    if !b.alarmed {
+        b.alarmed = true;
+        let detail = format!(
+            "the broker refused event seq {} ({reason}); it and the events behind it were held and retried \
+             (check the broker's ACL for this gate's event topics)",
+            b.seq
+        );
+        // Stored behind the held event: it arrives once the broker takes that one.
+        if io.events.try_send(NewEvent::alarm(wall_ms(), "publish_refused", None, Some(detail))).is_err() {
+            tracing::warn!("publish_refused alarm not stored: the outbox queue is full");
+        }
+    }
+    s.ctx.stats.set_outbox_blocked(Some(b.report()));
+    if first {
+        Refusal::FirstOfBlock
+    } else {
+        Refusal::Held
     }
 }
 
@@ -219,7 +343,7 @@ fn announce(s: &mut Session<'_>, board: &StateBoard) -> Result<(), SessionEnd> {
     s.board_seen = board.version();
     list.extend(board.since(0).into_iter().map(|(k, v)| (format!("{}{k}", s.root), v)));
     for (topic, payload) in list {
-        if !s.publish(topic, payload, true, None) {
+        if !s.publish(topic, payload, true) {
             return Err(SessionEnd::Lost("client queue full".into()));
         }
     }
@@ -230,12 +354,12 @@ fn announce(s: &mut Session<'_>, board: &StateBoard) -> Result<(), SessionEnd> {
 async fn fill(s: &mut Session<'_>, io: &mut LinkIo) {
     while s.pipe.has_room() {
         let Ok(o) = io.outgoing.try_recv() else { break };
-        if !s.publish(o.topic, o.payload, o.retain, o.correlation) {
+        if !s.publish_out(o) {
             break;
         }
     }
-    if s.pipe.has_room() {
-        let (store, cursor, want) = (s.ctx.store.clone(), s.pipe.cursor(), s.pipe.room());
+    if s.pipe.outbox_room() > 0 {
+        let (store, cursor, want) = (s.ctx.store.clone(), s.pipe.cursor(), s.pipe.outbox_room());
         let batch = match tokio::task::spawn_blocking(move || store.outbox_after(cursor, want)).await {
             Ok(Ok(b)) => b,
             Ok(Err(error)) => {
@@ -254,7 +378,7 @@ async fn fill(s: &mut Session<'_>, io: &mut LinkIo) {
                     format!("{}event/system", s.root)
                 }
             };
-            if !s.publish_entry(topic, entry.json, false, None, Some(entry.seq)) {
+            if !s.publish_entry(topic, entry.json, false, None, Entry::Event(entry.seq)) {
                 break;
             }
         }
@@ -263,7 +387,7 @@ async fn fill(s: &mut Session<'_>, io: &mut LinkIo) {
         let v = io.board.version();
         for (k, p) in io.board.since(s.board_seen) {
             let topic = format!("{}{k}", s.root);
-            s.publish(topic, p, true, None);
+            s.publish(topic, p, true);
         }
         s.board_seen = v;
     }
@@ -274,17 +398,30 @@ fn on_event(
     s: &mut Session<'_>,
     io: &LinkIo,
     ev: Result<Event, rumqttc::v5::ConnectionError>,
-) -> Result<(), SessionEnd> {
+) -> Result<Option<Refusal>, SessionEnd> {
     match ev {
         Ok(Event::Outgoing(Sent::Publish(pkid))) => s.pipe.sent(pkid),
-        Ok(Event::Incoming(Packet::PubAck(a))) => {
-            if let Acked::Refused(seq) = s.pipe.acked(a.pkid, delivered(&a.reason)) {
-                // Refused (an ACL, a quota): keep the event, reconnect after a pause, and say so
-                // loudly; never drop it silently.
-                tracing::error!(reason = ?a.reason, ?seq, "broker refused a publish (check its ACL)");
-                return Err(SessionEnd::Lost(format!("publish refused: {:?}", a.reason)));
+        Ok(Event::Incoming(Packet::PubAck(a))) => match s.pipe.acked(a.pkid, delivered(&a.reason)) {
+            // Refused (an ACL, a quota): never the connection's end, never dropped silently.
+            Acked::Refused(Entry::Event(seq)) => {
+                return Ok(Some(on_refused_event(s, io, seq, &format!("{:?}", a.reason))));
             }
-        }
+            Acked::Refused(Entry::Reply) => {
+                s.ctx.stats.replies_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(reason = ?a.reason, "broker refused a command reply (check its ACL): dropped");
+            }
+            Acked::Refused(Entry::Other) => {
+                s.ctx.stats.publishes_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(reason = ?a.reason, "broker refused a state or health publish (check its ACL): dropped");
+            }
+            Acked::Delivered(Entry::Event(seq)) if s.block.as_ref().is_some_and(|b| b.seq == seq) => {
+                if let Some(b) = s.block.take() {
+                    tracing::info!(seq, attempts = b.attempts, "held event delivered: the outbox flows again");
+                }
+                s.ctx.stats.set_outbox_blocked(None);
+            }
+            Acked::Delivered(_) | Acked::Unknown => {}
+        },
         Ok(Event::Incoming(Packet::SubAck(sub))) => {
             for code in &sub.return_codes {
                 if !matches!(code, SubscribeReasonCode::Success(_)) {
@@ -310,14 +447,14 @@ fn on_event(
         Ok(_) => {}
         Err(e) => return Err(SessionEnd::Lost(e.to_string())),
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Clean goodbye: the retained offline status (the will covers the unclean case), the PUBACKs
 /// that arrive within half a second, then the outbox removals.
 async fn goodbye(s: &mut Session<'_>, el: &mut EventLoop, mut acked: Vec<u64>) {
     let topic = format!("{}status", s.root);
-    let _ = s.publish(topic, status_payload("offline"), true, None);
+    let _ = s.publish(topic, status_payload("offline"), true);
     let _ = s.client.try_disconnect();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
     while let Ok(Ok(ev)) = tokio::time::timeout_at(deadline, el.poll()).await {

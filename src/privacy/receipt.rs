@@ -6,9 +6,11 @@
 //! 0600 file or a systemd credential. The public key is published on the retained `identity`
 //! topic and printed by `menshen identity`.
 //!
-//! The signed message is `menshen-receipt-v1\n` followed by the receipt's JSON without its
-//! `signature`, fields in the order of [`Receipt`] (serde keeps struct order), so the bytes are
-//! the same wherever they are rebuilt.
+//! The signed message is `menshen-receipt-v1\n` followed by the receipt as compact JSON (no
+//! whitespace), fields in the order of [`Receipt`] (serde keeps struct order), with `signature`
+//! present and empty (`"signature":""`), so the bytes are the same wherever they are rebuilt.
+//! docs/privacy.md states this byte for byte, and docs/receipt-vectors.json carries test
+//! vectors that an independent implementation checks (`scripts/verify_receipt.py`, PyNaCl).
 
 use rand::RngCore;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
@@ -59,7 +61,8 @@ pub enum ReceiptError {
 }
 
 impl Receipt {
-    fn message(&self) -> Vec<u8> {
+    /// The signed bytes (docs/privacy.md, "The signed bytes").
+    pub fn message(&self) -> Vec<u8> {
         let mut body = self.clone();
         body.signature.clear();
         let json = serde_json::to_vec(&body).unwrap_or_default();
@@ -187,6 +190,58 @@ mod tests {
             key: String::new(),
             signature: String::new(),
         }
+    }
+
+    /// docs/receipt-vectors.json, made by the code from a published test seed (never a real key).
+    fn vectors() -> serde_json::Value {
+        let seed = [0x4du8; 32];
+        let s = Signer::from_seed(&seed).unwrap();
+        let r = s.sign(Receipt {
+            receipt_id: "01JF6Y7C3Q4W8X2N5M9K0R1T2V".into(),
+            site: "site1".into(),
+            gate: "gate1".into(),
+            resident: "r-1004".into(),
+            what: "face_template".into(),
+            key_id: "5f1c0e2a9b7d4c3e8a6f1b2d3c4e5f60".into(),
+            why: "consent_withdrawn".into(),
+            deleted_at_ms: 1_796_000_000_000,
+            signed_at_ms: 1_796_000_000_412,
+            key: String::new(),
+            signature: String::new(),
+        });
+        serde_json::json!({
+            "about": "Test vectors for menshen-receipt-v1 (docs/privacy.md, \"The signed bytes\"). The seed is a \
+                      published test key: never use it to sign anything. Regenerate with \
+                      MENSHEN_WRITE_VECTORS=1 cargo test --lib receipt_vectors.",
+            "vectors": [{
+                "name": "consent_withdrawn",
+                "seed_hex": hex(&seed),
+                "public_key": s.public_key_text(),
+                "receipt": r,
+                "signed_bytes_hex": hex(&r.message()),
+            }],
+        })
+    }
+
+    #[test]
+    fn receipt_vectors_in_the_docs_are_what_the_code_makes() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/receipt-vectors.json");
+        let made = vectors();
+        if std::env::var_os("MENSHEN_WRITE_VECTORS").is_some() {
+            std::fs::write(&path, serde_json::to_string_pretty(&made).unwrap() + "\n").unwrap();
+        }
+        let shipped: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(shipped, made, "docs/receipt-vectors.json is stale: regenerate it (see its `about`)");
+        // And the shipped receipt verifies here too.
+        let v = &shipped["vectors"][0];
+        let r: Receipt = serde_json::from_value(v["receipt"].clone()).unwrap();
+        let key = parse_public_key(v["public_key"].as_str().unwrap()).unwrap();
+        assert_eq!(r.verify(&key), Ok(()));
+        let text = String::from_utf8(r.message()).unwrap();
+        assert!(
+            text.starts_with("menshen-receipt-v1\n{\"receipt_id\":") && text.ends_with(",\"signature\":\"\"}"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -101,6 +101,10 @@ pub enum Body {
     Door {
         door: String,
         event: String,
+        /// `daemon_start`: the door's real state as the daemon found and set it at start (after
+        /// a crash it closes an `unlocked` that no `locked` followed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cause: Option<String>,
     },
     Alarm {
         alarm: String,
@@ -349,7 +353,22 @@ impl NewEvent {
                 body: Body::Alarm { alarm: e.code().into(), door: Some(door.into()), reader: None, detail: None },
             }
         } else {
-            NewEvent { kind: EventType::Door, ts_ms, body: Body::Door { door: door.into(), event: e.code().into() } }
+            NewEvent {
+                kind: EventType::Door,
+                ts_ms,
+                body: Body::Door { door: door.into(), event: e.code().into(), cause: None },
+            }
+        }
+    }
+
+    /// The lock's state as the daemon set it at start: `locked` (or `unlocked` while a fire
+    /// input holds the door open), with `cause: daemon_start`.
+    pub fn door_at_start(ts_ms: i64, door: &str, unlocked: bool) -> NewEvent {
+        let event = if unlocked { DoorEvent::Unlocked } else { DoorEvent::Locked };
+        NewEvent {
+            kind: EventType::Door,
+            ts_ms,
+            body: Body::Door { door: door.into(), event: event.code().into(), cause: Some("daemon_start".into()) },
         }
     }
 

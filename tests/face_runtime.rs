@@ -109,3 +109,47 @@ fn the_daemon_refuses_to_start_on_a_bad_runtime_and_starts_on_a_good_one() {
         gate.status().unwrap()["stats"]["denied"].as_u64().unwrap() >= 1
     }));
 }
+
+/// `menshen resident enrol-face` uses the configured runtime (`face.onnxruntime_library`,
+/// `face.models_dir`, overridden by `MENSHEN_ORT_LIB` / `MENSHEN_MODELS_DIR`) from any working
+/// directory, and when it cannot load it, says which paths it tried and where each came from.
+#[test]
+fn enrol_face_uses_the_configured_runtime_from_anywhere_and_names_what_it_tried() {
+    let rt = runtime_dir();
+    let gate = Gate::new(GateOpts::default());
+    with_face(&gate, Path::new("/nonexistent/libonnxruntime.so"), Path::new("/nonexistent/models"));
+    let cfg = gate.config.to_str().unwrap().to_string();
+    for args in [
+        vec!["resident", "add", "f-1", "--mode", "face_or_card", "--card", "H10301:7:9", "--config", &cfg],
+        vec!["resident", "consent", "f-1", "--config", &cfg],
+    ] {
+        let out = gate.cli(&args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let photo = common::shared_models().join("../data/smoke/George_W_Bush_0001.jpg");
+    let enrol = |env: &[(&str, PathBuf)]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_menshen"))
+            .args(["resident", "enrol-face", "f-1", "--config", &cfg, "--min-good", "1", "--photo"])
+            .arg(&photo)
+            .current_dir("/")
+            .env_remove("MENSHEN_ORT_LIB")
+            .env_remove("MENSHEN_MODELS_DIR")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
+            .output()
+            .unwrap()
+    };
+    // The configured paths do not exist: it fails, naming them, their keys and the overrides.
+    let out = enrol(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for needle in ["/nonexistent/libonnxruntime.so", "face.onnxruntime_library", "MENSHEN_ORT_LIB", "face.models_dir"] {
+        assert!(err.contains(needle), "`{needle}` not in: {err}");
+    }
+    // The overrides, from `/` (not the repository): it enrols.
+    let out = enrol(&[
+        ("MENSHEN_ORT_LIB", rt.join("lib/libonnxruntime.so.1.31.1")),
+        ("MENSHEN_MODELS_DIR", common::shared_models()),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("enrolled"));
+}

@@ -41,6 +41,9 @@ pub async fn run(ctx: StageCtx, mut d: DoorParts, mut io: DoorIo) {
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     let start = d.core.start(MonoTime::now());
     apply(&name, &mut d.relay, start, &io.events).await;
+    // The door's real state, as an event: after a crash mid-pulse the last event may be an
+    // `unlocked` with no `locked` behind it, while the relay is now in its safe state.
+    let _ = io.events.send(NewEvent::door_at_start(wall_ms(), &name, d.core.is_unlocked())).await;
     publish_state(&io.board, &name, &d.core, d.cfg.contact_pin.is_some());
     loop {
         let actions = tokio::select! {

@@ -217,6 +217,28 @@ fn environment(lib: &Path) -> Result<ort::environment::Environment, RuntimeError
     Ok(env)
 }
 
+/// The runtime paths a command-line tool uses: `MENSHEN_ORT_LIB` and `MENSHEN_MODELS_DIR` when
+/// set, else the configured `face.onnxruntime_library` and `face.models_dir` (never a path
+/// relative to the working directory). Also returns a line saying which paths and why, for
+/// error messages.
+pub fn configured_paths(cfg: &crate::config::FaceConfig) -> (crate::config::FaceConfig, String) {
+    let mut out = cfg.clone();
+    let mut said = Vec::new();
+    for (var, key, slot) in [
+        ("MENSHEN_ORT_LIB", "face.onnxruntime_library", &mut out.onnxruntime_library),
+        ("MENSHEN_MODELS_DIR", "face.models_dir", &mut out.models_dir),
+    ] {
+        match std::env::var_os(var) {
+            Some(v) => {
+                *slot = std::path::PathBuf::from(v);
+                said.push(format!("{} (from {var}, which overrides {key})", slot.display()));
+            }
+            None => said.push(format!("{} (from {key}; {var} overrides it)", slot.display())),
+        }
+    }
+    (out, format!("tried {}", said.join(" and ")))
+}
+
 /// Check and load everything: the library (sha256, then `ort::init_from`), each model (sha256,
 /// session with the configured threads, input shape).
 pub fn load(cfg: &FaceConfig) -> Result<Runtime, RuntimeError> {

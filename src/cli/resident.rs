@@ -29,8 +29,10 @@ pub(super) fn enrol_face(
         anyhow::bail!(crate::store::StoreError::NoConsent(id.to_string()));
     }
     let privacy = crate::privacy::shred::Privacy::open(&cfg)?;
-    // The configured runtime (face.onnxruntime_library, face.models_dir): the one the daemon uses.
-    let rt = crate::runtime::load(&cfg.face).map_err(|e| anyhow::anyhow!("{e}\n  fix: {}", e.hint()))?;
+    // The configured runtime (face.onnxruntime_library, face.models_dir): the one the daemon
+    // uses, unless MENSHEN_ORT_LIB / MENSHEN_MODELS_DIR say otherwise.
+    let (face, tried) = crate::runtime::configured_paths(&cfg.face);
+    let rt = crate::runtime::load(&face).map_err(|e| anyhow::anyhow!("{e}\n  {tried}\n  fix: {}", e.hint()))?;
     let options = engine::DetectorOptions { long_side: cfg.face.detector_long_side, ..Default::default() };
     let mut eng = engine::Engine::new(rt, options)?;
     let (gallery, unusable) = crate::privacy::open_gallery(&s, &privacy.keyring, eng.dim())?;

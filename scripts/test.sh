@@ -3,11 +3,17 @@
 # the AsyncAPI document check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup-deps.sh
-cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+# Every step prints how long it took (CI keeps the whole run under 60 minutes).
+step() {
+  local t0=$SECONDS
+  "$@"
+  echo "== $(basename "$0"): $* -- $((SECONDS - t0)) s" >&2
+}
+step scripts/setup-deps.sh
+step cargo fmt --all -- --check
+step cargo clippy --all-targets -- -D warnings
 # Benches are built (so they cannot rot) but not run here: they are timed, see README.
-cargo build --release --benches
+step cargo build --release --benches
 # The pinned ONNX Runtime (PyPI wheel) and the models (../shared/models offline), sha256-checked,
 # for the face runtime tests.
 if [ ! -f target/menshen-runtime/lib/libonnxruntime.so.1.31.1 ]; then
@@ -15,23 +21,23 @@ if [ ! -f target/menshen-runtime/lib/libonnxruntime.so.1.31.1 ]; then
 fi
 # The Python reference pipeline (numpy, OpenCV, onnxruntime from PyPI) that the face tests
 # compare the Rust pipeline against.
-scripts/setup-pyref.sh
-cargo test --lib --bins --tests
+step scripts/setup-pyref.sh
+step cargo test --lib --bins --tests
 # Power cuts: the store, the key files and the audit file on cutfs (a FUSE filesystem that drops
 # unsynced writes on command; needs root and /dev/fuse), 30 rounds.
-cargo fmt --manifest-path tools/cutfs/Cargo.toml -- --check
-cargo clippy --release --manifest-path tools/cutfs/Cargo.toml -- -D warnings
-cargo build --release --manifest-path tools/cutfs/Cargo.toml
-cargo build --example power_cut_writer --features powercut
-cargo test --features powercut --test power_cut -- --nocapture
+step cargo fmt --manifest-path tools/cutfs/Cargo.toml -- --check
+step cargo clippy --release --manifest-path tools/cutfs/Cargo.toml -- -D warnings
+step cargo build --release --manifest-path tools/cutfs/Cargo.toml
+step cargo build --example power_cut_writer --features powercut
+step cargo test --features powercut --test power_cut -- --nocapture
 # The `opencv` feature (OpenCV VideoCapture: RTSP and video files): lints, its unit tests and a
 # video made from the smoke images at test time read through the face pipeline.
-cargo clippy --all-targets --features opencv -- -D warnings
-cargo test --features opencv --lib face::ocv
-cargo test --features opencv --test opencv_source
+step cargo clippy --all-targets --features opencv -- -D warnings
+step cargo test --features opencv --lib face::ocv
+step cargo test --features opencv --test opencv_source
 # Face accuracy: the LFW protocol through the Rust pipeline (about 3 minutes).
-scripts/check-lfw.sh
-scripts/check-systemd.sh
+step scripts/check-lfw.sh
+step scripts/check-systemd.sh
 # docs/asyncapi.yaml: up to date with docs/schemas and valid (AsyncAPI CLI from npm).
-scripts/check-asyncapi.sh
-scripts/check-setup-runtime.sh
+step scripts/check-asyncapi.sh
+step scripts/check-setup-runtime.sh

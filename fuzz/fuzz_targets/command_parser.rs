@@ -25,6 +25,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(!inb.retain, "a retained command was accepted");
             assert!(payload.len() <= limits.max_payload_bytes);
             assert!(!req.request_id.is_empty());
+            // Every id fits the schemas' `^[!-~]{1,128}$`, whatever made it.
+            assert!(req.request_id.len() <= 128 && req.request_id.bytes().all(|b| b.is_ascii_graphic()));
             if let Command::Unlock { duration_ms, .. } = req.command {
                 assert!(duration_ms.is_none_or(|d| d >= 1 && d <= limits.unlock_max_ms));
                 assert!(inb.expiry_secs.is_some() || std::str::from_utf8(payload).is_ok_and(|t| t.contains("expires_at")));

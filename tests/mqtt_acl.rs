@@ -48,7 +48,8 @@ fn acl_broker(port: u16, gate_events: &str) -> (Broker, std::path::PathBuf) {
     // mosquitto drops root privileges before it reads its files.
     Command::new("chmod").args(["-R", "a+rX"]).arg(dir.path()).status().unwrap();
     let text = format!(
-        "listener {port} 127.0.0.1\npersistence false\nallow_anonymous false\npassword_file {}\nacl_file {}\n",
+        "listener {port} 127.0.0.1\npersistence false\nset_tcp_nodelay true\nallow_anonymous false\npassword_file {}\n\
+         acl_file {}\n",
         pw.display(),
         acl_file.display()
     );

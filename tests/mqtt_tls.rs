@@ -134,7 +134,7 @@ fn tls_client(
 /// A mosquitto with a TLS listener (server certificate from `pki`) and `auth` settings.
 fn tls_broker(port: u16, certs: &Path, pki: &Pki, cert: &Path, key: &Path, auth: &str) -> Broker {
     let conf = format!(
-        "per_listener_settings false\npersistence false\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n{auth}",
+        "per_listener_settings false\npersistence false\nset_tcp_nodelay true\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n{auth}",
         pki.ca().display(),
         cert.display(),
         key.display()

@@ -476,6 +476,10 @@ pub struct MqttConfig {
     /// there); any other reply topic is refused (`invalid_reply_to`) before anything is sent.
     #[serde(default = "default_reply_prefix")]
     pub reply_topic_prefix: String,
+    /// TCP_NODELAY on the broker connection. Leave it on: off only measures what Nagle's
+    /// algorithm costs a command's round trip (`cargo bench --bench command_round_trip`).
+    #[serde(default = "default_true")]
+    pub tcp_nodelay: bool,
 }
 
 fn default_reply_prefix() -> String {

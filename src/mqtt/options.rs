@@ -72,6 +72,11 @@ pub fn base_options(cfg: &Config, client_id: String) -> anyhow::Result<MqttOptio
     // with a reply (payload_too_large) instead of the connection failing.
     let max_packet = (m.max_payload_bytes.saturating_mul(2) + (64 << 10)).min(u32::MAX as usize) as u32;
     o.set_max_packet_size(Some(max_packet));
+    // TCP_NODELAY (plain and TLS): a reply is a small write right after the small PUBACK of the
+    // command; with Nagle on it waits for the broker's delayed ACK (~40 ms on Linux) every time.
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(m.tcp_nodelay);
+    o.set_network_options(net);
     if let Some(user) = &m.username {
         let password = match &m.password_file {
             Some(p) => {
@@ -133,5 +138,21 @@ mod tests {
         assert!(delays.iter().any(|d| *d > Duration::from_millis(400)), "{delays:?}");
         b.reset();
         assert!(b.next_delay(&mut rng) <= Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod nodelay {
+    #[test]
+    fn tcp_nodelay_is_on_unless_turned_off_to_measure() {
+        // rumqttc's NetworkOptions has no getter: the effect is measured by
+        // `cargo bench --bench command_round_trip` (docs/performance.md).
+        let cfg = crate::config::parse(crate::config::DEFAULT_CONFIG).unwrap();
+        assert!(cfg.mqtt.tcp_nodelay);
+        let off = crate::config::parse(
+            &format!("{}\n", crate::config::DEFAULT_CONFIG).replace("[mqtt]\n", "[mqtt]\ntcp_nodelay = false\n"),
+        )
+        .unwrap();
+        assert!(!off.mqtt.tcp_nodelay);
     }
 }

@@ -162,6 +162,8 @@ fn events_built_by_the_code_match_their_schemas() {
         NewEvent::remote_unlock(NOW, "front", "req-1", 3000),
         NewEvent::door(NOW, "front", menshen::door::DoorEvent::Opened),
         NewEvent::door(NOW, "front", menshen::door::DoorEvent::Forced),
+        NewEvent::door_at_start(NOW, "front", false),
+        NewEvent::alarm(NOW, "publish_refused", None, Some("the broker refused event seq 4 (NotAuthorized)".into())),
         NewEvent::alarm(NOW, "reader_line_stuck", Some("front"), None),
         NewEvent::mode_changed(NOW, "r1", "card", "face_or_card", Some("req-2")),
         NewEvent::consent(NOW, "consent_recorded", "r1", Some("req-3")),

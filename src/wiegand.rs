@@ -602,6 +602,27 @@ impl Decoder {
         }
     }
 
+    /// An edge, after every deadline that passed before it by the edges' own timestamps: a frame
+    /// ends where its edges say, not when the shell happened to read them (an edge delivered
+    /// late, after the shell's timer fired, still belongs to its frame; one that really came
+    /// after a gap starts a new one). Outcomes come with the time they are decided at.
+    pub fn on_edge_in_time(&mut self, e: WEdge, out: &mut Vec<(Outcome, MonoTime)>) {
+        while let Some(d) = self.deadline() {
+            if d > e.at {
+                break;
+            }
+            if let Some(o) = self.on_deadline(d) {
+                out.push((o, d));
+            }
+            if self.deadline().is_some_and(|n| n <= d) {
+                break; // no progress: never spin (a handled deadline always moves on)
+            }
+        }
+        if let Some(o) = self.on_edge(e) {
+            out.push((o, e.at));
+        }
+    }
+
     /// Call when the deadline has passed: ends a frame after the gap, or reports a stuck line.
     pub fn on_deadline(&mut self, now: MonoTime) -> Option<Outcome> {
         let stuck = self.low_since.iter().flatten().any(|t| now.saturating_sub(*t) >= self.timing.frame_gap);
@@ -670,15 +691,10 @@ mod tests {
         let mut out = Vec::new();
         let mut last = t0();
         for e in edges {
-            // Fire any deadline that passes before this edge, as the reader stage would.
-            while let Some(d) = dec.deadline() {
-                if d > e.at {
-                    break;
-                }
-                out.extend(dec.on_deadline(d));
-                assert!(dec.deadline().is_none_or(|n| n > d), "a handled deadline must move on");
-            }
-            out.extend(dec.on_edge(*e));
+            // Any deadline that passes before this edge fires first, as in the reader stage.
+            let mut timed = Vec::new();
+            dec.on_edge_in_time(*e, &mut timed);
+            out.extend(timed.into_iter().map(|(o, _)| o));
             last = e.at;
         }
         let end = last + Duration::from_secs(1);
@@ -778,6 +794,39 @@ mod tests {
         assert!(matches!(outs[0], Outcome::Card(r) if r.card.facility == 7));
         // And the trailing gap reports nothing more.
         assert_eq!(d.on_deadline(last + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn frame_boundaries_follow_the_edges_timestamps_not_when_they_are_read() {
+        // A parity-error frame (bit 1 flipped), all its edges read at once long after they
+        // happened (the shell was held up): still one 26-bit frame.
+        let mut b: Vec<bool> = encode(Format::H10301, 7, 1001).unwrap().iter().collect();
+        b[1] = !b[1];
+        let text: String = b.iter().map(|x| if *x { '1' } else { '0' }).collect();
+        let edges = std_edges(Bits::parse(&text).unwrap());
+        let mut d = Decoder::new(&[Format::H10301], Timing::default(), true);
+        let mut out = Vec::new();
+        for e in &edges {
+            d.on_edge_in_time(*e, &mut out);
+        }
+        out.extend(d.on_deadline(edges.last().unwrap().at + Duration::from_secs(1)).map(|o| (o, t0())));
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(matches!(out[0].0, Outcome::Rejected { why: Rejection::ParityError, bits } if bits.len == 26));
+        // The same bits with a real 30 ms pause after the 17th: two frames, the first decided at
+        // its own gap's end, not at the late edge.
+        let gap = Duration::from_millis(30);
+        let split: Vec<WEdge> =
+            edges.iter().enumerate().map(|(i, e)| if i >= 34 { WEdge { at: e.at + gap, ..*e } } else { *e }).collect();
+        let mut d = Decoder::new(&[Format::H10301], Timing::default(), true);
+        let mut out = Vec::new();
+        for e in &split {
+            d.on_edge_in_time(*e, &mut out);
+        }
+        out.extend(d.on_deadline(split.last().unwrap().at + Duration::from_secs(1)).map(|o| (o, t0())));
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(matches!(out[0].0, Outcome::Rejected { why: Rejection::ShortFrame, bits } if bits.len == 17));
+        assert_eq!(out[0].1, split[33].at + Timing::default().frame_gap, "decided at the gap's end");
+        assert!(matches!(out[1].0, Outcome::Rejected { why: Rejection::ShortFrame, bits } if bits.len == 9));
     }
 
     #[test]

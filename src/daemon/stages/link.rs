@@ -126,7 +126,17 @@ struct Session<'a> {
     pipe: Pipeline,
     board_seen: u64,
     block: &'a mut Option<Block>,
+    /// Delivered events whose removal from the outbox failed (the store could not be written),
+    /// and when to try again: they leave the outbox once the disk has room, without being sent
+    /// again.
+    removals_failed: Vec<u64>,
+    removals_retry_at: Option<tokio::time::Instant>,
+    /// The store's reopen count the outbox was read under (see `Store::reopens`).
+    store_reopens: u64,
 }
+
+/// How long a failed outbox removal waits before it is tried again.
+const REMOVAL_RETRY: Duration = Duration::from_millis(500);
 
 impl Session<'_> {
     /// Hand one QoS 1 publish (state, status, health) to the client; false if its queue is full.
@@ -153,6 +163,14 @@ impl Session<'_> {
             self.pipe.handed(entry);
         }
         ok
+    }
+
+    /// Remove delivered events from the outbox; a failed removal is kept and retried.
+    async fn remove(&mut self, acked: Vec<u64>) {
+        if let Err(failed) = ack(self.ctx, acked).await {
+            self.removals_failed.extend(failed);
+            self.removals_retry_at.get_or_insert_with(|| tokio::time::Instant::now() + REMOVAL_RETRY);
+        }
     }
 
     /// The health message, now.
@@ -188,7 +206,17 @@ async fn session(
         b.retry_at = None;
         pipe.probe_first(b.seq);
     }
-    let mut s = Session { ctx, client, root: ctx.cfg.topic_root(), pipe, board_seen: 0, block };
+    let mut s = Session {
+        ctx,
+        client,
+        root: ctx.cfg.topic_root(),
+        pipe,
+        board_seen: 0,
+        block,
+        removals_failed: Vec::new(),
+        removals_retry_at: None,
+        store_reopens: ctx.store.reopens(),
+    };
     if let Err(e) = announce(&mut s, &io.board) {
         return e;
     }
@@ -201,6 +229,7 @@ async fn session(
         let mut acked = s.pipe.take_acks(false);
         let room = s.pipe.has_room();
         let retry_at = s.block.as_ref().and_then(|b| b.retry_at);
+        let removals_at = s.removals_retry_at;
         tokio::select! {
             _ = ctx.shutdown.cancelled() => {
                 goodbye(&mut s, &mut el, acked).await;
@@ -216,11 +245,15 @@ async fn session(
             _ = tokio::time::sleep(Duration::from_millis(2)), if s.pipe.acks_waiting() => {
                 acked.extend(s.pipe.take_acks(true));
             }
+            _ = tokio::time::sleep_until(removals_at.unwrap_or_else(tokio::time::Instant::now)), if removals_at.is_some() => {
+                s.removals_retry_at = None;
+                acked.append(&mut s.removals_failed);
+            }
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
                 // Retry the held event: what was delivered behind it leaves the outbox first, so
                 // the re-read starts at the held event with as few duplicates as possible.
                 acked.extend(s.pipe.take_acks(true));
-                ack(ctx, std::mem::take(&mut acked)).await;
+                s.remove(std::mem::take(&mut acked)).await;
                 if let Some(b) = s.block.as_mut() {
                     b.retry_at = None;
                     b.attempts += 1;
@@ -231,7 +264,7 @@ async fn session(
                 match on_event(&mut s, io, ev) {
                     Err(end) => {
                         acked.extend(s.pipe.take_acks(true));
-                        ack(ctx, acked).await;
+                        s.remove(acked).await;
                         return end;
                     }
                     Ok(Some(Refusal::FirstOfBlock)) => s.publish_health().await,
@@ -239,7 +272,7 @@ async fn session(
                 }
             }
         }
-        ack(ctx, acked).await;
+        s.remove(acked).await;
     }
 }
 
@@ -358,6 +391,15 @@ async fn fill(s: &mut Session<'_>, io: &mut LinkIo) {
             break;
         }
     }
+    let reopens = s.ctx.store.reopens();
+    if reopens != s.store_reopens {
+        // The store went back to its last durable commit: removals since then are undone, so
+        // events already delivered are in the outbox again. Read it from the start: they go out
+        // again (duplicates, consumers de-duplicate by id) and leave it for good.
+        s.store_reopens = reopens;
+        s.pipe.rewind();
+        tracing::info!("store reopened: the outbox is read again from its start");
+    }
     if s.pipe.outbox_room() > 0 {
         let (store, cursor, want) = (s.ctx.store.clone(), s.pipe.cursor(), s.pipe.outbox_room());
         let batch = match tokio::task::spawn_blocking(move || store.outbox_after(cursor, want)).await {
@@ -468,7 +510,8 @@ async fn goodbye(s: &mut Session<'_>, el: &mut EventLoop, mut acked: Vec<u64>) {
         }
     }
     acked.extend(s.pipe.take_acks(true));
-    ack(s.ctx, acked).await;
+    acked.append(&mut s.removals_failed);
+    s.remove(acked).await;
 }
 
 /// A PUBACK that means the broker took the message.
@@ -476,21 +519,25 @@ fn delivered(r: &PubAckReason) -> bool {
     matches!(r, PubAckReason::Success | PubAckReason::NoMatchingSubscribers)
 }
 
-async fn ack(ctx: &StageCtx, acked: Vec<u64>) {
+/// Remove delivered events from the outbox; `Err` gives back those that are still in it.
+async fn ack(ctx: &StageCtx, acked: Vec<u64>) -> Result<(), Vec<u64>> {
     if acked.is_empty() {
-        return;
+        return Ok(());
     }
     let n = acked.len() as u64;
-    let store = ctx.store.clone();
-    match tokio::task::spawn_blocking(move || store.ack_events(&acked)).await {
+    let (store, seqs) = (ctx.store.clone(), acked.clone());
+    match tokio::task::spawn_blocking(move || store.ack_events(&seqs)).await {
         Ok(Ok(())) => {
             ctx.stats.events_delivered.fetch_add(n, Ordering::Relaxed);
+            Ok(())
         }
         Ok(Err(error)) => {
-            // The events stay in the outbox and go out again: a duplicate, never a loss.
-            tracing::error!(%error, "outbox ack failed");
+            // The events stay in the outbox (delivered: never a loss) and their removal is tried
+            // again; after a reconnect first they would go out again, a duplicate.
+            tracing::warn!(%error, events = n, "outbox removal failed: retried");
             ctx.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+            Err(acked)
         }
-        Err(_) => {}
+        Err(_) => Err(acked),
     }
 }

@@ -273,6 +273,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_store_opened_through_the_audit_log_writes_a_verifiable_chain() {
+        use crate::model::{AccessMode, Credential, CredentialKind, Resident, ResidentId, Validity};
+        use crate::wiegand::{CardId, Format};
+        let dir = tempfile::tempdir().unwrap();
+        let s = AuditLog::open_store(&dir.path().join("s.redb")).unwrap();
+        let id = ResidentId::new("a").unwrap();
+        let r = Resident { id: id.clone(), mode: AccessMode::Card, validity: Validity::default(), schedule: None };
+        let card = CardId { format: Format::H10301, facility: 7, number: 1 };
+        let c =
+            Credential { credential: CredentialKind::Card(card), resident: id.clone(), validity: Validity::default() };
+        s.add_resident(&r, &[c], 1).unwrap();
+        s.set_mode(&id, AccessMode::FaceOrCard, 2).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let v = verify_text(&text);
+        assert_eq!((v.records, v.broken), (2, None), "{text}");
+        assert!(text.contains("\"kind\":\"resident_added\"") && text.contains("\"kind\":\"mode_changed\""));
+    }
+
+    #[test]
     fn the_chain_names_the_first_altered_record() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::new(&dir.path().join("audit.jsonl"));

@@ -804,12 +804,17 @@ mod tests {
         b[1] = !b[1];
         let text: String = b.iter().map(|x| if *x { '1' } else { '0' }).collect();
         let edges = std_edges(Bits::parse(&text).unwrap());
-        let mut d = Decoder::new(&[Format::H10301], Timing::default(), true);
-        let mut out = Vec::new();
-        for e in &edges {
-            d.on_edge_in_time(*e, &mut out);
-        }
-        out.extend(d.on_deadline(edges.last().unwrap().at + Duration::from_secs(1)).map(|o| (o, t0())));
+        // Every edge through `on_edge_in_time`, then a late deadline.
+        let feed = |edges: &[WEdge]| {
+            let mut d = Decoder::new(&[Format::H10301], Timing::default(), true);
+            let mut out = Vec::new();
+            for e in edges {
+                d.on_edge_in_time(*e, &mut out);
+            }
+            out.extend(d.on_deadline(edges.last().unwrap().at + Duration::from_secs(1)).map(|o| (o, t0())));
+            out
+        };
+        let out = feed(&edges);
         assert_eq!(out.len(), 1, "{out:?}");
         assert!(matches!(out[0].0, Outcome::Rejected { why: Rejection::ParityError, bits } if bits.len == 26));
         // The same bits with a real 30 ms pause after the 17th: two frames, the first decided at
@@ -817,12 +822,7 @@ mod tests {
         let gap = Duration::from_millis(30);
         let split: Vec<WEdge> =
             edges.iter().enumerate().map(|(i, e)| if i >= 34 { WEdge { at: e.at + gap, ..*e } } else { *e }).collect();
-        let mut d = Decoder::new(&[Format::H10301], Timing::default(), true);
-        let mut out = Vec::new();
-        for e in &split {
-            d.on_edge_in_time(*e, &mut out);
-        }
-        out.extend(d.on_deadline(split.last().unwrap().at + Duration::from_secs(1)).map(|o| (o, t0())));
+        let out = feed(&split);
         assert_eq!(out.len(), 2, "{out:?}");
         assert!(matches!(out[0].0, Outcome::Rejected { why: Rejection::ShortFrame, bits } if bits.len == 17));
         assert_eq!(out[0].1, split[33].at + Timing::default().frame_gap, "decided at the gap's end");

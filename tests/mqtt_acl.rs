@@ -78,14 +78,20 @@ fn online(gate: &Gate) -> bool {
     gate.status().is_some_and(|s| s["stats"]["mqtt_online"] == true)
 }
 
-#[test]
-fn a_refused_reply_is_counted_and_dropped_and_the_link_stays_up() {
-    let (broker, _acl) = acl_broker(free_port(), ALL_EVENTS);
+/// The ACL broker, gate1 connected to it, and the BMS logged in.
+fn up(gate_events: &str) -> (Broker, std::path::PathBuf, Gate, Bms) {
+    let (broker, acl_file) = acl_broker(free_port(), gate_events);
     let mut gate = gate_as_gate1(broker.port);
     gate.start_sim();
     gate.start_daemon();
     let bms = Bms::connect_login(broker.port, "bms", "bms");
     assert!(wait_for(Duration::from_secs(15), || online(&gate)), "gate never connected:\n{}", gate.log());
+    (broker, acl_file, gate, bms)
+}
+
+#[test]
+fn a_refused_reply_is_counted_and_dropped_and_the_link_stays_up() {
+    let (_broker, _acl, gate, bms) = up(ALL_EVENTS);
     // The gate's own replies work under this ACL.
     let r = bms.command("site1", "gate1", "health.get", json!({}), None);
     assert_eq!(r["ok"], true, "{r}");
@@ -126,12 +132,7 @@ fn seqs(bms: &Bms, kind: &str) -> Vec<u64> {
 
 #[test]
 fn a_refused_event_blocks_the_events_behind_it_keeps_the_link_and_goes_out_when_allowed() {
-    let (broker, acl_file) = acl_broker(free_port(), NO_ACCESS_EVENTS);
-    let mut gate = gate_as_gate1(broker.port);
-    gate.start_sim();
-    gate.start_daemon();
-    let bms = Bms::connect_login(broker.port, "bms", "bms");
-    assert!(wait_for(Duration::from_secs(15), || online(&gate)), "gate never connected:\n{}", gate.log());
+    let (broker, acl_file, gate, bms) = up(NO_ACCESS_EVENTS);
     // Whatever the start produced is delivered first (system events are allowed).
     assert!(wait_for(Duration::from_secs(10), || gate.status().unwrap()["outbox_depth"] == 0));
     let connects = stat(&gate, "mqtt_connects");

@@ -15,11 +15,17 @@ use crate::wiegand::{CardId, Format};
 /// The demo's directory (config, state, sockets), under the current directory.
 pub const DEMO_DIR: &str = "menshen-demo";
 
-pub fn demo(no_script: bool, exit_after_script: bool) -> anyhow::Result<()> {
+pub fn demo(no_script: bool, once: bool) -> anyhow::Result<()> {
     let dir = std::path::Path::new(DEMO_DIR);
+    // Each run starts from the same residents: the last run's script turned r-1004's face off.
+    let _ = std::fs::remove_dir_all(dir.join("state"));
     std::fs::create_dir_all(dir)?;
+    let broker = match super::demo_bms::find_mosquitto() {
+        Some(m) => Some(super::demo_bms::DemoBroker::start(&m, dir)?),
+        None => None,
+    };
     let cfg_path = dir.join("menshen.toml");
-    std::fs::write(&cfg_path, demo_config(dir)?)?;
+    std::fs::write(&cfg_path, demo_config(dir, broker.as_ref().map(|b| b.port))?)?;
     let cfg = config::load(&cfg_path)?;
     super::init_logging(cfg.log.format, &cfg.log.level);
     seed_demo(&cfg)?;
@@ -35,19 +41,27 @@ pub fn demo(no_script: bool, exit_after_script: bool) -> anyhow::Result<()> {
     );
     match &face {
         Some(_) => println!(
-            "           r-1004 card 7:44444 (face_or_card; consented; face enrolled from two LFW photos, sealed in the store)"
+            "           r-1004 card 7:44444 (face_or_card; consented; face enrolled from two photos, sealed in the store)"
         ),
-        None => println!("Face part off: no ONNX Runtime/models/LFW found (scripts/setup-runtime.sh --dest target/menshen-runtime)"),
+        None => println!("{}", face_off_line()),
     }
-    println!(
-        "Events go to mqtt://{}:{} under {} (kept in the outbox while no broker is there).",
-        cfg.mqtt.host,
-        cfg.mqtt.port,
-        cfg.topic_root()
-    );
+    match &broker {
+        Some(b) => println!(
+            "BMS view: a mosquitto of the demo's own on 127.0.0.1:{} (stopped with the demo); lines `BMS ◀` are what a BMS receives under {}",
+            b.port,
+            cfg.topic_root()
+        ),
+        None => println!(
+            "BMS view off: no mosquitto found (sudo apt-get install mosquitto, or run scripts/demo.sh); events wait in the durable outbox"
+        ),
+    }
     let rt = super::runtime()?;
     rt.block_on(async move {
         let cfg = Arc::new(cfg);
+        let mut bms = match &broker {
+            Some(b) => Some(super::demo_bms::DemoBms::connect(b.port, &cfg.topic_root()).await?),
+            None => None,
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let stop = tokio_util::sync::CancellationToken::new();
         let daemon = tokio::spawn(crate::daemon::run(cfg.clone(), Some(tx), Some(stop.clone())));
@@ -57,12 +71,11 @@ pub fn demo(no_script: bool, exit_after_script: bool) -> anyhow::Result<()> {
                 Err(e) => Err(e.into()),
             };
         }
+        let mut script_error = None;
         if !no_script {
             if let Some(f) = &face {
-                println!("\n▶ r-1004 walks up to the camera (other LFW photos of the same person): face_or_card opens the door");
-                let frames: Vec<_> =
-                    DEMO_FACE_SHOW.iter().map(|n| f.lfw.join("Colin_Powell").join(format!("{n}.jpg"))).collect();
-                if let Err(e) = demo_show(&camera, &frames) {
+                println!("\n▶ r-1004 walks up to the camera (two other photos of the same person): face_or_card opens the door");
+                if let Err(e) = demo_show(&camera, &f.show) {
                     println!("  camera error: {e}");
                 }
                 tokio::time::sleep(Duration::from_millis(4_000)).await;
@@ -81,7 +94,14 @@ pub fn demo(no_script: bool, exit_after_script: bool) -> anyhow::Result<()> {
                 let pause = if what.starts_with("the exit button") { 5_500 } else { 400 };
                 tokio::time::sleep(Duration::from_millis(pause)).await;
             }
-            tokio::time::sleep(Duration::from_millis(3_200)).await;
+            tokio::time::sleep(Duration::from_millis(1_000)).await;
+            if let Some(b) = bms.as_mut() {
+                if let Err(e) = super::demo_bms::exchange(b, &cfg_path, dir, face.is_some()).await {
+                    println!("  BMS exchange failed: {e:#}");
+                    script_error = Some(e);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
         // Name the binary as it was started (e.g. target/release/menshen from `cargo run`), so
         // the commands can be pasted as they are: a fresh clone has no `menshen` on its PATH.
@@ -91,22 +111,52 @@ pub fn demo(no_script: bool, exit_after_script: bool) -> anyhow::Result<()> {
         println!("  {me} sim raw --reader front --bits 10000011100110000001110010");
         println!("  {me} sim door open ; {me} sim rex ; {me} sim state");
         println!("  {me} status --config {}/menshen.toml", DEMO_DIR);
-        if exit_after_script {
+        println!("  {me} resident list --config {}/menshen.toml", DEMO_DIR);
+        if let Some(b) = &broker {
+            println!("  mosquitto_sub -p {} -t 'menshen/v1/#' -v", b.port);
+        }
+        if once {
             // Stop the daemon as SIGTERM would: the same drain, relays left safe.
             stop.cancel();
         } else {
             println!("Ctrl-C stops the demo.");
         }
-        match daemon.await {
+        let r = match daemon.await {
             Ok(r) => r,
             Err(e) => Err(e.into()),
+        };
+        if let Some(b) = &bms {
+            b.disconnect().await;
+        }
+        drop(broker);
+        match script_error {
+            Some(e) => Err(e),
+            None => r,
         }
     })
 }
 
+/// Why the demo's face part is off, and how to turn it on.
+fn face_off_line() -> String {
+    let f = crate::face::tools::locate(&config::FaceConfig::default());
+    let missing_runtime = !f.onnxruntime_library.exists() || !f.models_dir.is_dir();
+    if missing_runtime {
+        "Face part off: no ONNX Runtime and models (scripts/demo.sh installs them; or scripts/setup-runtime.sh --dest target/menshen-runtime)".into()
+    } else {
+        "Face part off: no face photos (LFW is an evaluation set and is never shipped). To turn it on, set MENSHEN_DEMO_PHOTOS to a directory with four or more JPEG photos of one person (your own): two enrol, two are shown to the camera".into()
+    }
+}
+
 /// The demo's config: simulated chip embedded, state and socket under ./menshen-demo.
-pub fn demo_config(dir: &Path) -> anyhow::Result<String> {
+pub fn demo_config(dir: &Path, broker_port: Option<u16>) -> anyhow::Result<String> {
     let mut t: toml::Table = toml::from_str(config::DEFAULT_CONFIG)?;
+    if let Some(port) = broker_port {
+        let m = t["mqtt"].as_table_mut().context("mqtt")?;
+        m.insert("host".into(), "127.0.0.1".into());
+        m.insert("port".into(), i64::from(port).into());
+        // The demo's broker comes and goes with it: reconnect quickly.
+        m.insert("backoff_max_ms".into(), 2_000.into());
+    }
     let abs = std::env::current_dir()?.join(dir);
     t["gate"]
         .as_table_mut()
@@ -130,22 +180,43 @@ pub fn demo_config(dir: &Path) -> anyhow::Result<String> {
     Ok(toml::to_string(&t)?)
 }
 
-/// What the demo needs for its face part: the runtime, the models and LFW photos (found as the
-/// tests find them). Without them the demo is card-only.
+/// What the demo needs for its face part: the runtime, the models and photos of one person (two
+/// to enrol, two others to show the camera). Without them the demo is card-only.
 pub struct DemoFace {
     pub runtime: config::FaceConfig,
-    pub lfw: PathBuf,
+    pub enrol: Vec<PathBuf>,
+    pub show: Vec<PathBuf>,
 }
 
+/// The photos: `MENSHEN_DEMO_PHOTOS` (a directory with four or more JPEGs of one person, your
+/// own), else LFW beside the clone (found as the tests find it; LFW is never shipped).
 pub fn demo_face() -> Option<DemoFace> {
     let f = crate::face::tools::locate(&config::FaceConfig::default());
     let mut runtime = f.clone();
     runtime.onnxruntime_library = f.onnxruntime_library.canonicalize().ok()?;
     runtime.models_dir = f.models_dir.canonicalize().ok()?;
+    if let Some(own) = std::env::var_os("MENSHEN_DEMO_PHOTOS") {
+        let mut photos: Vec<PathBuf> = std::fs::read_dir(own)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("jpg") || x.eq_ignore_ascii_case("jpeg")))
+            .collect();
+        photos.sort();
+        if photos.len() < 4 {
+            return None;
+        }
+        let show = photos.split_off(2);
+        return Some(DemoFace { runtime, enrol: photos, show: show.into_iter().take(2).collect() });
+    }
     let data =
         std::env::var_os("MENSHEN_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| runtime.models_dir.join("../data"));
-    let lfw = data.join("lfw/images_deepfunneled");
-    lfw.join("Colin_Powell").is_dir().then_some(DemoFace { runtime, lfw })
+    let person = data.join("lfw/images_deepfunneled/Colin_Powell");
+    let photo = |n: &str| person.join(format!("{n}.jpg"));
+    person.is_dir().then(|| DemoFace {
+        runtime,
+        enrol: DEMO_FACE_ENROL.iter().map(|n| photo(n)).collect(),
+        show: DEMO_FACE_SHOW.iter().map(|n| photo(n)).collect(),
+    })
 }
 
 /// The demo's face resident r-1004 (face_or_card): consent, then enrolment from two LFW photos.
@@ -181,9 +252,7 @@ pub fn demo_enrol(cfg_path: &Path, face: &DemoFace) -> anyhow::Result<()> {
         let c = crate::privacy::consent_for(&cfg, &req, wall_ms()).map_err(anyhow::Error::msg)?;
         s.record_face_consent(&rid, &c, None, wall_ms())?;
     }
-    let photos: Vec<PathBuf> =
-        DEMO_FACE_ENROL.iter().map(|n| face.lfw.join("Colin_Powell").join(format!("{n}.jpg"))).collect();
-    super::resident::enrol_face(cfg_path, "r-1004", &photos, 2, wall_ms())
+    super::resident::enrol_face(cfg_path, "r-1004", &face.enrol, 2, wall_ms())
 }
 
 /// Put these frames in front of the demo camera (a grey frame when empty: no face).

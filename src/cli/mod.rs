@@ -9,6 +9,7 @@ use crate::config::{self, LogFormat};
 use crate::wiegand::{CardId, Format};
 
 mod demo;
+mod demo_bms;
 mod resident;
 mod sim;
 mod tools;
@@ -47,9 +48,10 @@ pub enum Command {
         /// Do not play the scripted swipes.
         #[arg(long)]
         no_script: bool,
-        /// Stop after the script instead of waiting for Ctrl-C.
-        #[arg(long)]
-        exit_after_script: bool,
+        /// Stop after the script (and the BMS exchange) instead of waiting for Ctrl-C; exit
+        /// non-zero if the exchange failed.
+        #[arg(long, alias = "exit-after-script")]
+        once: bool,
     },
     /// Validate a config file: exit 0, or 3 (unreadable), 4 (syntax, unknown key, wrong type),
     /// 5 (invalid value) with a message naming the key.

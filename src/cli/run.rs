@@ -65,7 +65,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Demo { no_script, exit_after_script } => match demo::demo(no_script, exit_after_script) {
+        Command::Demo { no_script, once } => match demo::demo(no_script, once) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },

@@ -29,7 +29,7 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn mosquitto_bin() -> PathBuf {
+pub fn mosquitto_bin() -> PathBuf {
     for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"] {
         if Path::new(p).exists() {
             return p.into();

@@ -5,10 +5,34 @@
 # (the AsyncAPI document check), libclang and OpenCV (camera sources), a C compiler (the simulated
 # V4L2 device). Idempotent; uses sudo when
 # not root.
+#
+# `--demo`: only what `scripts/demo.sh` (the README's first command) needs: a C compiler and
+# libclang (the build), mosquitto (the demo's own broker), python3 (the runtime set-up).
 set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 need=()
+# Install the packages in need[], or say exactly what to run when this user cannot.
+install_needed() {
+  [ ${#need[@]} -gt 0 ] || return 0
+  if [ -n "$SUDO" ] && ! command -v sudo >/dev/null 2>&1; then
+    echo "setup-deps: missing packages and no sudo here; as root, run:" >&2
+    echo "  apt-get update && apt-get install -y ${need[*]}" >&2
+    exit 1
+  fi
+  echo "setup-deps: installing ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+}
+if [ "${1:-}" = "--demo" ]; then
+  { command -v cc >/dev/null 2>&1 && [ -e /usr/include/linux/videodev2.h ] && [ -e /usr/include/stdio.h ]; } || need+=(gcc libc6-dev linux-libc-dev)
+  ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || ls /usr/lib/*/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+  command -v python3 >/dev/null 2>&1 || need+=(python3)
+  [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
+  install_needed
+  exit 0
+fi
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
@@ -22,8 +46,4 @@ pkg-config --exists opencv4 2>/dev/null || need+=(libopencv-dev pkg-config)
 # A C compiler and linux-libc-dev: tests/v4l2_camera.rs builds the simulated V4L2 device
 # (tests/support/fake_v4l2.c) at test time.
 { command -v cc >/dev/null 2>&1 && [ -e /usr/include/linux/videodev2.h ]; } || need+=(gcc libc6-dev linux-libc-dev)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing: ${need[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+install_needed

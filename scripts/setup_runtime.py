@@ -2,7 +2,8 @@
 """Install the ONNX Runtime library and the face models listed in models/manifest.toml, checking
 every sha256. Used by README, CI and the package docs.
 
-Online: the ONNX Runtime wheel comes from PyPI (`pip download`), models from their manifest URL.
+Online: the ONNX Runtime wheel comes from PyPI (its JSON API, so pip is not needed; `pip download`
+as a fallback), models from their manifest URL.
 Offline: wheels from $MENSHEN_ORT_WHEEL_DIR, models from $MENSHEN_MODELS_DIR, else ../shared/models
 beside the project. A file whose checksum differs is refused, never installed.
 
@@ -71,6 +72,26 @@ def install_models(manifest: dict, dest: Path) -> None:
         print(f"  {m['file']}: installed from {origin}, sha256 ok")
 
 
+def download_wheel(rt: dict, pin: dict, dest: Path) -> "str | None":
+    """Fetch the pinned wheel through PyPI's simple JSON API (PEP 691; no pip needed). None when
+    done, else why not. The caller checks its sha256 against the manifest either way."""
+    index = os.environ.get("MENSHEN_PYPI_SIMPLE", "https://pypi.org/simple")
+    try:
+        import json
+        req = urllib.request.Request(f"{index}/{rt['name']}/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            meta = json.load(r)
+        url = next((u["url"] for u in meta["files"] if u["filename"] == pin["wheel"]), None)
+        if url is None:
+            return f"PyPI lists no file {pin['wheel']}"
+        with urllib.request.urlopen(url, timeout=600) as r, open(dest, "wb") as f:
+            shutil.copyfileobj(r, f)
+        return None
+    except Exception as e:  # network, TLS, JSON: the pip route is tried next
+        return str(e)
+
+
 def install_runtime(manifest: dict, arch: str, dest: Path) -> None:
     rt = manifest["runtime"]
     if arch not in rt:
@@ -85,15 +106,17 @@ def install_runtime(manifest: dict, arch: str, dest: Path) -> None:
         wheel_dir = os.environ.get("MENSHEN_ORT_WHEEL_DIR")
         wheel = Path(wheel_dir) / pin["wheel"] if wheel_dir else None
         if wheel is None or not wheel.exists():
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--platform", pin["platform"], "--python-version", "311",
-                   f"{rt['name']}=={rt['version']}", "-d", tmp, "-q"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                fail(f"pip download failed: {r.stderr.strip()[-400:]}")
             wheel = Path(tmp) / pin["wheel"]
-            if not wheel.exists():
-                fail(f"pip did not fetch {pin['wheel']}")
+            why = download_wheel(rt, pin, wheel)
+            if why is not None:
+                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                       "--platform", pin["platform"], "--python-version", "311",
+                       f"{rt['name']}=={rt['version']}", "-d", tmp, "-q"]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode != 0:
+                    fail(f"the wheel could not be fetched from PyPI ({why}), nor with pip: {r.stderr.strip()[-400:]}")
+                if not wheel.exists():
+                    fail(f"pip did not fetch {pin['wheel']}")
         got = sha256(wheel)
         if got != pin["wheel_sha256"]:
             fail(f"{wheel.name}: sha256 {got}, manifest says {pin['wheel_sha256']}; refusing it")

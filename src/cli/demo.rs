@@ -208,8 +208,13 @@ pub fn demo_face() -> Option<DemoFace> {
         let show = photos.split_off(2);
         return Some(DemoFace { runtime, enrol: photos, show: show.into_iter().take(2).collect() });
     }
-    let data =
-        std::env::var_os("MENSHEN_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| runtime.models_dir.join("../data"));
+    let data = match std::env::var_os("MENSHEN_DATA_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => [runtime.models_dir.join("../data"), PathBuf::from("../shared/data")]
+            .into_iter()
+            .find(|d| d.join("lfw").is_dir())
+            .unwrap_or_else(|| PathBuf::from("../shared/data")),
+    };
     let person = data.join("lfw/images_deepfunneled/Colin_Powell");
     let photo = |n: &str| person.join(format!("{n}.jpg"));
     person.is_dir().then(|| DemoFace {

@@ -27,6 +27,7 @@ pub mod model;
 pub mod mqtt;
 pub mod policy;
 pub mod privacy;
+pub mod resident_ops;
 pub mod runtime;
 pub mod secrets;
 pub mod stats;

@@ -39,6 +39,11 @@ pub struct Stats {
     pub replies_refused: AtomicU64,
     /// Retained state, status or health publishes the broker refused: dropped likewise.
     pub publishes_refused: AtomicU64,
+    /// Admin socket connections refused: the peer (SO_PEERCRED) is not root, the daemon's own
+    /// user or in the admin group.
+    pub admin_refused: AtomicU64,
+    /// Resident commands carried out through the admin socket.
+    pub admin_commands: AtomicU64,
     /// The refused event holding back the outbox (`seq`, `reason`, `since_ms`, `attempts`).
     outbox_blocked: Mutex<Option<serde_json::Value>>,
     /// The camera's state (`disabled` without a face path).

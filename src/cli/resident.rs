@@ -1,12 +1,14 @@
-//! `menshen resident …`: the roster and face enrolment from photos, with the daemon stopped.
+//! `menshen resident …`: the roster and consent (through the running daemon, or on the store when
+//! none runs) and face enrolment from photos (with the daemon stopped).
 
 use std::path::{Path, PathBuf};
 
-use super::{parse_card, parse_time, ResidentCmd, StoreArgs};
+use super::{parse_card, parse_time, ResidentCmd};
 use crate::clock::wall_ms;
 use crate::config;
+use crate::daemon::AdminRouted as Routed;
 use crate::model::{AccessMode, Credential, CredentialKind, Resident, ResidentId, Validity};
-use crate::store::Store;
+use crate::resident_ops::{self, ResidentOp};
 
 /// Enrol from photos. The checks that guard the template (consent, mode) run twice: before any
 /// image is looked at, and again in the store's transaction that writes the sealed template.
@@ -56,30 +58,36 @@ pub(super) fn enrol_face(
     Ok(())
 }
 
-fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
-    let cfg = config::load(&args.config)?;
-    Ok(crate::privacy::audit::AuditLog::open_store(&cfg.store_path())?)
-}
-
-/// Run a resident command, then carry any deletion it caused to the end: keys destroyed,
-/// receipts signed into the outbox (published when the daemon next runs).
+/// Run a resident command: through the running daemon's admin socket when there is one (the
+/// daemon holds the store), else on the store itself, then carrying any deletion it caused to the
+/// end (keys destroyed, receipts signed into the outbox, published when the daemon next runs).
+/// The same transaction, guard, audit and output either way.
 pub fn resident_cmd(cmd: ResidentCmd) -> anyhow::Result<()> {
-    let config_path = match &cmd {
-        ResidentCmd::Add { store, .. }
-        | ResidentCmd::List { store }
-        | ResidentCmd::SetMode { store, .. }
-        | ResidentCmd::AddCard { store, .. }
-        | ResidentCmd::RemoveCard { store, .. }
-        | ResidentCmd::Remove { store, .. }
-        | ResidentCmd::Consent { store, .. }
-        | ResidentCmd::WithdrawConsent { store, .. }
-        | ResidentCmd::Export { store, .. }
-        | ResidentCmd::EnrolFace { store, .. } => store.config.clone(),
+    let now = wall_ms();
+    let (config_path, op) = match cmd {
+        ResidentCmd::EnrolFace { store, id, photos, min_good } => {
+            return enrol_face(&store.config, &id, &photos, min_good, now);
+        }
+        other => to_op(other)?,
     };
-    resident_cmd_inner(cmd)?;
     let cfg = config::load(&config_path)?;
+    match crate::daemon::admin_resident(&cfg, &op)? {
+        Routed::Done(text) => {
+            if !text.is_empty() {
+                println!("{text}");
+            }
+            return Ok(());
+        }
+        Routed::Failed(error) => anyhow::bail!(error),
+        Routed::NoDaemon => {}
+    }
     let mut s = crate::privacy::audit::AuditLog::open_store(&cfg.store_path())?;
-    if !s.pending_deletions()?.is_empty() {
+    let uid = rustix::process::getuid().as_raw();
+    let done = resident_ops::execute(&s, &cfg, &op, &resident_ops::cli_actor(uid), now)?;
+    if !done.text.is_empty() {
+        println!("{}", done.text);
+    }
+    if op.writes() && !s.pending_deletions()?.is_empty() {
         let privacy = crate::privacy::shred::Privacy::open(&cfg)?;
         for r in privacy.settle(&s, wall_ms(), true)? {
             println!("face template of {} deleted ({}); key destroyed; receipt {}", r.resident, r.why, r.receipt_id);
@@ -89,12 +97,12 @@ pub fn resident_cmd(cmd: ResidentCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn resident_cmd_inner(cmd: ResidentCmd) -> anyhow::Result<()> {
-    let now = wall_ms();
-    match cmd {
-        ResidentCmd::Add { store, id, mode, cards, card_valid_until, valid_from, valid_until } => {
-            let s = open_store(&store)?;
-            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
+/// The command line's words as a [`ResidentOp`] (checked here, on the caller's side).
+fn to_op(cmd: ResidentCmd) -> anyhow::Result<(PathBuf, ResidentOp)> {
+    let id = |s: &str| ResidentId::new(s).map_err(anyhow::Error::msg);
+    Ok(match cmd {
+        ResidentCmd::Add { store, id: rid, mode, cards, card_valid_until, valid_from, valid_until } => {
+            let rid = id(&rid)?;
             let mode: AccessMode = mode.parse().map_err(anyhow::Error::msg)?;
             let validity = Validity {
                 valid_from_ms: valid_from.as_deref().map(parse_time).transpose()?,
@@ -104,97 +112,37 @@ fn resident_cmd_inner(cmd: ResidentCmd) -> anyhow::Result<()> {
                 valid_from_ms: None,
                 valid_until_ms: card_valid_until.as_deref().map(parse_time).transpose()?,
             };
-            let creds = cards
+            let credentials = cards
                 .iter()
                 .map(|c| {
                     Ok(Credential {
                         credential: CredentialKind::Card(parse_card(c)?),
-                        resident: id.clone(),
+                        resident: rid.clone(),
                         validity: card_validity,
                     })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let r = Resident { id: id.clone(), mode, validity, schedule: None };
-            s.add_resident(&r, &creds, now)?;
-            println!("added resident {id} (mode {mode}, {} card(s))", creds.len());
+            let resident = Resident { id: rid, mode, validity, schedule: None };
+            (store.config, ResidentOp::Add { resident, credentials })
         }
-        ResidentCmd::List { store } => {
-            let s = open_store(&store)?;
-            let creds = s.credentials()?;
-            for r in s.residents()? {
-                let cards: Vec<String> = creds
-                    .iter()
-                    .filter(|c| c.resident == r.id)
-                    .map(|c| match c.credential {
-                        CredentialKind::Card(card) => card.masked(),
-                    })
-                    .collect();
-                println!("{}\t{}\t{}", r.id, r.mode, cards.join(","));
-            }
+        ResidentCmd::List { store } => (store.config, ResidentOp::List),
+        ResidentCmd::SetMode { store, id: rid, mode } => {
+            (store.config, ResidentOp::SetMode { id: id(&rid)?, mode: mode.parse().map_err(anyhow::Error::msg)? })
         }
-        ResidentCmd::SetMode { store, id, mode } => {
-            let s = open_store(&store)?;
-            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
-            let mode: AccessMode = mode.parse().map_err(anyhow::Error::msg)?;
-            let before = s.set_mode(&id, mode, now)?;
-            println!("resident {id}: mode {before} -> {mode}");
+        ResidentCmd::AddCard { store, id: rid, card } => {
+            (store.config, ResidentOp::AddCard { id: id(&rid)?, card: parse_card(&card)? })
         }
-        ResidentCmd::AddCard { store, id, card } => {
-            let s = open_store(&store)?;
-            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
-            let c = Credential {
-                credential: CredentialKind::Card(parse_card(&card)?),
-                resident: id.clone(),
-                validity: Validity::default(),
-            };
-            s.add_credential(&c, now)?;
-            println!("resident {id}: card added");
+        ResidentCmd::RemoveCard { store, card } => (store.config, ResidentOp::RemoveCard { card: parse_card(&card)? }),
+        ResidentCmd::Remove { store, id: rid } => (store.config, ResidentOp::Remove { id: id(&rid)? }),
+        ResidentCmd::Consent { store, id: rid, retention_days, channel, minor, guardian } => {
+            let request =
+                crate::privacy::ConsentRequest { channel, retention_days, minor, guardian, shown_rules: None };
+            (store.config, ResidentOp::Consent { id: id(&rid)?, request })
         }
-        ResidentCmd::RemoveCard { store, card } => {
-            let s = open_store(&store)?;
-            let key = parse_card(&card)?.key();
-            let c = s.remove_credential(&key, now)?;
-            println!("card removed from resident {}", c.resident);
+        ResidentCmd::WithdrawConsent { store, id: rid } => {
+            (store.config, ResidentOp::WithdrawConsent { id: id(&rid)? })
         }
-        ResidentCmd::Remove { store, id } => {
-            let s = open_store(&store)?;
-            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
-            let n = s.remove_resident(&id, now)?;
-            println!("resident {id} removed with {n} card(s)");
-        }
-        ResidentCmd::Consent { store, id, retention_days, channel, minor, guardian } => {
-            let cfg = config::load(&store.config)?;
-            let s = crate::privacy::audit::AuditLog::open_store(&cfg.store_path())?;
-            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
-            let req = crate::privacy::ConsentRequest { channel, retention_days, minor, guardian, shown_rules: None };
-            let c = crate::privacy::consent_for(&cfg, &req, now).map_err(anyhow::Error::msg)?;
-            s.record_face_consent(&id, &c, None, now)?;
-            println!(
-                "face consent of {id} recorded (rules {}, sha256 {}…, template kept at most {} days without use)",
-                c.rules_version,
-                &c.rules_sha256[..12],
-                c.retention_days
-            );
-        }
-        ResidentCmd::Export { store, id } => {
-            let s = open_store(&store)?;
-            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
-            println!("{}", serde_json::to_string_pretty(&crate::privacy::export(&s, &id)?)?);
-        }
-        ResidentCmd::WithdrawConsent { store, id } => {
-            let s = open_store(&store)?;
-            let id = ResidentId::new(&id).map_err(anyhow::Error::msg)?;
-            let w = s.withdraw_face_consent(&id, None, now)?;
-            if w.withdrawn {
-                let t = if w.template_deleted { "deleted" } else { "none stored" };
-                println!("face consent of {id} withdrawn; template {t}");
-            } else {
-                println!("{id} had no face consent: nothing changed");
-            }
-        }
-        ResidentCmd::EnrolFace { store, id, photos, min_good } => {
-            enrol_face(&store.config, &id, &photos, min_good, now)?
-        }
-    }
-    Ok(())
+        ResidentCmd::Export { store, id: rid } => (store.config, ResidentOp::Export { id: id(&rid)? }),
+        ResidentCmd::EnrolFace { .. } => anyhow::bail!("enrol-face is not a store command"),
+    })
 }

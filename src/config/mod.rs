@@ -197,6 +197,10 @@ pub struct GateConfig {
     /// the state directory is on a filesystem without sockets.
     #[serde(default)]
     pub admin_socket: Option<PathBuf>,
+    /// Besides root and the daemon's own user, members of this group may use the admin socket
+    /// (`menshen status`, `menshen resident …` while the daemon runs). The socket is 0660.
+    #[serde(default = "default_admin_group")]
+    pub admin_group: String,
     /// Local time offset for schedules, e.g. "+08:00".
     #[serde(default = "default_tz")]
     pub utc_offset: String,
@@ -214,6 +218,10 @@ pub struct GateConfig {
 
 fn default_events_held_max() -> usize {
     10_000
+}
+
+fn default_admin_group() -> String {
+    "menshen".into()
 }
 
 fn default_tz() -> String {

@@ -15,6 +15,7 @@ pub mod status;
 pub mod topology;
 
 pub use stages::admin::query as status_query;
+pub use stages::admin::{resident as admin_resident, Routed as AdminRouted};
 pub use topology::{Stages, Topology};
 
 /// Load the face runtime once, from the configured paths (`face.onnxruntime_library`,

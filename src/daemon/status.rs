@@ -49,6 +49,8 @@ pub fn health(cfg: &Config, f: &StoreFacts, stats: &Stats, started: MonoTime) ->
         // A refused event holding back the outbox (null when none): fix the broker's ACL.
         "outbox_blocked": stats.outbox_blocked(),
         "replies_refused": snap.replies_refused,
+        "admin_refused": stats.admin_refused.load(Ordering::Relaxed),
+        "admin_commands": stats.admin_commands.load(Ordering::Relaxed),
         "granted": snap.granted,
         "denied": snap.denied,
         "events_stored": snap.events_stored,
@@ -82,5 +84,9 @@ pub fn status(f: &StoreFacts, stats: &Stats, started: MonoTime) -> Value {
         "face_frames": stats.face_frames.load(Ordering::Relaxed),
         "frames_rejected": stats.frames_rejected.load(Ordering::Relaxed),
         "stale_stages": stats.stale_stages(5_000_000_000),
+        // Admin socket peers refused (not root, the daemon's user or the admin group), and the
+        // resident commands carried out through it.
+        "admin_refused": stats.admin_refused.load(Ordering::Relaxed),
+        "admin_commands": stats.admin_commands.load(Ordering::Relaxed),
     })
 }

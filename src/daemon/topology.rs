@@ -175,6 +175,7 @@ impl Topology {
         let (ev_tx, ev_rx) = mpsc::channel::<NewEvent>(4096);
         let (rd_tx, rd_rx) = mpsc::channel::<ReaderOutput>(256);
         let wake = Arc::new(Notify::new());
+        let admin_events = ev_tx.clone();
         let board = Arc::new(StateBoard::default());
         // The privacy keys: loaded once, shared by the face path (opening templates) and the
         // privacy stage (destroying keys, signing receipts). Without them, cards still work.
@@ -240,7 +241,7 @@ impl Topology {
             let io = stages::link::LinkIo { wake, board, commands, outgoing, events };
             st.spawn("mqtt", stages::link::run(ctx.named("mqtt"), io));
         }
-        st.spawn("admin", stages::admin::run(ctx.named("admin")));
+        st.spawn("admin", stages::admin::run(ctx.named("admin"), admin_events));
         st.spawn("watchdog", stages::watchdog::run(ctx.named("watchdog")));
         tracing::info!(
             site = %cfg.gate.site, gate = %cfg.gate.gate, doors = cfg.doors.len(), readers = cfg.readers.len(),

@@ -29,6 +29,9 @@ pub struct AuditRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resident: Option<String>,
     pub detail: String,
+    /// Who made the change and its request id (`mqtt, request …`, `cli uid=0, request …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
     /// The previous record's hash (64 zeros before the first record ever).
     pub prev: String,
     /// SHA-256 over this record's JSON without `hash`.
@@ -52,6 +55,7 @@ impl AuditRecord {
             kind: e.kind.clone(),
             resident: e.resident.clone(),
             detail: e.detail.clone(),
+            by: e.by.clone(),
             prev: prev.to_string(),
             hash: String::new(),
         };

@@ -25,7 +25,7 @@ pub fn rules_sha256(text: &str) -> String {
 }
 
 /// How a consent is asked for (CLI flags or the `consent.record` command).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ConsentRequest {
     pub channel: String,
     pub retention_days: Option<u32>,

@@ -20,11 +20,15 @@ pub struct AuditEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resident: Option<String>,
     pub detail: String,
+    /// Who made the change and its request id (`mqtt, request …`, `cli uid=0, request …`); none
+    /// for the gate's own changes (retention, a config change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 impl AuditEntry {
     pub fn new(ts_ms: i64, kind: &str, resident: Option<&str>, detail: impl Into<String>) -> AuditEntry {
-        AuditEntry { ts_ms, kind: kind.into(), resident: resident.map(str::to_string), detail: detail.into() }
+        AuditEntry { ts_ms, kind: kind.into(), resident: resident.map(str::to_string), detail: detail.into(), by: None }
     }
 }
 

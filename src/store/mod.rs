@@ -276,6 +276,11 @@ impl Store {
                 self.claim_in(&tx, &mut t.meta, c)?;
             }
             let (out, touched) = f(&mut t)?;
+            if let Some(c) = claim {
+                for e in t.audit.iter_mut().filter(|e| e.by.is_none()) {
+                    e.by = Some(format!("{}, request {}", c.by, c.request_id));
+                }
+            }
             // Turning face off (mode `card`, removal, a sync without the resident) deletes the
             // template in the same transaction as the change: at once, never later.
             for id in enforce_template_invariant(&mut t)? {

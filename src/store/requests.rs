@@ -11,6 +11,8 @@ use super::{Store, StoreError};
 pub struct Claim<'a> {
     pub request_id: &'a str,
     pub now_ms: i64,
+    /// Who asked, recorded in the change's audit records: `mqtt`, or `cli uid=N`.
+    pub by: &'a str,
 }
 
 impl Store {

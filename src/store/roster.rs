@@ -29,6 +29,11 @@ pub enum RosterOp {
         digest: u64,
         residents: Vec<(Resident, Vec<Credential>)>,
     },
+    /// Add a new resident with these credentials (refused if the id exists).
+    Add {
+        resident: Resident,
+        credentials: Vec<Credential>,
+    },
     /// Change nothing: only claim the request id.
     Nothing,
 }
@@ -112,6 +117,12 @@ impl Store {
                 }
             }
             RosterOp::AddCredential(c) => c.validity.validate().map_err(StoreError::InvalidResident)?,
+            RosterOp::Add { resident, credentials } => {
+                resident.validate().map_err(StoreError::InvalidResident)?;
+                for c in credentials {
+                    c.validity.validate().map_err(StoreError::InvalidResident)?;
+                }
+            }
             RosterOp::Sync { residents, .. } => {
                 for (r, cs) in residents {
                     r.validate().map_err(StoreError::InvalidResident)?;
@@ -124,6 +135,22 @@ impl Store {
         }
         self.mutate(now_ms, claim, |t| match op {
             RosterOp::Nothing => Ok((OpOutcome::Done, Vec::new())),
+            RosterOp::Add { resident: r, credentials } => {
+                if t.residents.get(r.id.as_str())?.is_some() {
+                    return Err(StoreError::ResidentExists(r.id.to_string()));
+                }
+                t.residents.insert(r.id.as_str(), encode(&r).as_slice())?;
+                for c in &credentials {
+                    put_credential(&mut t.creds, &r, c)?;
+                }
+                t.audit.push(AuditEntry::new(
+                    now_ms,
+                    "resident_added",
+                    Some(r.id.as_str()),
+                    format!("mode {}", r.mode.name()),
+                ));
+                Ok((OpOutcome::Done, vec![r.id]))
+            }
             RosterOp::Upsert { resident, credentials } => {
                 let before = t.residents.get(resident.id.as_str())?.map(|v| decode::<Resident>("residents", v.value()));
                 match before.transpose()? {
@@ -266,23 +293,7 @@ impl Store {
     /// Add a resident with their credentials atomically (a face mode needs its card in the same
     /// transaction). Fails if the resident exists or a credential is held by someone else.
     pub fn add_resident(&self, r: &Resident, credentials: &[Credential], now_ms: i64) -> Result<(), StoreError> {
-        r.validate().map_err(StoreError::InvalidResident)?;
-        self.mutate(now_ms, None, |t| {
-            if t.residents.get(r.id.as_str())?.is_some() {
-                return Err(StoreError::ResidentExists(r.id.to_string()));
-            }
-            t.residents.insert(r.id.as_str(), encode(r).as_slice())?;
-            for c in credentials {
-                put_credential(&mut t.creds, r, c)?;
-            }
-            t.audit.push(AuditEntry::new(
-                now_ms,
-                "resident_added",
-                Some(r.id.as_str()),
-                format!("mode {}", r.mode.name()),
-            ));
-            Ok(((), vec![r.id.clone()]))
-        })
+        self.apply(RosterOp::Add { resident: r.clone(), credentials: credentials.to_vec() }, None, now_ms).map(|_| ())
     }
 
     /// Insert or replace a resident record (their credentials stay).

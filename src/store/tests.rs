@@ -289,7 +289,7 @@ fn outbox_assigns_sequence_numbers_and_acks_remove() {
 #[test]
 fn request_ids_are_claimed_once_with_their_change() {
     let (_d, s, _) = open();
-    let claim = |id| Some(Claim { request_id: id, now_ms: 1_000 });
+    let claim = |id| Some(Claim { request_id: id, now_ms: 1_000, by: "mqtt" });
     let up = RosterOp::Upsert { resident: resident("a", AccessMode::Card), credentials: Some(vec![card("a", 1)]) };
     s.apply(up.clone(), claim("r1"), 1_000).unwrap();
     assert!(matches!(s.apply(up, claim("r1"), 1_000), Err(StoreError::DuplicateRequest(_))));
@@ -307,12 +307,12 @@ fn request_ids_are_pruned_only_past_the_minimum_age() {
     let mut s = Store::open(&dir.path().join("s.redb")).unwrap();
     s.set_retention(1_000, 3, 10);
     for (i, id) in ["a", "b", "c", "d", "e"].iter().enumerate() {
-        s.apply(RosterOp::Nothing, Some(Claim { request_id: id, now_ms: 100 + i as i64 }), 0).unwrap();
+        s.apply(RosterOp::Nothing, Some(Claim { request_id: id, now_ms: 100 + i as i64, by: "mqtt" }), 0).unwrap();
     }
     assert_eq!(s.remembered_requests().unwrap(), 5, "all younger than the minimum age");
-    s.apply(RosterOp::Nothing, Some(Claim { request_id: "f", now_ms: 5_000 }), 0).unwrap();
+    s.apply(RosterOp::Nothing, Some(Claim { request_id: "f", now_ms: 5_000, by: "mqtt" }), 0).unwrap();
     assert_eq!(s.remembered_requests().unwrap(), 3);
-    let err = s.apply(RosterOp::Nothing, Some(Claim { request_id: "f", now_ms: 5_001 }), 0);
+    let err = s.apply(RosterOp::Nothing, Some(Claim { request_id: "f", now_ms: 5_001, by: "mqtt" }), 0);
     assert!(matches!(err, Err(StoreError::DuplicateRequest(_))));
 }
 

@@ -235,9 +235,11 @@ fn store_error(e: StoreError) -> CmdError {
 async fn apply(ctx: &Cmd<'_>, op: RosterOp, request_id: &str, now: i64) -> Result<OpOutcome, CmdError> {
     let store = ctx.ctx.store.clone();
     let rid = request_id.to_string();
-    let res = tokio::task::spawn_blocking(move || store.apply(op, Some(Claim { request_id: &rid, now_ms: now }), now))
-        .await
-        .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?;
+    let res = tokio::task::spawn_blocking(move || {
+        store.apply(op, Some(Claim { request_id: &rid, now_ms: now, by: "mqtt" }), now)
+    })
+    .await
+    .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?;
     if let Err(StoreError::Db(_) | StoreError::Corrupt { .. }) = &res {
         ctx.ctx.stats.store_errors.fetch_add(1, Ordering::Relaxed);
     }
@@ -387,7 +389,7 @@ async fn consent_record(ctx: &Cmd<'_>, a: &command::ConsentArgs, rid: &str, now:
     // The request id is claimed in the consent's own transaction: a replay is refused.
     let (store, id, c, r) = (ctx.ctx.store.clone(), a.resident.clone(), consent.clone(), rid.to_string());
     tokio::task::spawn_blocking(move || {
-        store.record_face_consent(&id, &c, Some(Claim { request_id: &r, now_ms: now }), now)
+        store.record_face_consent(&id, &c, Some(Claim { request_id: &r, now_ms: now, by: "mqtt" }), now)
     })
     .await
     .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?
@@ -399,7 +401,7 @@ async fn consent_record(ctx: &Cmd<'_>, a: &command::ConsentArgs, rid: &str, now:
 async fn consent_withdraw(ctx: &Cmd<'_>, id: &ResidentId, rid: &str, now: i64) -> Result<Value, CmdError> {
     let (store, rid2, r) = (ctx.ctx.store.clone(), id.clone(), rid.to_string());
     let w = tokio::task::spawn_blocking(move || {
-        store.withdraw_face_consent(&rid2, Some(Claim { request_id: &r, now_ms: now }), now)
+        store.withdraw_face_consent(&rid2, Some(Claim { request_id: &r, now_ms: now, by: "mqtt" }), now)
     })
     .await
     .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?

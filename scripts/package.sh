@@ -14,6 +14,7 @@ command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need+=(gcc-arm-linux-gnuea
 command -v qemu-aarch64-static >/dev/null 2>&1 || need+=(qemu-user-static)
 command -v file >/dev/null 2>&1 || need+=(file)
 command -v adduser >/dev/null 2>&1 || need+=(adduser)
+command -v lintian >/dev/null 2>&1 || need+=(lintian)
 if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
@@ -34,6 +35,20 @@ under_qemu() {
 }
 command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked
 
+# The man pages, from the CLI definition (the same pages go into every architecture's package).
+rm -rf target/man
+cargo run --quiet --example man -- target/man
+gzip -9n target/man/*.1
+
+# lintian on a package: nothing reported, errors and warnings alike (info tags are shown).
+lint() {
+  local out
+  out=$(lintian --fail-on error,warning --no-tag-display-limit "$1" 2>&1) || {
+    echo "lintian on $(basename "$1"):"; echo "$out"; return 1; }
+  [ -z "$out" ] || echo "$out"
+  echo "lintian: $(basename "$1") clean"
+}
+
 echo "== amd64 package"
 cargo deb
 deb=$(ls -t target/debian/menshen_*_amd64.deb | head -n 1)
@@ -42,7 +57,11 @@ $SUDO dpkg -i "$deb" >/dev/null
 /usr/bin/menshen check-config /etc/menshen/menshen.toml
 systemd-analyze verify /lib/systemd/system/menshen.service
 id menshen | grep -q '(gpio)' && id menshen | grep -q '(video)'
-[ "$(stat -c '%a %U:%G' /etc/menshen/menshen.toml)" = "640 root:menshen" ]
+# 0644 root: the config holds no secret (the MQTT password is in its own 0600 file).
+[ "$(stat -c '%a %U:%G' /etc/menshen/menshen.toml)" = "644 root:root" ]
+man -w menshen >/dev/null 2>&1 || [ -e /usr/share/man/man1/menshen.1.gz ]
+zcat /usr/share/man/man1/menshen-resident-add.1.gz | grep -q 'resident\\-add\|resident-add'
+lint "$deb"
 # No credentials in the shipped config: no username or password set.
 ! grep -Eq '^[[:space:]]*(username|password|password_file)[[:space:]]*=' /etc/menshen/menshen.toml
 $SUDO dpkg --purge menshen >/dev/null
@@ -58,6 +77,7 @@ file "$bin" | grep -q 'ELF 64-bit LSB .* ARM aarch64'
 under_qemu qemu-aarch64-static /usr/aarch64-linux-gnu "$bin" aarch64
 adeb=$(ls -t target/debian/menshen_*_arm64.deb | head -n 1)
 dpkg-deb -f "$adeb" Architecture | grep -qx arm64
+lint "$adeb"
 echo "aarch64: $bin is an aarch64 ELF, runs under qemu (store round-trip ok); $(basename "$adeb") built"
 
 echo "== armv7 cross-build (32-bit boards)"
@@ -69,6 +89,7 @@ file "$bin" | grep -q 'ELF 32-bit LSB .* ARM, EABI5'
 under_qemu qemu-arm-static /usr/arm-linux-gnueabihf "$bin" armv7
 hdeb=$(ls -t target/debian/menshen_*_armhf.deb | head -n 1)
 dpkg-deb -f "$hdeb" Architecture | grep -qx armhf
+lint "$hdeb"
 # The packaged binary is the 32-bit ARM one.
 dpkg-deb --fsys-tarfile "$hdeb" | tar -xO ./usr/bin/menshen | file - | grep -q 'ELF 32-bit LSB .* ARM, EABI5'
 echo "armv7: $bin is a 32-bit ARM ELF, runs under qemu (store round-trip ok); $(basename "$hdeb") built"

@@ -31,6 +31,12 @@ if [ "${1:-}" = "--demo" ]; then
   command -v python3 >/dev/null 2>&1 || need+=(python3)
   [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
   install_needed
+  # The demo runs a mosquitto of its own on a loopback port: the system service that Debian's
+  # package starts is not needed, and is not left running when this script installed it.
+  if [[ " ${need[*]} " == *" mosquitto "* ]] && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
+    echo "setup-deps: mosquitto installed; its system service disabled (the demo starts its own broker)"
+  fi
   exit 0
 fi
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)

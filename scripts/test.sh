@@ -5,9 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Every step prints how long it took (CI keeps the whole run under 60 minutes).
 step() {
-  local t0=$SECONDS
-  "$@"
+  local t0=$SECONDS rc=0
+  "$@" || rc=$?
   echo "== $(basename "$0"): $* -- $((SECONDS - t0)) s" >&2
+  # .ci/run's table of seconds per step.
+  [ -z "${MENSHEN_STEP_LOG:-}" ] || printf '  %s\t%s\t%s\n' "$(basename "$0")" "$*" "$((SECONDS - t0))" >> "$MENSHEN_STEP_LOG"
+  return $rc
 }
 step scripts/setup-deps.sh
 step cargo fmt --all -- --check

@@ -17,7 +17,10 @@ fn main() -> anyhow::Result<()> {
 
 /// Render `cmd` as `name.1`, then each of its subcommands as `name-sub.1`; returns how many.
 fn write(out: &Path, cmd: &clap::Command, name: &str) -> anyhow::Result<usize> {
-    let page = cmd.clone().name(name.to_string()).bin_name(name.replace('-', " "));
+    // clap names are `&'static str` (no `string` feature): a few dozen short names, leaked once
+    // by a program that ends right after.
+    let static_name: &'static str = Box::leak(name.to_string().into_boxed_str());
+    let page = cmd.clone().name(static_name).bin_name(name.replace('-', " "));
     let mut buf = Vec::new();
     clap_mangen::Man::new(page.clone()).render(&mut buf)?;
     std::fs::write(out.join(format!("{name}.1")), buf)?;

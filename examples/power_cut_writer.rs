@@ -67,7 +67,7 @@ fn main() {
         store
             .apply(
                 RosterOp::Upsert { resident: r, credentials: Some(vec![cred]) },
-                Some(Claim { request_id: &rq, now_ms: now }),
+                Some(Claim { request_id: &rq, now_ms: now, by: "mqtt" }),
                 now,
             )
             .expect("upsert");

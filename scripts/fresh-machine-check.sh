@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prove the README's first command on a fresh machine: a minimal Debian 12 root (debootstrap) with
 # only what any machine with a Rust toolchain has (ca-certificates, git, gcc, libc6-dev), the Rust
-# toolchain bind-mounted read-only, a fresh clone of this repository's HEAD and ../shared beside it.
+# toolchain bind-mounted read-only (RUSTUP_HOME and the rustup binary with its proxies), a fresh
+# clone of this repository's HEAD and ../shared beside it.
 # Nothing else comes in: not the cargo registry, not target/, not the host's packages. Inside, it
 # runs `scripts/demo.sh --once` and fails unless a card grant, a face grant, the events on the broker
 # and a verified deletion receipt appear. It prints the time from the clone to the first decision.
@@ -20,7 +21,7 @@ shared=$(cd .. && pwd)/shared
 cache=${MENSHEN_FRESH_CACHE:-/var/cache/menshen-fresh}
 mirror=${MENSHEN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
-cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
+rustup_bin=$(readlink -f "$(command -v rustup)")
 ca=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
 
 command -v debootstrap >/dev/null 2>&1 || {
@@ -57,7 +58,10 @@ mount --rbind /dev "$root/dev"
 mount --rbind /sys "$root/sys"
 mkdir -p "$root/root/.rustup" "$root/root/.cargo/bin" "$root/work/shared"
 mount --bind "$rustup_home" "$root/root/.rustup" && mount -o remount,bind,ro "$root/root/.rustup"
-mount --bind "$cargo_bin" "$root/root/.cargo/bin" && mount -o remount,bind,ro "$root/root/.cargo/bin"
+# The rustup binary alone (read-only) and its proxies: no cargo tool or registry comes along.
+touch "$root/root/.cargo/bin/rustup"
+mount --bind "$rustup_bin" "$root/root/.cargo/bin/rustup" && mount -o remount,bind,ro "$root/root/.cargo/bin/rustup"
+for n in cargo cargo-clippy cargo-fmt clippy-driver rustc rustdoc rustfmt; do ln -s rustup "$root/root/.cargo/bin/$n"; done
 mount --bind "$shared" "$root/work/shared" && mount -o remount,bind,ro "$root/work/shared"
 
 inside() {

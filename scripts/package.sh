@@ -42,9 +42,12 @@ gzip -9n target/man/*.1
 
 # lintian on a package: nothing reported, errors and warnings alike (info tags are shown).
 lint() {
-  local out
-  out=$(lintian --fail-on error,warning --no-tag-display-limit "$1" 2>&1) || {
-    echo "lintian on $(basename "$1"):"; echo "$out"; return 1; }
+  local out rc=0
+  out=$(lintian --fail-on error,warning --tag-display-limit 0 "$1" 2>&1) || rc=$?
+  out=$(printf '%s\n' "$out" | grep -v -e '^running with root privileges' -e '^$' || true)
+  if [ "$rc" -ne 0 ]; then
+    echo "lintian on $(basename "$1") (exit $rc):"; echo "$out"; return 1
+  fi
   [ -z "$out" ] || echo "$out"
   echo "lintian: $(basename "$1") clean"
 }

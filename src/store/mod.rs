@@ -163,7 +163,7 @@ impl Store {
             crate::durable::create_dir_all(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
             if created {
                 // The roster holds personal data: the state directory is the daemon's alone
-                // (systemd's StateDirectoryMode=0700 does the same for the packaged service).
+                // (the packaged service's StateDirectoryMode=0710 adds only traversal for the admin group).
                 private(dir, 0o700);
             }
         }

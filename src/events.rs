@@ -383,6 +383,11 @@ impl NewEvent {
     pub fn system(ts_ms: i64, event: &str, detail: Option<String>) -> NewEvent {
         NewEvent { kind: EventType::System, ts_ms, body: Body::System { event: event.into(), detail } }
     }
+
+    /// `roster_changed`: what changed and the request that changed it (MQTT or CLI).
+    pub fn roster_changed(ts_ms: i64, what: &str, request_id: &str) -> NewEvent {
+        NewEvent::system(ts_ms, "roster_changed", Some(format!("{what} (request {request_id})")))
+    }
 }
 
 /// Just enough of a stored envelope to route it.

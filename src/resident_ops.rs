@@ -54,8 +54,7 @@ pub fn execute(store: &Store, cfg: &Config, op: &ResidentOp, by: &str, now: i64)
     let request_id = format!("cli-{}", ulid::Ulid::new());
     let claim = Some(Claim { request_id: &request_id, now_ms: now, by });
     let rid = Some(request_id.as_str());
-    let changed =
-        |what: String| NewEvent::system(now, "roster_changed", Some(format!("{what} (request {request_id})")));
+    let changed = |what: String| NewEvent::roster_changed(now, &what, &request_id);
     let done = |text: String, events: Vec<NewEvent>| Ok(Done { text, events });
     match op {
         ResidentOp::Add { resident, credentials } => {

@@ -251,10 +251,6 @@ async fn emit(ctx: &Cmd<'_>, ev: NewEvent) {
     let _ = ctx.io.events.send(ev).await;
 }
 
-fn roster_changed(now: i64, what: &str, request_id: &str) -> NewEvent {
-    NewEvent::system(now, "roster_changed", Some(format!("{what} (request {request_id})")))
-}
-
 /// A snapshot's digest: the first 8 bytes of SHA-256 over its canonical JSON (sorted by id).
 pub fn roster_digest(residents: &[ResidentSpec]) -> u64 {
     let mut sorted: Vec<&ResidentSpec> = residents.iter().collect();
@@ -322,7 +318,7 @@ async fn roster(ctx: &Cmd<'_>, command: &Command, rid: &str, now: i64) -> Result
             let before = ctx.ctx.store.resident(&spec.id).ok().flatten().map(|r| r.mode);
             let op = RosterOp::Upsert { resident: spec.resident(), credentials: spec.credentials() };
             apply(ctx, op, rid, now).await?;
-            emit(ctx, roster_changed(now, &format!("resident.upsert {}", spec.id), rid)).await;
+            emit(ctx, NewEvent::roster_changed(now, &format!("resident.upsert {}", spec.id), rid)).await;
             if let Some(b) = before.filter(|b| *b != spec.mode) {
                 emit(ctx, NewEvent::mode_changed(now, spec.id.as_str(), b.name(), spec.mode.name(), Some(rid))).await;
             }
@@ -334,7 +330,7 @@ async fn roster(ctx: &Cmd<'_>, command: &Command, rid: &str, now: i64) -> Result
                 OpOutcome::ResidentRemoved { credentials } => credentials,
                 _ => 0,
             };
-            emit(ctx, roster_changed(now, &format!("resident.remove {id}"), rid)).await;
+            emit(ctx, NewEvent::roster_changed(now, &format!("resident.remove {id}"), rid)).await;
             Ok(json!({"resident": id, "credentials_removed": n}))
         }
         Command::SetMode { resident, mode } => {
@@ -349,7 +345,11 @@ async fn roster(ctx: &Cmd<'_>, command: &Command, rid: &str, now: i64) -> Result
         }
         Command::CredentialAdd { resident, card } => {
             apply(ctx, RosterOp::AddCredential(card.credential(resident)), rid, now).await?;
-            emit(ctx, roster_changed(now, &format!("credential.add {resident} {}", card.card().masked()), rid)).await;
+            emit(
+                ctx,
+                NewEvent::roster_changed(now, &format!("credential.add {resident} {}", card.card().masked()), rid),
+            )
+            .await;
             Ok(json!({"resident": resident, "card": card.card()}))
         }
         Command::CredentialRemove(card) => {
@@ -358,7 +358,8 @@ async fn roster(ctx: &Cmd<'_>, command: &Command, rid: &str, now: i64) -> Result
                 OpOutcome::CredentialRemoved(c) => c.resident.to_string(),
                 _ => String::new(),
             };
-            emit(ctx, roster_changed(now, &format!("credential.remove {holder} {}", card.masked()), rid)).await;
+            emit(ctx, NewEvent::roster_changed(now, &format!("credential.remove {holder} {}", card.masked()), rid))
+                .await;
             Ok(json!({"resident": holder, "card": card}))
         }
         Command::RosterSync { version, residents } => {
@@ -369,7 +370,8 @@ async fn roster(ctx: &Cmd<'_>, command: &Command, rid: &str, now: i64) -> Result
             let OpOutcome::Synced { residents: n, credentials, removed } = out else {
                 return Err(CmdError::new(ErrorCode::InternalError, "unexpected store outcome"));
             };
-            emit(ctx, roster_changed(now, &format!("roster.sync version {version}: {n} residents"), rid)).await;
+            emit(ctx, NewEvent::roster_changed(now, &format!("roster.sync version {version}: {n} residents"), rid))
+                .await;
             Ok(json!({"version": version, "residents": n, "credentials": credentials, "removed": removed}))
         }
         _ => Err(CmdError::new(ErrorCode::InternalError, "not a roster command")),

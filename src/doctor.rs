@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, CameraConfig, Config};
+use crate::config::{self, CameraConfig, Config, LineRef};
 use crate::face::source::SourceError;
 use crate::hw;
 use crate::store::StoreError;
@@ -321,36 +321,41 @@ async fn check_gpio(cfg: &Arc<Config>) -> Check {
     let (gpio, chip) = match opened {
         Ok(g) => g,
         Err(e) => {
-            return check("gpio", Status::Fail, format!("{e:#}"), Some("on a Pi: is /dev/gpiochip0 there and is menshen in the gpio group? simulated: is `menshen sim serve` running?"))
+            return check("gpio", Status::Fail, format!("{e:#}"), Some("is hardware.chip there (`ls /dev/gpiochip*`, `gpioinfo`) and is menshen in the gpio group? simulated: is `menshen sim serve` running?"))
         }
     };
-    let mut pins: Vec<(String, u8)> = Vec::new();
+    // (key, line, the safe level of an output; None for an input)
+    let mut pins: Vec<(String, LineRef, Option<bool>)> = Vec::new();
     for d in &cfg.doors {
-        pins.push((format!("{}.relay", d.name), d.relay_pin));
-        for (k, p) in [("contact", d.contact_pin), ("rex", d.rex_pin), ("fire", d.fire_pin)] {
+        pins.push((format!("{}.relay", d.name), d.relay_pin.clone(), Some(!d.relay_active_high)));
+        for (k, p) in [("contact", &d.contact_pin), ("rex", &d.rex_pin), ("fire", &d.fire_pin)] {
             if let Some(p) = p {
-                pins.push((format!("{}.{k}", d.name), p));
+                pins.push((format!("{}.{k}", d.name), p.clone(), None));
             }
         }
     }
     for r in &cfg.readers {
-        pins.push((format!("{}.d0", r.name), r.d0_pin));
-        pins.push((format!("{}.d1", r.name), r.d1_pin));
+        pins.push((format!("{}.d0", r.name), r.d0_pin.clone(), None));
+        pins.push((format!("{}.d1", r.name), r.d1_pin.clone(), None));
+        for (k, p) in r.feedback_lines() {
+            pins.push((format!("{}.{k}", r.name), p.clone(), Some(!r.feedback.active_high())));
+        }
     }
     let mut claimed = Vec::new();
+    let mut outputs = Vec::new();
     let mut problems = Vec::new();
-    for (name, pin) in &pins {
-        // Relays are claimed in their safe state, exactly as the daemon does.
-        let relay = cfg.doors.iter().find(|d| d.relay_pin == *pin);
-        let res = match relay {
-            Some(d) => gpio.output(*pin, !d.relay_active_high).map(|_| ()),
-            None => gpio.input(*pin).map(|l| claimed.push(l)),
+    for (name, pin, safe) in &pins {
+        // Outputs are claimed at their safe level, exactly as the daemon does; every line stays
+        // claimed until all are tried, so one line named twice (`22` and `"GPIO22"`) is caught.
+        let res = match safe {
+            Some(level) => gpio.output(pin, *level).map(|l| outputs.push(l)),
+            None => gpio.input(pin, None).map(|l| claimed.push(l)),
         };
         if let Err(e) = res {
             problems.push(format!("{name} (GPIO{pin}): {e}"));
         }
     }
-    drop(claimed);
+    drop((claimed, outputs));
     shutdown.cancel();
     drop(gpio);
     if let Some(t) = chip {

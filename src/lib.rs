@@ -21,6 +21,7 @@ pub mod door;
 pub mod durable;
 pub mod events;
 pub mod face;
+pub mod feedback;
 pub mod gate;
 pub mod hw;
 pub mod model;

@@ -129,8 +129,8 @@ pub async fn test_reader(
     let rc = cfg.reader(reader).ok_or_else(|| anyhow::anyhow!("no reader named `{reader}` in the config"))?.clone();
     let shutdown = CancellationToken::new();
     let (gpio, chip) = hw::open_gpio(&cfg, &shutdown).await?;
-    let mut d0_line = gpio.input(rc.d0_pin)?;
-    let mut d1_line = gpio.input(rc.d1_pin)?;
+    let mut d0_line = gpio.input(&rc.d0_pin, None)?;
+    let mut d1_line = gpio.input(&rc.d1_pin, None)?;
     let (mut d0, mut d1) = (d0_line.edges()?, d1_line.edges()?);
     let formats = rc.parsed_formats();
     // Collect whole frames by the gap (raw, no early completion), then explain them.
@@ -203,7 +203,7 @@ pub async fn test_relay(cfg: Arc<Config>, door: &str) -> anyhow::Result<()> {
     let dc = cfg.door(door).ok_or_else(|| anyhow::anyhow!("no door named `{door}` in the config"))?.clone();
     let shutdown = CancellationToken::new();
     let (gpio, chip) = hw::open_gpio(&cfg, &shutdown).await?;
-    let mut relay = Relay::open(gpio.as_ref(), dc.relay_pin, dc.relay_active_high)?;
+    let mut relay = Relay::open(gpio.as_ref(), &dc.relay_pin, dc.relay_active_high)?;
     println!("door `{door}`: relay GPIO{} energized for {} ms ...", dc.relay_pin, dc.pulse_ms);
     relay.set(!SAFE_RELAY_ENERGIZED)?;
     tokio::time::sleep(Duration::from_millis(dc.pulse_ms)).await;
@@ -228,12 +228,13 @@ pub async fn test_inputs(cfg: Arc<Config>, seconds: u64, json: bool) -> anyhow::
     let mut lines = Vec::new();
     for d in &cfg.doors {
         for (kind, pin, level) in [
-            ("contact", d.contact_pin, d.contact_open_level),
-            ("rex", d.rex_pin, d.rex_active_level),
-            ("fire", d.fire_pin, d.fire_active_level),
+            ("contact", &d.contact_pin, d.contact_open_level),
+            ("rex", &d.rex_pin, d.rex_active_level),
+            ("fire", &d.fire_pin, d.fire_active_level),
         ] {
-            let Some(pin) = pin else { continue };
-            let mut line = gpio.input(pin)?;
+            let Some(pin) = pin.clone() else { continue };
+            // The same lines as the daemon claims them: debounced by the kernel where it can.
+            let mut line = gpio.input(&pin, Some(Duration::from_millis(d.debounce_ms)))?;
             let active = level.is_active(line.level()?);
             let mut edges = line.edges()?;
             let idx = inputs.len();
@@ -245,7 +246,6 @@ pub async fn test_inputs(cfg: Arc<Config>, seconds: u64, json: bool) -> anyhow::
                     }
                 }
             });
-            lines.push(line);
             let name = format!("{}.{kind}", d.name);
             let word = move |a: bool| match (kind, a) {
                 ("contact", true) => "open",
@@ -258,7 +258,13 @@ pub async fn test_inputs(cfg: Arc<Config>, seconds: u64, json: bool) -> anyhow::
                 format!("{name:<16} GPIO{pin:<3} {}", word(active)),
                 &serde_json::json!({"input": name, "pin": pin, "state": word(active), "initial": true}),
             );
-            inputs.push((name, pin, level, word, Debounced::new(active, Duration::from_millis(d.debounce_ms))));
+            lines.push(line);
+            let hold = if lines.last().is_some_and(|l| l.debounced()) {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(d.debounce_ms)
+            };
+            inputs.push((name, pin, level, word, Debounced::new(active, hold)));
         }
     }
     drop(tx);

@@ -260,10 +260,13 @@ fn every_bad_input_is_a_clear_counted_error_that_changes_nothing() {
             "sitte",
         ),
         (
-            "config: impossible GPIO pin on a Pi",
+            "config: a line on a chip that is not a gpiochip",
             |t| {
-                t["hardware"].as_table_mut().unwrap().insert("backend".into(), "rpi".into());
-                t["readers"].as_array_mut().unwrap()[0].as_table_mut().unwrap().insert("d0_pin".into(), 99.into());
+                t["hardware"].as_table_mut().unwrap().insert("backend".into(), "gpiochip".into());
+                t["readers"].as_array_mut().unwrap()[0]
+                    .as_table_mut()
+                    .unwrap()
+                    .insert("d0_pin".into(), "spi0:3".into());
             },
             5,
             "d0_pin",

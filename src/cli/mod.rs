@@ -388,6 +388,16 @@ pub enum SimCmd {
         #[command(flatten)]
         target: SimTarget,
     },
+    /// The chip goes away (a board fault): clients of the character device are cut off.
+    Unplug {
+        #[command(flatten)]
+        target: SimTarget,
+    },
+    /// The chip is back after `unplug`.
+    Plug {
+        #[command(flatten)]
+        target: SimTarget,
+    },
 }
 
 /// Parse FORMAT:FACILITY:NUMBER.

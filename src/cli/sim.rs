@@ -40,6 +40,8 @@ pub fn sim_cmd(cmd: SimCmd) -> anyhow::Result<serde_json::Value> {
         SimCmd::Fire { target, door, action } => (target, WorldOp::Fire { door, active: action == "on" }),
         SimCmd::Line { target, pin, level } => (target, WorldOp::Line { pin, high: level == "high" }),
         SimCmd::State { target } => (target, WorldOp::State),
+        SimCmd::Unplug { target } => (target, WorldOp::Unplug),
+        SimCmd::Plug { target } => (target, WorldOp::Plug),
     };
     sim_request(&t, op)
 }

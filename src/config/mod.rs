@@ -268,14 +268,21 @@ pub enum LogFormat {
 pub enum Backend {
     /// Simulated GPIO, served on a local socket.
     Sim,
-    /// Raspberry Pi GPIO through rppal (gpiochip character device).
-    Rpi,
+    /// The kernel's GPIO character device (`/dev/gpiochipN`, uAPI v2) through gpiocdev: every
+    /// Linux board, every Raspberry Pi. `rpi`, this backend's name before 0.2, still reads.
+    #[serde(alias = "rpi")]
+    Gpiochip,
 }
 
 #[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HardwareConfig {
     pub backend: Backend,
+    /// The chip that a bare line number (`relay_pin = 22`) is an offset on: `gpiochip0`, or a
+    /// path such as `/dev/gpiochip4`. A line may also name its chip (`"gpiochip1:5"`) or be
+    /// found by its name (`"GPIO22"`, as `gpioinfo` lists it).
+    #[serde(default = "default_chip")]
+    pub chip: String,
     #[serde(default)]
     pub sim: SimConfig,
 }
@@ -298,6 +305,98 @@ impl Default for SimConfig {
     }
 }
 
+fn default_chip() -> String {
+    "gpiochip0".into()
+}
+
+/// A GPIO line in the config: an offset on `hardware.chip` (`22`), an offset on a named chip
+/// (`"gpiochip1:5"`, `"/dev/gpiochip4:17"`), or a line name (`"GPIO22"`, `"RELAY1"`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LineRef {
+    Offset(u32),
+    Named(String),
+}
+
+/// A [`LineRef`] taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineSpec<'a> {
+    /// An offset on a chip (`None`: `hardware.chip`).
+    At { chip: Option<&'a str>, offset: u32 },
+    /// A line found by its name on whichever chip has it.
+    Name(&'a str),
+}
+
+/// The kernel's limit on a line or chip name (GPIO_MAX_NAME_SIZE, with its NUL).
+pub const GPIO_NAME_MAX: usize = 31;
+
+impl LineRef {
+    pub fn spec(&self) -> Result<LineSpec<'_>, String> {
+        match self {
+            LineRef::Offset(offset) => Ok(LineSpec::At { chip: None, offset: *offset }),
+            LineRef::Named(s) => {
+                if let Some((chip, offset)) = s.rsplit_once(':') {
+                    let offset: u32 =
+                        offset.parse().map_err(|_| format!("`{s}`: the offset after `:` must be a number"))?;
+                    if !(chip.starts_with("gpiochip") || chip.starts_with('/')) {
+                        return Err(format!("`{s}`: the chip before `:` must be gpiochipN or a /dev path"));
+                    }
+                    Ok(LineSpec::At { chip: Some(chip), offset })
+                } else if s.is_empty() || s.len() > GPIO_NAME_MAX || s.chars().any(|c| c.is_control()) {
+                    Err(format!("`{s}` is not a line name (1-{GPIO_NAME_MAX} printable characters)"))
+                } else {
+                    Ok(LineSpec::Name(s))
+                }
+            }
+        }
+    }
+
+    /// The line number on the simulated chip: an offset, `GPIOn`, or `gpiochipC:o` (chip C's
+    /// lines are numbered from C × 64, as the fake gpiochip numbers them).
+    pub fn sim_pin(&self) -> Result<u8, String> {
+        let n = match self.spec()? {
+            LineSpec::At { chip: None, offset } => offset,
+            LineSpec::At { chip: Some(chip), offset } => {
+                let c: u32 = chip
+                    .trim_start_matches("/dev/")
+                    .strip_prefix("gpiochip")
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| format!("`{self}`: the simulated chips are gpiochip0..gpiochip3"))?;
+                if offset >= 64 {
+                    return Err(format!("`{self}`: a simulated chip has 64 lines"));
+                }
+                c * 64 + offset
+            }
+            LineSpec::Name(name) => name
+                .strip_prefix("GPIO")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| format!("`{name}`: the simulated chip names its lines GPIO0..GPIO255"))?,
+        };
+        u8::try_from(n).map_err(|_| format!("`{self}`: the simulated chip has 256 lines"))
+    }
+}
+
+impl std::fmt::Display for LineRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LineRef::Offset(n) => f.pad(&n.to_string()),
+            LineRef::Named(s) => f.pad(s),
+        }
+    }
+}
+
+impl From<String> for LineRef {
+    fn from(s: String) -> LineRef {
+        LineRef::Named(s)
+    }
+}
+
+impl From<u32> for LineRef {
+    fn from(n: u32) -> LineRef {
+        LineRef::Offset(n)
+    }
+}
+
 fn default_sim_socket() -> PathBuf {
     PathBuf::from("/run/menshen/sim.sock")
 }
@@ -313,9 +412,9 @@ pub struct ReaderConfig {
     pub door: String,
     /// Formats this reader sends (see REQUIREMENTS A2).
     pub formats: Vec<String>,
-    /// BCM GPIO numbers of the data lines.
-    pub d0_pin: u8,
-    pub d1_pin: u8,
+    /// The data lines (see [`LineRef`]: on a Raspberry Pi, BCM numbers on gpiochip0).
+    pub d0_pin: LineRef,
+    pub d1_pin: LineRef,
     #[serde(default = "default_gap")]
     pub frame_gap_ms: u64,
     #[serde(default = "yes")]
@@ -326,6 +425,62 @@ pub struct ReaderConfig {
     pub pulse_max_us: u64,
     #[serde(default = "default_interval_min")]
     pub interval_min_us: u64,
+    /// The reader's LEDs and beeper (optional: a reader without these wires shows nothing).
+    #[serde(default)]
+    pub feedback: FeedbackConfig,
+}
+
+/// A reader's feedback lines: Wiegand readers take their green LED, red LED and beeper as
+/// inputs, usually pulled to ground to light or sound (`active_level = "low"`).
+#[derive(Debug, Clone, Default, serde::Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackConfig {
+    #[serde(default)]
+    pub green_pin: Option<LineRef>,
+    #[serde(default)]
+    pub red_pin: Option<LineRef>,
+    #[serde(default)]
+    pub beeper_pin: Option<LineRef>,
+    /// Default `low`.
+    #[serde(default)]
+    pub active_level: Option<ActiveLevel>,
+    /// Patterns: a list of `[outputs, ms]` steps, e.g. `[["green+beep", 150], ["green", 850]]`
+    /// (outputs: `green`, `red`, `beep` joined by `+`, or `off`). Unset: the built-in pattern.
+    #[serde(default)]
+    pub granted: Option<Vec<crate::feedback::StepSpec>>,
+    #[serde(default)]
+    pub denied: Option<Vec<crate::feedback::StepSpec>>,
+    #[serde(default)]
+    pub face_waiting: Option<Vec<crate::feedback::StepSpec>>,
+    #[serde(default)]
+    pub pin_entry: Option<Vec<crate::feedback::StepSpec>>,
+    #[serde(default)]
+    pub lockout: Option<Vec<crate::feedback::StepSpec>>,
+}
+
+impl FeedbackConfig {
+    pub fn active_high(&self) -> bool {
+        self.active_level == Some(ActiveLevel::High)
+    }
+
+    pub fn pattern(&self, cue: crate::feedback::Cue) -> Option<&Vec<crate::feedback::StepSpec>> {
+        use crate::feedback::Cue;
+        match cue {
+            Cue::Granted => self.granted.as_ref(),
+            Cue::Denied => self.denied.as_ref(),
+            Cue::FaceWaiting => self.face_waiting.as_ref(),
+            Cue::PinEntry => self.pin_entry.as_ref(),
+            Cue::Lockout => self.lockout.as_ref(),
+        }
+    }
+
+    /// The configured lines: green, red, beeper (in that order, those that are set).
+    pub fn lines(&self) -> Vec<(&'static str, &LineRef)> {
+        [("green", &self.green_pin), ("red", &self.red_pin), ("beeper", &self.beeper_pin)]
+            .into_iter()
+            .filter_map(|(k, l)| l.as_ref().map(|l| (k, l)))
+            .collect()
+    }
 }
 
 fn default_gap() -> u64 {
@@ -342,6 +497,11 @@ fn default_interval_min() -> u64 {
 }
 
 impl ReaderConfig {
+    /// The feedback lines, keyed as in the config (`feedback.green_pin` → `green`).
+    pub fn feedback_lines(&self) -> Vec<(&'static str, &LineRef)> {
+        self.feedback.lines()
+    }
+
     pub fn parsed_formats(&self) -> Vec<Format> {
         // Validated at load: every entry parses.
         self.formats.iter().filter_map(|f| f.parse().ok()).collect()
@@ -378,7 +538,7 @@ impl ActiveLevel {
 #[serde(deny_unknown_fields)]
 pub struct DoorConfig {
     pub name: String,
-    pub relay_pin: u8,
+    pub relay_pin: LineRef,
     /// `true`: the relay is energized by driving the pin high.
     #[serde(default = "yes")]
     pub relay_active_high: bool,
@@ -386,15 +546,15 @@ pub struct DoorConfig {
     #[serde(default = "default_pulse_ms")]
     pub pulse_ms: u64,
     #[serde(default)]
-    pub contact_pin: Option<u8>,
+    pub contact_pin: Option<LineRef>,
     #[serde(default = "default_open_level")]
     pub contact_open_level: ActiveLevel,
     #[serde(default)]
-    pub rex_pin: Option<u8>,
+    pub rex_pin: Option<LineRef>,
     #[serde(default = "default_low")]
     pub rex_active_level: ActiveLevel,
     #[serde(default)]
-    pub fire_pin: Option<u8>,
+    pub fire_pin: Option<LineRef>,
     #[serde(default = "default_low")]
     pub fire_active_level: ActiveLevel,
     #[serde(default = "default_debounce")]
@@ -618,9 +778,6 @@ fn check_id(key: &str, v: &str) -> Result<(), ConfigError> {
         ))
     }
 }
-
-/// The BCM GPIO numbers a Raspberry Pi header exposes.
-pub const GPIO_PINS: std::ops::RangeInclusive<u8> = 0..=27;
 
 /// Parse and validate TOML text.
 pub fn parse(text: &str) -> Result<Config, ConfigError> {

@@ -12,7 +12,7 @@ fn the_default_config_is_valid() {
 fn the_packaged_board_config_is_the_default_on_rpi_hardware() {
     let board = include_str!("../../config/menshen.rpi.toml");
     let cfg = parse(board).unwrap();
-    assert_eq!(cfg.hardware.backend, Backend::Rpi);
+    assert_eq!(cfg.hardware.backend, Backend::Gpiochip);
     // Only the backend line differs, so the two files cannot drift apart.
     let differing: Vec<_> = DEFAULT_CONFIG.lines().zip(board.lines()).filter(|(a, b)| a != b).collect();
     assert_eq!(differing.len(), 1, "{differing:?}");
@@ -106,13 +106,30 @@ fn errors_name_the_key_and_have_distinct_codes() {
 }
 
 #[test]
-fn rpi_pins_are_checked() {
-    let err = with(|t| {
-        t["hardware"].as_table_mut().unwrap().insert("backend".into(), "rpi".into());
-        first(t, "doors").insert("relay_pin".into(), 40.into());
-    })
-    .unwrap_err();
-    assert_eq!(err.key(), Some("doors[0].relay_pin"));
+fn line_names_are_checked() {
+    let bad = |backend: &str, line: toml::Value| {
+        let backend = backend.to_string();
+        with(move |t| {
+            t["hardware"].as_table_mut().unwrap().insert("backend".into(), backend.clone().into());
+            first(t, "doors").insert("relay_pin".into(), line.clone());
+        })
+    };
+    for line in ["gpiochip0:x", "", "spi0:3", "A_NAME_LONGER_THAN_THE_KERNEL_ALLOWS"] {
+        let err = bad("gpiochip", line.into()).unwrap_err();
+        assert_eq!(err.key(), Some("doors[0].relay_pin"), "{line}: {err}");
+    }
+    // Every form the kernel names a line by.
+    for line in ["GPIO22", "RELAY1", "gpiochip1:5", "/dev/gpiochip4:17"] {
+        let cfg = bad("gpiochip", line.into()).unwrap();
+        assert_eq!(cfg.doors[0].relay_pin.to_string(), line);
+    }
+    // `rpi`, the backend's old name, is the same backend.
+    assert_eq!(bad("rpi", 22.into()).unwrap().hardware.backend, Backend::Gpiochip);
+    // The simulated chip resolves GPIOn and gpiochipC:o, and nothing it cannot have.
+    assert_eq!(bad("sim", "GPIO22".into()).unwrap().doors[0].relay_pin.sim_pin(), Ok(22));
+    assert_eq!(bad("sim", "gpiochip1:5".into()).unwrap().doors[0].relay_pin.sim_pin(), Ok(69));
+    assert_eq!(bad("sim", "RELAY1".into()).unwrap_err().key(), Some("doors[0].relay_pin"));
+    assert_eq!(bad("sim", 300.into()).unwrap_err().key(), Some("doors[0].relay_pin"));
 }
 
 #[test]

@@ -120,13 +120,19 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     if cfg.doors.is_empty() {
         return Err(invalid("doors", "at least one door is needed"));
     }
-    let mut pins: HashSet<u8> = HashSet::new();
-    let mut claim = |key: String, pin: u8| -> Result<(), ConfigError> {
-        if cfg.hardware.backend == Backend::Rpi && !GPIO_PINS.contains(&pin) {
-            return Err(invalid(key, format!("GPIO {pin} does not exist on a Raspberry Pi header (0-27)")));
+    if !(cfg.hardware.chip.starts_with("gpiochip") || cfg.hardware.chip.starts_with('/')) {
+        return Err(invalid("hardware.chip", format!("`{}` is not gpiochipN or a /dev path", cfg.hardware.chip)));
+    }
+    // Two keys naming the same line by different forms (`22` and `"GPIO22"`) are caught when
+    // the driver resolves them: the kernel refuses the second request.
+    let mut pins: HashSet<LineRef> = HashSet::new();
+    let mut claim = |key: String, pin: &LineRef| -> Result<(), ConfigError> {
+        pin.spec().map_err(|e| invalid(key.clone(), e))?;
+        if cfg.hardware.backend == Backend::Sim {
+            pin.sim_pin().map_err(|e| invalid(key.clone(), e))?;
         }
-        if !pins.insert(pin) {
-            return Err(invalid(key, format!("GPIO {pin} is used twice")));
+        if !pins.insert(pin.clone()) {
+            return Err(invalid(key, format!("GPIO line {pin} is used twice")));
         }
         Ok(())
     };
@@ -137,8 +143,8 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
         if !names.insert(d.name.clone()) {
             return Err(invalid(k("name"), format!("door `{}` is defined twice", d.name)));
         }
-        claim(k("relay_pin"), d.relay_pin)?;
-        for (f, p) in [("contact_pin", d.contact_pin), ("rex_pin", d.rex_pin), ("fire_pin", d.fire_pin)] {
+        claim(k("relay_pin"), &d.relay_pin)?;
+        for (f, p) in [("contact_pin", &d.contact_pin), ("rex_pin", &d.rex_pin), ("fire_pin", &d.fire_pin)] {
             if let Some(p) = p {
                 claim(k(f), p)?;
             }
@@ -173,8 +179,17 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
                 return Err(invalid(format!("readers[{i}].formats[{j}]"), format!("{parsed} is listed twice")));
             }
         }
-        claim(k("d0_pin"), r.d0_pin)?;
-        claim(k("d1_pin"), r.d1_pin)?;
+        claim(k("d0_pin"), &r.d0_pin)?;
+        claim(k("d1_pin"), &r.d1_pin)?;
+        for (f, line) in r.feedback.lines() {
+            let f = if f == "beeper" { "beeper_pin".to_string() } else { format!("{f}_pin") };
+            claim(k(&format!("feedback.{f}")), line)?;
+        }
+        for cue in crate::feedback::Cue::ALL {
+            if let Some(spec) = r.feedback.pattern(cue) {
+                crate::feedback::parse_steps(spec).map_err(|e| invalid(k(&format!("feedback.{}", cue.code())), e))?;
+            }
+        }
         let longest_interval = 20_000u64; // µs, the Wiegand standard's maximum bit interval
         if !(21..=1_000).contains(&r.frame_gap_ms) || r.frame_gap_ms * 1_000 <= longest_interval {
             return Err(invalid(k("frame_gap_ms"), "must be 21..=1000 (longer than the 20 ms maximum bit interval)"));

@@ -13,6 +13,7 @@
 use anyhow::Context;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::stages::{self, StageCtx};
 use crate::bus::{EnrolQueue, FaceUse, FaceVerdict, ReaderOutput, StateBoard};
 use crate::clock::{wall_ms, MonoTime};
-use crate::config::{ActiveLevel, Config};
+use crate::config::{ActiveLevel, Config, LineRef};
 use crate::door::DoorCore;
 use crate::events::NewEvent;
 use crate::hw::{self, Edge, Gpio, Relay};
@@ -36,6 +37,7 @@ pub struct Topology {
     audit: Arc<AuditLog>,
     doors: Vec<stages::door::DoorParts>,
     readers: Vec<stages::reader::ReaderParts>,
+    feedback: Vec<stages::feedback::FeedbackParts>,
     /// The embedded simulated chip's thread, if any.
     pub sim_task: Option<std::thread::JoinHandle<()>>,
     /// Keeps the GPIO chip handle alive as long as its lines.
@@ -72,8 +74,8 @@ impl Stages {
 
 type Input = (Box<dyn hw::InputLine>, bool, mpsc::UnboundedReceiver<Edge>);
 
-fn claim_input(gpio: &dyn Gpio, pin: u8) -> anyhow::Result<Input> {
-    let mut line = gpio.input(pin)?;
+fn claim_input(gpio: &dyn Gpio, pin: &LineRef, debounce: Option<Duration>) -> anyhow::Result<Input> {
+    let mut line = gpio.input(pin, debounce)?;
     let level = line.level()?;
     let rx = line.edges()?;
     Ok((line, level, rx))
@@ -103,21 +105,29 @@ async fn open_store(cfg: &Config) -> anyhow::Result<(Store, Arc<AuditLog>)> {
 
 /// A door's relay (already claimed) and its inputs.
 fn door_parts(gpio: &dyn Gpio, d: crate::config::DoorConfig, relay: Relay) -> anyhow::Result<stages::door::DoorParts> {
-    let mut lines = Vec::new();
-    let mut input = |pin: Option<u8>, level: ActiveLevel| -> anyhow::Result<(Option<bool>, Option<_>)> {
+    let mut lines: Vec<Box<dyn hw::InputLine>> = Vec::new();
+    // Contacts and buttons are debounced by the driver where it can (the kernel's debounce).
+    let debounce = Some(Duration::from_millis(d.debounce_ms));
+    let mut input = |pin: &Option<LineRef>, level: ActiveLevel| -> anyhow::Result<(Option<bool>, Option<_>)> {
         match pin {
             None => Ok((None, None)),
             Some(p) => {
-                let (line, high, rx) = claim_input(gpio, p).with_context(|| format!("door {}: GPIO {p}", d.name))?;
+                let (line, high, rx) =
+                    claim_input(gpio, p, debounce).with_context(|| format!("door {}: GPIO line {p}", d.name))?;
                 lines.push(line);
                 Ok((Some(level.is_active(high)), Some(rx)))
             }
         }
     };
-    let (contact_l, contact) = input(d.contact_pin, d.contact_open_level)?;
-    let (rex_l, rex) = input(d.rex_pin, d.rex_active_level)?;
-    let (fire_l, fire) = input(d.fire_pin, d.fire_active_level)?;
-    let core = DoorCore::new(d.params(), contact_l, rex_l, fire_l, MonoTime::now());
+    let (contact_l, contact) = input(&d.contact_pin, d.contact_open_level)?;
+    let (rex_l, rex) = input(&d.rex_pin, d.rex_active_level)?;
+    let (fire_l, fire) = input(&d.fire_pin, d.fire_active_level)?;
+    let mut params = d.params();
+    if !lines.is_empty() && lines.iter().all(|l| l.debounced()) {
+        // Every edge already is a settled level: debouncing again would only add latency.
+        params.debounce = Duration::ZERO;
+    }
+    let core = DoorCore::new(params, contact_l, rex_l, fire_l, MonoTime::now());
     Ok(stages::door::DoorParts { cfg: d, relay, contact, rex, fire, core, lines })
 }
 
@@ -129,7 +139,7 @@ impl Topology {
         // Relays first: the safe state must not wait for anything else.
         let mut relays = Vec::new();
         for d in &cfg.doors {
-            let relay = Relay::open(gpio.as_ref(), d.relay_pin, d.relay_active_high)
+            let relay = Relay::open(gpio.as_ref(), &d.relay_pin, d.relay_active_high)
                 .with_context(|| format!("door {}: relay", d.name))?;
             relays.push((d.clone(), relay));
         }
@@ -143,10 +153,28 @@ impl Topology {
             doors.push(door_parts(gpio.as_ref(), d, relay)?);
         }
         let mut readers = Vec::new();
+        let mut feedback = Vec::new();
         for r in &cfg.readers {
-            let (l0, _, d0) = claim_input(gpio.as_ref(), r.d0_pin).with_context(|| format!("reader {}: D0", r.name))?;
-            let (l1, _, d1) = claim_input(gpio.as_ref(), r.d1_pin).with_context(|| format!("reader {}: D1", r.name))?;
+            let (l0, _, d0) =
+                claim_input(gpio.as_ref(), &r.d0_pin, None).with_context(|| format!("reader {}: D0", r.name))?;
+            let (l1, _, d1) =
+                claim_input(gpio.as_ref(), &r.d1_pin, None).with_context(|| format!("reader {}: D1", r.name))?;
             readers.push(stages::reader::ReaderParts { cfg: r.clone(), d0, d1, lines: vec![l0, l1] });
+            if !r.feedback.lines().is_empty() {
+                // Off from the first instant (the off level is also where a pull holds them).
+                let off = !r.feedback.active_high();
+                let claim = |l: &Option<LineRef>, k: &str| -> anyhow::Result<Option<Box<dyn hw::OutputLine>>> {
+                    l.as_ref()
+                        .map(|l| gpio.output(l, off).with_context(|| format!("reader {}: {k} line {l}", r.name)))
+                        .transpose()
+                };
+                feedback.push(stages::feedback::FeedbackParts {
+                    cfg: r.clone(),
+                    green: claim(&r.feedback.green_pin, "green LED")?,
+                    red: claim(&r.feedback.red_pin, "red LED")?,
+                    beeper: claim(&r.feedback.beeper_pin, "beeper")?,
+                });
+            }
         }
         let ctx = StageCtx {
             name: "daemon".into(),
@@ -156,7 +184,7 @@ impl Topology {
             shutdown,
             started: MonoTime::now(),
         };
-        Ok(Topology { ctx, audit, doors, readers, sim_task, gpio })
+        Ok(Topology { ctx, audit, doors, readers, feedback, sim_task, gpio })
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -169,7 +197,7 @@ impl Topology {
 
     /// Start every stage. `runtime` is the face runtime, loaded once (with `face.enabled`).
     pub fn spawn(self, runtime: Option<Runtime>) -> (Stages, Option<std::thread::JoinHandle<()>>) {
-        let Topology { ctx, audit, doors, readers, sim_task, gpio } = self;
+        let Topology { ctx, audit, doors, readers, feedback, sim_task, gpio } = self;
         let cfg = ctx.cfg.clone();
         let mut st = Stages { set: JoinSet::new(), names: HashMap::new() };
         let (ev_tx, ev_rx) = mpsc::channel::<NewEvent>(4096);
@@ -206,6 +234,13 @@ impl Topology {
             st.spawn(name.clone(), stages::reader::run(ctx.named(name), r, rd_tx.clone()));
         }
         drop(rd_tx);
+        let mut cues = HashMap::new();
+        for f in feedback {
+            let (tx, rx) = mpsc::channel(8);
+            cues.insert(f.cfg.name.clone(), tx);
+            let name = format!("feedback:{}", f.cfg.name);
+            st.spawn(name.clone(), stages::feedback::run(ctx.named(name), f, rx));
+        }
         let (use_tx, use_rx) = mpsc::channel::<FaceUse>(1024);
         let (faces, enrol) = spawn_face(&mut st, &ctx, runtime, privacy.clone());
         let gate_io = stages::gate::GateIo {
@@ -214,6 +249,7 @@ impl Topology {
             doors: door_cmds.clone(),
             events: ev_tx.clone(),
             face_uses: privacy.is_some().then_some(use_tx),
+            cues,
         };
         st.spawn("gate", stages::gate::run(ctx.named("gate"), gate_io));
         let mut link_parts = None;

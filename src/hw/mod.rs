@@ -1,9 +1,10 @@
 //! Hardware behind small traits: GPIO input lines that deliver timestamped edges, and output
 //! lines. Two implementations sit side by side, chosen by `hardware.backend`:
-//! [`rpi::RpiGpio`] (rppal on the gpiochip character device, kernel edge timestamps) and
-//! [`sim::SimGpio`] (a client of the simulated chip served by [`sim::serve`]).
+//! [`cdev::CdevGpio`] (the kernel's GPIO character device through gpiocdev: kernel edge
+//! timestamps, kernel debounce, bias) and [`sim::SimGpio`] (a client of the simulated chip
+//! served by [`sim::serve`]).
 
-pub mod rpi;
+pub mod cdev;
 pub mod sim;
 
 use anyhow::Context;
@@ -13,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::MonoTime;
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, LineRef};
 
 /// One edge on an input line: the level after it and when it happened (CLOCK_MONOTONIC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,8 +25,8 @@ pub struct Edge {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HwError {
-    #[error("GPIO {pin}: {message}")]
-    Line { pin: u8, message: String },
+    #[error("GPIO line {line}: {message}")]
+    Line { line: String, message: String },
     #[error("GPIO chip unavailable: {0}")]
     Chip(String),
 }
@@ -34,8 +35,14 @@ pub enum HwError {
 pub trait InputLine: Send {
     /// The current level (`true` = high).
     fn level(&self) -> Result<bool, HwError>;
-    /// Start edge delivery (both edges). Call once.
+    /// Start edge delivery (both edges). Call once. The stream ends if the line is lost (the
+    /// chip went away): the daemon then stops, for systemd to restart it.
     fn edges(&mut self) -> Result<mpsc::UnboundedReceiver<Edge>, HwError>;
+    /// Whether the driver debounces this line itself (the kernel's debounce), so that every
+    /// edge delivered is already a settled level.
+    fn debounced(&self) -> bool {
+        false
+    }
 }
 
 /// An output line, claimed for this process.
@@ -45,10 +52,13 @@ pub trait OutputLine: Send {
 
 /// A GPIO chip.
 pub trait Gpio: Send + Sync {
-    /// Claim an input line (pull-up enabled where the hardware has one).
-    fn input(&self, pin: u8) -> Result<Box<dyn InputLine>, HwError>;
-    /// Claim an output line, driving `initial_high` from the first instant.
-    fn output(&self, pin: u8, initial_high: bool) -> Result<Box<dyn OutputLine>, HwError>;
+    /// Claim an input line (pull-up enabled where the hardware has one), debounced by the
+    /// driver for `debounce` where it can (contacts and buttons; never the Wiegand data lines).
+    fn input(&self, line: &LineRef, debounce: Option<Duration>) -> Result<Box<dyn InputLine>, HwError>;
+    /// Claim an output line, driving `initial_high` from the first instant. `initial_high` is
+    /// the line's safe level: where the hardware has a pull, it is set toward that level, so a
+    /// line the kernel releases (the process died) and turns back into an input stays there.
+    fn output(&self, line: &LineRef, initial_high: bool) -> Result<Box<dyn OutputLine>, HwError>;
 }
 
 /// A relay on an output line: energized/de-energized mapped to the line level by its polarity.
@@ -62,8 +72,8 @@ pub struct Relay {
 
 impl Relay {
     /// Claim the line already in the safe (de-energized) state.
-    pub fn open(gpio: &dyn Gpio, pin: u8, active_high: bool) -> Result<Relay, HwError> {
-        let line = gpio.output(pin, !active_high)?;
+    pub fn open(gpio: &dyn Gpio, line: &LineRef, active_high: bool) -> Result<Relay, HwError> {
+        let line = gpio.output(line, !active_high)?;
         Ok(Relay { line, active_high, energized: false, last_command: MonoTime::now() })
     }
 
@@ -100,7 +110,11 @@ pub async fn open_gpio(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Arc<dyn Gpio>, Option<std::thread::JoinHandle<()>>)> {
     match cfg.hardware.backend {
-        Backend::Rpi => Ok((Arc::new(rpi::RpiGpio::new().context("opening the GPIO chip")?), None)),
+        Backend::Gpiochip => {
+            let gpio = cdev::CdevGpio::new(&cfg.hardware.chip)
+                .with_context(|| format!("opening the GPIO chip {}", cfg.hardware.chip))?;
+            Ok((Arc::new(gpio), None))
+        }
         Backend::Sim => {
             let socket = cfg.hardware.sim.socket.clone();
             if cfg.hardware.sim.embedded {

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Edge, Gpio, HwError, InputLine, OutputLine};
 use crate::clock::MonoTime;
-use crate::config::Config;
+use crate::config::{Config, LineRef};
 use crate::wiegand::{self, Bits, Format};
 
 /// Output transitions kept per line for `state`.
@@ -53,6 +53,18 @@ struct Line {
     history: VecDeque<Transition>,
     /// Counts every output command, including ones that did not change the level.
     writes: u64,
+    /// The kernel model (claims from the fake gpiochip, `tests/support/fake_gpiochip.c`): the
+    /// line was requested through the character device and is released as the kernel does.
+    kernel: bool,
+    /// The pull set with the request (`true`: up); it stays after release, as a pin
+    /// controller's pull register does.
+    bias: Option<bool>,
+    /// Kernel debounce: edges are reported once the level has held this long.
+    debounce: Option<Duration>,
+    /// The level last reported to the owner (debounced lines).
+    reported: bool,
+    /// Bumped by every raw change of a debounced line.
+    debounce_gen: u64,
 }
 
 /// The connection id of the in-process client (socket connections count from 1).
@@ -69,7 +81,13 @@ struct Chip {
     /// Edge channels of the in-process client (connection id [`LOCAL`]).
     local_edges: HashMap<u8, mpsc::UnboundedSender<Edge>>,
     conns: HashMap<u64, mpsc::UnboundedSender<String>>,
+    /// Cancelling one closes that connection (the chip went away under it).
+    kills: HashMap<u64, CancellationToken>,
     next_conn: u64,
+    /// The chip has gone away (`menshen sim unplug`): character-device clients are cut off.
+    unplugged: bool,
+    /// Debounce timers: (deadline, pin, generation).
+    debounce_tx: Option<std::sync::mpsc::Sender<(MonoTime, u8, u64)>>,
 }
 
 fn lock(chip: &Mutex<Chip>) -> MutexGuard<'_, Chip> {
@@ -93,6 +111,34 @@ impl Chip {
             return None;
         }
         line.level = high;
+        if let (Some(period), Some(_)) = (line.debounce, line.owner) {
+            // The kernel restarts the line's debounce timer on every raw edge and reports the
+            // level when it fires, if it differs from the last one reported.
+            line.debounce_gen += 1;
+            let gen = line.debounce_gen;
+            if let Some(tx) = &self.debounce_tx {
+                let _ = tx.send((at + period, pin, gen));
+            }
+            return Some(at);
+        }
+        self.deliver(pin, high, at);
+        Some(at)
+    }
+
+    /// A debounce timer fired: report the settled level if it changed.
+    fn debounce_fired(&mut self, pin: u8, gen: u64) {
+        let line = self.line(pin);
+        if line.debounce_gen != gen || line.reported == line.level || line.owner.is_none() {
+            return;
+        }
+        line.reported = line.level;
+        let high = line.level;
+        self.deliver(pin, high, MonoTime::now());
+    }
+
+    /// Hand an edge to the line's owner.
+    fn deliver(&mut self, pin: u8, high: bool, at: MonoTime) {
+        let line = self.line(pin);
         if line.owner == Some(LOCAL) {
             if let Some(tx) = self.local_edges.get(&pin) {
                 let _ = tx.send(Edge { high, at });
@@ -104,7 +150,61 @@ impl Chip {
                 let _ = tx.send(msg);
             }
         }
-        Some(at)
+    }
+
+    /// The owner `conn` is gone: release its lines. Lines claimed through the simulated chip's
+    /// own protocol keep their level, as registers do; lines requested through the character
+    /// device are released as the kernel releases them: an output goes back to being an input
+    /// (what the Pi's pin controller does on free) and rests where its pull holds it, or where
+    /// it was if it has none (floating).
+    fn release(&mut self, conn: u64) {
+        let now = MonoTime::now().as_nanos();
+        for l in self.lines.values_mut() {
+            if l.owner != Some(conn) {
+                continue;
+            }
+            l.owner = None;
+            l.debounce = None;
+            if l.kernel && l.output {
+                l.output = false;
+                let level = l.bias.unwrap_or(l.level);
+                l.writes += 1;
+                if l.history.len() >= HISTORY {
+                    l.history.pop_front();
+                }
+                l.history.push_back(Transition { cmd_ns: now, at_ns: now, high: level });
+                l.level = level;
+            }
+        }
+    }
+}
+
+/// The debounce timers of a chip: one thread, the earliest deadline first.
+fn debounce_thread(chip: std::sync::Weak<Mutex<Chip>>, rx: std::sync::mpsc::Receiver<(MonoTime, u8, u64)>) {
+    use std::cmp::Reverse;
+    let mut heap: std::collections::BinaryHeap<Reverse<(MonoTime, u8, u64)>> = Default::default();
+    loop {
+        let next = heap.peek().map(|Reverse((t, _, _))| *t);
+        let got = match next {
+            None => rx.recv().map_err(|_| true),
+            Some(t) => rx
+                .recv_timeout(t.saturating_sub(MonoTime::now()))
+                .map_err(|e| matches!(e, std::sync::mpsc::RecvTimeoutError::Disconnected)),
+        };
+        match got {
+            Ok(item) => heap.push(Reverse(item)),
+            Err(true) => return,
+            Err(false) => {}
+        }
+        let now = MonoTime::now();
+        while let Some(Reverse((t, pin, gen))) = heap.peek().copied() {
+            if t > now {
+                break;
+            }
+            heap.pop();
+            let Some(chip) = chip.upgrade() else { return };
+            lock(&chip).debounce_fired(pin, gen);
+        }
     }
 }
 
@@ -126,22 +226,36 @@ struct DoorWiring {
 
 impl Wiring {
     fn from_config(cfg: &Config) -> Wiring {
-        let readers = cfg.readers.iter().map(|r| (r.name.clone(), (r.d0_pin, r.d1_pin, r.parsed_formats()))).collect();
+        // The lines as the simulated chip numbers them (validated for the sim backend; under the
+        // fake gpiochip a config may use names the simulated chip cannot resolve: those are
+        // left out of the world's wiring, with a warning).
+        let pin = |l: &LineRef| match l.sim_pin() {
+            Ok(p) => Some(p),
+            Err(error) => {
+                tracing::warn!(%error, "line not on the simulated chip");
+                None
+            }
+        };
+        let readers = cfg
+            .readers
+            .iter()
+            .filter_map(|r| Some((r.name.clone(), (pin(&r.d0_pin)?, pin(&r.d1_pin)?, r.parsed_formats()))))
+            .collect();
         let active_high = |l: crate::config::ActiveLevel| l == crate::config::ActiveLevel::High;
         let doors = cfg
             .doors
             .iter()
-            .map(|d| {
-                (
+            .filter_map(|d| {
+                Some((
                     d.name.clone(),
                     DoorWiring {
-                        relay: d.relay_pin,
+                        relay: pin(&d.relay_pin)?,
                         relay_active_high: d.relay_active_high,
-                        contact: d.contact_pin.map(|p| (p, active_high(d.contact_open_level))),
-                        rex: d.rex_pin.map(|p| (p, active_high(d.rex_active_level))),
-                        fire: d.fire_pin.map(|p| (p, active_high(d.fire_active_level))),
+                        contact: d.contact_pin.as_ref().and_then(pin).map(|p| (p, active_high(d.contact_open_level))),
+                        rex: d.rex_pin.as_ref().and_then(pin).map(|p| (p, active_high(d.rex_active_level))),
+                        fire: d.fire_pin.as_ref().and_then(pin).map(|p| (p, active_high(d.fire_active_level))),
                     },
-                )
+                ))
             })
             .collect();
         Wiring { readers, doors }
@@ -183,6 +297,11 @@ pub enum WorldOp {
     Line { pin: u8, high: bool },
     /// Every line, and each door's relay with its history.
     State,
+    /// The chip goes away (a board fault): character-device clients are cut off and new
+    /// requests fail until `plug`.
+    Unplug,
+    /// The chip is back.
+    Plug,
 }
 
 /// Serve a simulated chip for `cfg` on `socket` until `shutdown` (`menshen sim serve`).
@@ -201,7 +320,16 @@ impl SimChip {
     /// A chip with every line idle: Wiegand lines high, doors closed, buttons released.
     pub fn new(cfg: &Config) -> SimChip {
         let wiring = Arc::new(Wiring::from_config(cfg));
-        let chip = Arc::new(Mutex::new(Chip { next_conn: LOCAL, ..Chip::default() }));
+        let (dtx, drx) = std::sync::mpsc::channel();
+        let chip = Arc::new(Mutex::new(Chip { next_conn: LOCAL, debounce_tx: Some(dtx), ..Chip::default() }));
+        let weak = Arc::downgrade(&chip);
+        // Without the thread, debounced lines would report nothing; a chip that cannot start
+        // one cannot start the simulator either.
+        if let Err(error) =
+            std::thread::Builder::new().name("sim-debounce".into()).spawn(move || debounce_thread(weak, drx))
+        {
+            tracing::error!(%error, "simulated chip: no debounce thread");
+        }
         {
             // Idle levels: Wiegand lines high, doors closed, buttons released, fire inactive.
             let mut c = lock(&chip);
@@ -259,12 +387,21 @@ pub struct LocalSimGpio {
     chip: Arc<Mutex<Chip>>,
 }
 
+fn refused(pin: u8, reply: &Value) -> HwError {
+    HwError::Line { line: pin.to_string(), message: reply["error"].as_str().unwrap_or("refused").to_string() }
+}
+
+/// The simulated chip's number for a configured line.
+fn sim_pin(line: &LineRef) -> Result<u8, HwError> {
+    line.sim_pin().map_err(|message| HwError::Line { line: line.to_string(), message })
+}
+
 fn local_claim(chip: &Arc<Mutex<Chip>>, v: Value, pin: u8) -> Result<Value, HwError> {
     let reply = chip_op(&v, LOCAL, chip);
     if reply["ok"] == json!(true) {
         Ok(reply)
     } else {
-        Err(HwError::Line { pin, message: reply["error"].as_str().unwrap_or("refused").to_string() })
+        Err(refused(pin, &reply))
     }
 }
 
@@ -281,14 +418,17 @@ impl OutputLine for LocalOutput {
 }
 
 impl Gpio for LocalSimGpio {
-    fn input(&self, pin: u8) -> Result<Box<dyn InputLine>, HwError> {
+    /// The simulated chip does not debounce (the door core does, in software).
+    fn input(&self, line: &LineRef, _debounce: Option<Duration>) -> Result<Box<dyn InputLine>, HwError> {
+        let pin = sim_pin(line)?;
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.chip).local_edges.insert(pin, tx);
         local_claim(&self.chip, json!({"op": "claim_input", "pin": pin}), pin)?;
         Ok(Box::new(SimInput { level: LevelSource::Chip(self.chip.clone()), rx: Some(rx), pin }))
     }
 
-    fn output(&self, pin: u8, initial_high: bool) -> Result<Box<dyn OutputLine>, HwError> {
+    fn output(&self, line: &LineRef, initial_high: bool) -> Result<Box<dyn OutputLine>, HwError> {
+        let pin = sim_pin(line)?;
         local_claim(&self.chip, json!({"op": "claim_output", "pin": pin, "high": initial_high}), pin)?;
         Ok(Box::new(LocalOutput { chip: self.chip.clone(), pin }))
     }
@@ -297,11 +437,13 @@ impl Gpio for LocalSimGpio {
 async fn handle_conn(stream: tokio::net::UnixStream, chip: Arc<Mutex<Chip>>, wiring: Arc<Wiring>) {
     let (rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let kill = CancellationToken::new();
     let id = {
         let mut c = lock(&chip);
         c.next_conn += 1;
         let id = c.next_conn;
         c.conns.insert(id, tx.clone());
+        c.kills.insert(id, kill.clone());
         id
     };
     let writer = tokio::spawn(async move {
@@ -313,7 +455,11 @@ async fn handle_conn(stream: tokio::net::UnixStream, chip: Arc<Mutex<Chip>>, wir
         }
     });
     let mut lines = TokioBufReader::new(rd).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    loop {
+        let line = tokio::select! {
+            _ = kill.cancelled() => break,
+            l = lines.next_line() => match l { Ok(Some(l)) => l, _ => break },
+        };
         let reply = handle_request(&line, id, &chip, &wiring).await;
         if let Some(r) = reply {
             if tx.send(r.to_string()).is_err() {
@@ -321,18 +467,20 @@ async fn handle_conn(stream: tokio::net::UnixStream, chip: Arc<Mutex<Chip>>, wir
             }
         }
     }
-    // The claimant is gone: release its lines; outputs keep their level, as on a real chip.
+    // The claimant is gone: release its lines (see `Chip::release`).
     {
         let mut c = lock(&chip);
         c.conns.remove(&id);
-        for l in c.lines.values_mut() {
-            if l.owner == Some(id) {
-                l.owner = None;
-            }
-        }
+        c.kills.remove(&id);
+        c.release(id);
     }
     drop(tx);
-    let _ = writer.await;
+    if kill.is_cancelled() {
+        // Cut off: the client's reads see the connection end at once.
+        writer.abort();
+    } else {
+        let _ = writer.await;
+    }
 }
 
 fn err(msg: impl std::fmt::Display) -> Value {
@@ -346,7 +494,13 @@ async fn handle_request(line: &str, conn: u64, chip: &Arc<Mutex<Chip>>, wiring: 
     };
     // Chip operations from the daemon.
     match v.get("op").and_then(Value::as_str) {
-        Some("claim_input") | Some("claim_output") | Some("set") => return Some(chip_op(&v, conn, chip)),
+        Some("claim_input") | Some("claim_output") | Some("set") | Some("get") | Some("line_info") => {
+            return Some(chip_op(&v, conn, chip))
+        }
+        Some("chip") => {
+            let present = !lock(chip).unplugged;
+            return Some(json!({"ok": true, "present": present}));
+        }
         _ => {}
     }
     let op: WorldOp = match serde_json::from_value(v) {
@@ -361,15 +515,42 @@ fn chip_op(v: &Value, conn: u64, chip: &Arc<Mutex<Chip>>) -> Value {
         return err("missing pin");
     };
     let high = v.get("high").and_then(Value::as_bool);
+    let kernel = v.get("kernel").and_then(Value::as_bool).unwrap_or(false);
+    let bias = match v.get("bias").and_then(Value::as_str) {
+        Some("pull-up") => Some(true),
+        Some("pull-down") => Some(false),
+        _ => None,
+    };
     let mut c = lock(chip);
+    if kernel && c.unplugged {
+        return err("no such device (the chip is gone)");
+    }
     let line = c.line(pin);
     match v["op"].as_str() {
+        Some("line_info") => {
+            json!({"ok": true, "used": line.owner.is_some(), "output": line.output, "high": line.level,
+                   "bias": line.bias.map(|b| if b { "pull-up" } else { "pull-down" }),
+                   "debounce_us": line.debounce.map(|d| d.as_micros() as u64)})
+        }
+        Some("get") => {
+            if line.owner != Some(conn) {
+                return err(format!("GPIO {pin} is not claimed by this process"));
+            }
+            json!({"ok": true, "high": line.level})
+        }
         Some("claim_input") => {
             if line.owner.is_some() {
                 return err(format!("GPIO {pin} is claimed by another process"));
             }
             line.owner = Some(conn);
             line.output = false;
+            line.kernel = kernel;
+            if kernel {
+                line.bias = bias;
+                line.debounce =
+                    v.get("debounce_us").and_then(Value::as_u64).filter(|us| *us > 0).map(Duration::from_micros);
+                line.reported = line.level;
+            }
             json!({"ok": true, "high": line.level})
         }
         Some("claim_output") => {
@@ -379,6 +560,10 @@ fn chip_op(v: &Value, conn: u64, chip: &Arc<Mutex<Chip>>) -> Value {
             let high = high.unwrap_or(false);
             line.owner = Some(conn);
             line.output = true;
+            line.kernel = kernel;
+            if kernel {
+                line.bias = bias;
+            }
             let now = MonoTime::now().as_nanos();
             line.writes += 1;
             if line.level != high || line.history.is_empty() {
@@ -574,6 +759,22 @@ async fn world_op(op: WorldOp, chip: &Arc<Mutex<Chip>>, wiring: &Arc<Wiring>) ->
             let changed = lock(chip).drive(pin, high, MonoTime::now()).is_some();
             Ok(json!({"ok": true, "changed": changed}))
         }
+        WorldOp::Unplug => {
+            let mut c = lock(chip);
+            c.unplugged = true;
+            let kernel_conns: std::collections::HashSet<u64> =
+                c.lines.values().filter(|l| l.kernel).filter_map(|l| l.owner).collect();
+            for id in &kernel_conns {
+                if let Some(k) = c.kills.get(id) {
+                    k.cancel();
+                }
+            }
+            Ok(json!({"ok": true, "cut": kernel_conns.len()}))
+        }
+        WorldOp::Plug => {
+            lock(chip).unplugged = false;
+            Ok(json!({"ok": true}))
+        }
         WorldOp::State => {
             let c = lock(chip);
             let mut lines = serde_json::Map::new();
@@ -581,7 +782,16 @@ async fn world_op(op: WorldOp, chip: &Arc<Mutex<Chip>>, wiring: &Arc<Wiring>) ->
             pins.sort_unstable();
             for p in pins {
                 let l = &c.lines[&p];
-                lines.insert(p.to_string(), json!({"high": l.level, "output": l.output, "claimed": l.owner.is_some()}));
+                let mut entry = json!({"high": l.level, "output": l.output, "claimed": l.owner.is_some()});
+                if l.kernel {
+                    entry["bias"] = json!(l.bias.map(|b| if b { "pull-up" } else { "pull-down" }));
+                    entry["debounce_us"] = json!(l.debounce.map(|d| d.as_micros() as u64));
+                }
+                if !l.history.is_empty() {
+                    entry["transitions"] =
+                        l.history.iter().map(|t| json!({"at_ns": t.at_ns, "high": t.high})).collect::<Vec<_>>().into();
+                }
+                lines.insert(p.to_string(), entry);
             }
             let mut doors = serde_json::Map::new();
             for (name, d) in wiring.doors.iter() {
@@ -706,7 +916,7 @@ impl SimGpio {
         if reply["ok"] == json!(true) {
             Ok(reply)
         } else {
-            Err(HwError::Line { pin, message: reply["error"].as_str().unwrap_or("refused").to_string() })
+            Err(refused(pin, &reply))
         }
     }
 }
@@ -734,7 +944,7 @@ impl InputLine for SimInput {
     }
 
     fn edges(&mut self) -> Result<mpsc::UnboundedReceiver<Edge>, HwError> {
-        self.rx.take().ok_or(HwError::Line { pin: self.pin, message: "edges already taken".into() })
+        self.rx.take().ok_or(HwError::Line { line: self.pin.to_string(), message: "edges already taken".into() })
     }
 }
 
@@ -756,7 +966,8 @@ impl OutputLine for SimOutput {
 pub struct SharedSimGpio(pub Arc<SimGpio>);
 
 impl Gpio for SharedSimGpio {
-    fn input(&self, pin: u8) -> Result<Box<dyn InputLine>, HwError> {
+    fn input(&self, line: &LineRef, _debounce: Option<Duration>) -> Result<Box<dyn InputLine>, HwError> {
+        let pin = sim_pin(line)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let level = Arc::new(Mutex::new(true));
         self.0.edge_txs.lock().unwrap_or_else(|p| p.into_inner()).insert(pin, (tx, level.clone()));
@@ -765,7 +976,8 @@ impl Gpio for SharedSimGpio {
         Ok(Box::new(SimInput { level: LevelSource::Tracked(level), rx: Some(rx), pin }))
     }
 
-    fn output(&self, pin: u8, initial_high: bool) -> Result<Box<dyn OutputLine>, HwError> {
+    fn output(&self, line: &LineRef, initial_high: bool) -> Result<Box<dyn OutputLine>, HwError> {
+        let pin = sim_pin(line)?;
         self.0.claim(json!({"op": "claim_output", "pin": pin, "high": initial_high}), pin)?;
         Ok(Box::new(SimOutput { gpio: self.0.clone(), pin }))
     }
@@ -780,7 +992,7 @@ mod tests {
         let cfg = crate::config::parse(crate::config::DEFAULT_CONFIG).unwrap();
         let chip = SimChip::new(&cfg);
         let gpio = chip.local_gpio();
-        let mut d0 = gpio.input(17).unwrap();
+        let mut d0 = gpio.input(&17.into(), None).unwrap();
         let mut edges = d0.edges().unwrap();
         assert!(d0.level().unwrap(), "Wiegand lines idle high");
         let at = MonoTime::from_nanos(42);
@@ -788,13 +1000,54 @@ mod tests {
         assert!(!d0.level().unwrap(), "the level follows the line");
         assert_eq!(edges.try_recv().unwrap(), Edge { high: false, at });
         // A second claim of a claimed line is refused, as the kernel refuses it.
-        assert!(gpio.input(17).is_err());
+        assert!(gpio.input(&"GPIO17".to_string().into(), None).is_err());
         // An output records its transitions and refuses claims by others.
-        let mut relay = gpio.output(22, false).unwrap();
+        let mut relay = gpio.output(&22.into(), false).unwrap();
         relay.set(true).unwrap();
         let c = lock(&chip.chip);
         let line = &c.lines[&22];
         assert!(line.level && line.output);
         assert_eq!(line.history.back().map(|t| t.high), Some(true));
+    }
+
+    /// The kernel model (claims from the fake gpiochip): debounce reports a bouncing line once,
+    /// after it settles, stamped when the timer fired; a released output becomes an input that
+    /// rests at its pull.
+    #[test]
+    fn kernel_claims_debounce_and_are_released_as_the_kernel_releases_them() {
+        let cfg = crate::config::parse(crate::config::DEFAULT_CONFIG).unwrap();
+        let chip = SimChip::new(&cfg);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        {
+            let mut c = lock(&chip.chip);
+            c.next_conn = 1;
+            c.conns.insert(1, tx);
+        }
+        let claim = json!({"op": "claim_input", "pin": 23, "kernel": true, "bias": "pull-up", "debounce_us": 20_000});
+        assert_eq!(chip_op(&claim, 1, &chip.chip)["ok"], true);
+        let start = MonoTime::now();
+        let idle = lock(&chip.chip).lines[&23].level;
+        for i in 0..5u64 {
+            // Five flips 1 ms apart, ending away from the idle level.
+            let high = if i % 2 == 0 { !idle } else { idle };
+            assert!(lock(&chip.chip).drive(23, high, start + Duration::from_millis(i)).is_some());
+        }
+        std::thread::sleep(Duration::from_millis(80));
+        let mut edges = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            edges.push(serde_json::from_str::<Value>(&m).unwrap());
+        }
+        assert_eq!(edges.len(), 1, "one settled edge for a bounce: {edges:?}");
+        assert_eq!(edges[0]["edge"]["high"], !idle);
+        let t = edges[0]["edge"]["t_ns"].as_u64().unwrap();
+        assert!(t >= (start + Duration::from_millis(24)).as_nanos(), "stamped when the debounce timer fired");
+
+        let out = json!({"op": "claim_output", "pin": 22, "high": true, "kernel": true, "bias": "pull-down"});
+        assert_eq!(chip_op(&out, 1, &chip.chip)["ok"], true);
+        let mut c = lock(&chip.chip);
+        c.release(1);
+        let relay = &c.lines[&22];
+        assert!(!relay.output && !relay.level && relay.owner.is_none(), "an input, held low by its pull");
+        assert!(c.lines[&23].owner.is_none());
     }
 }

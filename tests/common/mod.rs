@@ -376,18 +376,43 @@ impl Gate {
     /// Start the daemon with these extra environment variables (e.g. LD_PRELOAD for the
     /// simulated V4L2 device).
     pub fn start_daemon_with_env(&mut self, env: &[(&str, String)]) {
+        self.start_daemon_bin(Path::new(BIN), env);
+    }
+
+    /// Start this daemon binary (e.g. the release build) with these extra environment variables.
+    pub fn start_daemon_bin(&mut self, bin: &Path, env: &[(&str, String)]) {
+        self.spawn_daemon(bin, env);
+        let ok = wait_for(Duration::from_secs(15), || self.status().is_some());
+        assert!(ok, "daemon did not come up; log:\n{}", self.log());
+    }
+
+    /// Start the daemon and do not wait for it (it may be expected to fail).
+    pub fn spawn_daemon(&mut self, bin: &Path, env: &[(&str, String)]) {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
         let child = Command::new("nice")
-            .args(["-n", "-10", BIN, "run", "--config", self.config.to_str().unwrap()])
+            .args(["-n", "-10"])
+            .arg(bin)
+            .args(["run", "--config", self.config.to_str().unwrap()])
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
         self.daemon = Some(child);
-        let ok = wait_for(Duration::from_secs(15), || self.status().is_some());
-        assert!(ok, "daemon did not come up; log:\n{}", self.log());
+    }
+
+    /// Wait for the daemon to exit on its own; its exit status.
+    pub fn wait_daemon_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.daemon.take().unwrap();
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < end, "daemon still running after {limit:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The camera state `menshen status` reports ("" before the daemon answers).

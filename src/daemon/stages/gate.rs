@@ -12,6 +12,7 @@ use super::{recv_opt, StageCtx};
 use crate::bus::{DoorCmd, FaceUse, FaceVerdict, ReaderOutput, Verdict};
 use crate::clock::{wall_ms, MonoTime};
 use crate::events::NewEvent;
+use crate::feedback::Cue;
 use crate::gate::{now_at, FaceSeen, GateCore, GateOutcome};
 use crate::model::ResidentId;
 use crate::stats::GrantTrace;
@@ -26,6 +27,8 @@ pub struct GateIo {
     pub events: mpsc::Sender<NewEvent>,
     /// Face uses, for the privacy stage to record (none without one).
     pub face_uses: Option<mpsc::Sender<FaceUse>>,
+    /// Each reader's feedback stage (readers with LEDs or a beeper), by reader name.
+    pub cues: HashMap<String, mpsc::Sender<Cue>>,
 }
 
 /// Decide every frame and verdict until shutdown.
@@ -36,17 +39,25 @@ pub async fn run(ctx: StageCtx, mut io: GateIo) {
         let outcome = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             m = io.frames.recv() => match m {
-                Some(m) => on_frame(&ctx, &mut core, m),
+                Some(m) => {
+                    let reader = m.reader.clone();
+                    on_frame(&ctx, &mut core, m).map(|o| (o, Some(reader)))
+                }
                 None => break,
             },
             v = recv_opt(&mut io.faces) => match v {
-                Some(v) => on_face(&ctx, &mut core, &io, v),
+                Some(v) => on_face(&ctx, &mut core, &io, v).map(|o| (o, None)),
                 None => { io.faces = None; continue }
             },
             _ = beat.tick() => { ctx.beat(); continue }
         };
-        let Some((outcome, trace)) = outcome else { continue };
+        let Some(((outcome, trace), reader)) = outcome else { continue };
         dispatch(&ctx, &io, &outcome, trace);
+        if let Some(d) = outcome.decision {
+            let cue = if d.granted { Cue::Granted } else { Cue::Denied };
+            // A card shows at its reader; a face decision at every reader of its door.
+            cue_readers(&ctx, &io, &outcome.door, reader.as_deref(), cue);
+        }
         if io.events.send(outcome.event).await.is_err() {
             break;
         }
@@ -109,6 +120,7 @@ fn on_face(ctx: &StageCtx, core: &mut GateCore, io: &GateIo, v: FaceVerdict) -> 
     }
     let Some(out) = step.outcome else {
         tracing::info!(door = %v.door, "face matched: waiting for the card (face_and_card)");
+        cue_readers(ctx, io, &v.door, None, Cue::FaceWaiting);
         return None;
     };
     tracing::info!(
@@ -133,6 +145,16 @@ fn dispatch(ctx: &StageCtx, io: &GateIo, out: &GateOutcome, trace: GrantTrace) {
         ctx.stats.granted.fetch_add(1, Ordering::Relaxed);
     } else {
         ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Show `cue` at `reader`, or at every reader of `door`. Never waits: a busy feedback stage
+/// loses the cue, not the next card.
+fn cue_readers(ctx: &StageCtx, io: &GateIo, door: &str, reader: Option<&str>, cue: Cue) {
+    for r in ctx.cfg.readers.iter().filter(|r| r.door == door && reader.is_none_or(|name| name == r.name)) {
+        if let Some(tx) = io.cues.get(&r.name) {
+            let _ = tx.try_send(cue);
+        }
     }
 }
 
@@ -228,6 +250,7 @@ mod tests {
             doors: HashMap::from([(door.clone(), door_tx)]),
             events,
             face_uses: Some(use_tx),
+            cues: HashMap::new(),
         };
         let stage = tokio::spawn(run(ctx.clone(), io));
         let matched = Verdict::Matched { resident: "r-face".into(), score: 0.9 };

@@ -3,6 +3,7 @@
 //! 1. [`reader`]: GPIO edges → Wiegand frames (`wiegand::Decoder`).
 //! 2. [`face`]: camera frames → face verdicts (its own OS thread; never on the card path).
 //! 3. [`gate`]: frames and verdicts → decisions (`gate::GateCore`, reads only).
+//!    [`feedback`]: decisions → each reader's LEDs and beeper.
 //! 4. [`door`]: grants, unlocks and door inputs → the relay (`door::DoorCore`); the only stage
 //!    that moves a relay.
 //! 5. [`outbox`]: events → the store (group commit, fdatasync); held in memory while the store
@@ -29,6 +30,7 @@ pub mod admin;
 pub mod commands;
 pub mod door;
 pub mod face;
+pub mod feedback;
 pub mod gate;
 pub mod link;
 pub mod outbox;
@@ -68,9 +70,18 @@ pub(crate) async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T>
 }
 
 /// As [`recv_opt`], for an input line's edge stream.
+/// A stream that ends (the driver lost the line) is logged once and then stays pending: the
+/// door keeps its relay and other inputs; the reader stage stops the daemon for a lost chip.
 pub(crate) async fn recv_edge(rx: &mut Option<mpsc::UnboundedReceiver<Edge>>) -> Option<Edge> {
     match rx {
-        Some(r) => r.recv().await,
+        Some(r) => match r.recv().await {
+            Some(e) => Some(e),
+            None => {
+                tracing::error!("GPIO input line lost (board or chip fault)");
+                *rx = None;
+                std::future::pending().await
+            }
+        },
         None => std::future::pending().await,
     }
 }

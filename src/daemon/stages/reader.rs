@@ -40,8 +40,14 @@ pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutp
         tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => break,
-            Some(e) = r.d0.recv() => batch.push(WEdge { line: Line::D0, high: e.high, at: e.at }),
-            Some(e) = r.d1.recv() => batch.push(WEdge { line: Line::D1, high: e.high, at: e.at }),
+            e = r.d0.recv() => match e {
+                Some(e) => batch.push(WEdge { line: Line::D0, high: e.high, at: e.at }),
+                None => { lost(&reader, "D0"); break }
+            },
+            e = r.d1.recv() => match e {
+                Some(e) => batch.push(WEdge { line: Line::D1, high: e.high, at: e.at }),
+                None => { lost(&reader, "D1"); break }
+            },
             _ = sleep_until_mono(dec.deadline()) => {
                 // An edge may be on its way, woken in the same instant as this timer (the task
                 // that reads the line has not run yet): let it run, and take what it delivered.
@@ -75,6 +81,13 @@ pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutp
         }
     }
     drop(r.lines);
+}
+
+/// A data line's edge stream ended: the driver lost the line (the chip went away). The stage
+/// ends, and with it the daemon, for systemd to restart it once the chip is back: a gate that
+/// cannot read its reader must not look healthy.
+fn lost(reader: &str, line: &str) {
+    tracing::error!(%reader, %line, "GPIO line lost (board or chip fault): stopping for a restart");
 }
 
 /// Everything already delivered on both lines.

@@ -19,6 +19,12 @@
 //! (reader stage → decision: the store read and the policy), `actuate` (decision → relay
 //! command: scheduling of the door stage). Run: `cargo bench --bench card_path` (`SWIPES=N` per
 //! scenario, default 1,000; `SCENARIOS=off` for the first only).
+//!
+//! `SCENARIOS=drivers` compares the two GPIO drivers instead, one after the other in the same
+//! run, with the daemon and the simulated chip as separate processes: the simulated chip's own
+//! protocol (`backend = "sim"`), then the real gpiocdev driver (`backend = "gpiochip"`) on the
+//! fake gpiochip (tests/support/fake_gpiochip.c, LD_PRELOAD). The relay time is stamped in the
+//! daemon's process at the SET_VALUES ioctl (by the fake chip) or at the command (sim client).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -117,21 +123,7 @@ fn scenario(swipes: usize, face: Option<&Face>) -> Figures {
     let cfg_path = dir.path().join("menshen.toml");
     std::fs::write(&cfg_path, toml::to_string(&t).unwrap()).unwrap();
     let cfg = menshen::config::load(&cfg_path).unwrap();
-    {
-        // 1,000 enrolled residents, so the lookup is not in an empty table.
-        let store = menshen::privacy::audit::AuditLog::open_store(&cfg.store_path()).unwrap();
-        for n in 0..1_000u64 {
-            let id = ResidentId::new(&format!("r{n}")).unwrap();
-            let card = CardId { format: Format::H10301, facility: 7, number: 10_000 + n };
-            let c = Credential {
-                credential: CredentialKind::Card(card),
-                resident: id.clone(),
-                validity: Validity::default(),
-            };
-            let r = Resident { id, mode: AccessMode::Card, validity: Validity::default(), schedule: None };
-            store.add_resident(&r, &[c], 0).unwrap();
-        }
-    }
+    seed(&cfg);
     if let Some(f) = face {
         cli(&cfg_path, &["add", "colin", "--mode", "face_or_card", "--card", "H10301:7:60000"]);
         cli(&cfg_path, &["consent", "colin"]);
@@ -184,17 +176,33 @@ fn scenario(swipes: usize, face: Option<&Face>) -> Figures {
     }
     let card_doors = if face.is_some() { FACE_DOOR } else { DOORS };
     let started = Instant::now();
+    let lat_us = swipe_loop(&socket, swipes, card_doors);
+    let wall = started.elapsed();
+    stop.cancel();
+    let status = daemon.join().unwrap();
+    Figures {
+        lat_us,
+        split: status["stats"]["card_latency"].clone(),
+        wall,
+        face_frames: status["face_frames"].as_u64().unwrap_or(0),
+        granted: status["stats"]["granted"].as_u64().unwrap_or(0),
+    }
+}
+
+/// Swipe `swipes` cards round the doors; each latency (µs, sorted) from the frame's last edge
+/// to the relay command that answered it.
+fn swipe_loop(socket: &Path, swipes: usize, card_doors: usize) -> Vec<f64> {
     let mut lat_us: Vec<f64> = Vec::with_capacity(swipes);
     for i in 0..swipes {
         let door = i % card_doors;
         let op =
             WorldOp::Swipe { reader: format!("r{door}"), facility: 7, card: 10_000 + (i as u64 % 1_000), format: None };
-        let edge = sim::request(&socket, &op).unwrap()["last_edge_ns"].as_u64().unwrap();
+        let edge = sim::request(socket, &op).unwrap()["last_edge_ns"].as_u64().unwrap();
         std::thread::sleep(Duration::from_millis(5));
         // Wait for the relay command that answers this swipe.
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let st = sim::request(&socket, &WorldOp::State).unwrap();
+            let st = sim::request(socket, &WorldOp::State).unwrap();
             let on = st["doors"][format!("d{door}")]["transitions"]
                 .as_array()
                 .unwrap()
@@ -212,15 +220,86 @@ fn scenario(swipes: usize, face: Option<&Face>) -> Figures {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    let wall = started.elapsed();
-    stop.cancel();
-    let status = daemon.join().unwrap();
     lat_us.sort_by(|a, b| a.total_cmp(b));
+    lat_us
+}
+
+/// 1,000 enrolled residents, so the lookup is not in an empty table.
+fn seed(cfg: &menshen::config::Config) {
+    let store = menshen::privacy::audit::AuditLog::open_store(&cfg.store_path()).unwrap();
+    for n in 0..1_000u64 {
+        let id = ResidentId::new(&format!("r{n}")).unwrap();
+        let card = CardId { format: Format::H10301, facility: 7, number: 10_000 + n };
+        let c =
+            Credential { credential: CredentialKind::Card(card), resident: id.clone(), validity: Validity::default() };
+        let r = Resident { id, mode: AccessMode::Card, validity: Validity::default(), schedule: None };
+        store.add_resident(&r, &[c], 0).unwrap();
+    }
+}
+
+/// The driver comparison: the daemon as its own process (`menshen run`), the simulated chip as
+/// another (`menshen sim serve`), once on the simulated chip's own protocol (`backend = "sim"`)
+/// and once through the real gpiocdev driver on the fake gpiochip (`backend = "gpiochip"`,
+/// tests/support/fake_gpiochip.c under LD_PRELOAD). Same swipes, same measurement.
+fn scenario_process(swipes: usize, gpiochip: bool) -> Figures {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = config(dir.path(), None);
+    let hw = t["hardware"].as_table_mut().unwrap();
+    if gpiochip {
+        hw.insert("backend".into(), "gpiochip".into());
+    }
+    hw["sim"].as_table_mut().unwrap().insert("embedded".into(), false.into());
+    let cfg_path = dir.path().join("menshen.toml");
+    std::fs::write(&cfg_path, toml::to_string(&t).unwrap()).unwrap();
+    let cfg = menshen::config::load(&cfg_path).unwrap();
+    seed(&cfg);
+    let socket = cfg.hardware.sim.socket.clone();
+    let mut env: Vec<(&str, String)> = Vec::new();
+    if gpiochip {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_gpiochip.c");
+        let lib = dir.path().join("fake_gpiochip.so");
+        let st = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-O2", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .args(["-ldl", "-lpthread"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "building the fake gpiochip");
+        env = vec![
+            ("LD_PRELOAD", lib.display().to_string()),
+            ("FAKE_GPIOCHIP_SOCKET", socket.display().to_string()),
+            ("FAKE_GPIOCHIP_CHIPS", "pinctrl-bcm2711:58".into()),
+        ];
+    }
+    let cfg_s = cfg_path.to_str().unwrap();
+    let mut chip = std::process::Command::new(BIN).args(["sim", "serve", "--config", cfg_s]).spawn().unwrap();
+    while !socket.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut daemon = std::process::Command::new(BIN)
+        .args(["run", "--config", cfg_s])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .spawn()
+        .unwrap();
+    let cfg = Arc::new(cfg);
+    while menshen::daemon::status_query(&cfg).is_err() {
+        assert!(daemon.try_wait().unwrap().is_none(), "the daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = Instant::now();
+    let lat_us = swipe_loop(&socket, swipes, DOORS);
+    let wall = started.elapsed();
+    let status = menshen::daemon::status_query(&cfg).unwrap();
+    let _ = std::process::Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status();
+    let _ = daemon.wait();
+    let _ = chip.kill();
+    let _ = chip.wait();
     Figures {
         lat_us,
         split: status["stats"]["card_latency"].clone(),
         wall,
-        face_frames: status["face_frames"].as_u64().unwrap_or(0),
+        face_frames: 0,
         granted: status["stats"]["granted"].as_u64().unwrap_or(0),
     }
 }
@@ -261,7 +340,21 @@ fn report(name: &str, f: &Figures) {
 
 fn main() {
     let swipes: usize = std::env::var("SWIPES").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000);
-    let only_off = std::env::var("SCENARIOS").is_ok_and(|s| s == "off");
+    let scenarios = std::env::var("SCENARIOS").unwrap_or_default();
+    if scenarios == "drivers" {
+        let sim = scenario_process(swipes, false);
+        report("simulated chip protocol (daemon and chip in two processes)", &sim);
+        let cdev = scenario_process(swipes, true);
+        report("gpiocdev driver on the fake gpiochip (release daemon, LD_PRELOAD)", &cdev);
+        let p = |f: &Figures, q: f64| f.lat_us[((f.lat_us.len() as f64 - 1.0) * q).round() as usize];
+        println!(
+            "gpiocdev / simulated chip: p50 {:.2}x, p99 {:.2}x",
+            p(&cdev, 0.5) / p(&sim, 0.5),
+            p(&cdev, 0.99) / p(&sim, 0.99)
+        );
+        return;
+    }
+    let only_off = scenarios == "off";
     let off = scenario(swipes, None);
     report("face off", &off);
     if only_off {

@@ -322,6 +322,12 @@ pub enum SimCmd {
     Serve {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// What a released character-device output line does (the fake gpiochip's clients):
+        /// `input`, as mainline kernels and Raspberry Pi OS with `dtparam=strict_gpiod` do (it
+        /// turns into an input and rests at its pull), or `keep`, as Raspberry Pi OS does by
+        /// default (it keeps its last level).
+        #[arg(long, value_parser = ["input", "keep"], default_value = "input")]
+        on_release: String,
     },
     /// Present a card.
     Swipe {

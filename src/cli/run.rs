@@ -117,7 +117,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },
-        Command::Sim(SimCmd::Serve { config: path }) => {
+        Command::Sim(SimCmd::Serve { config: path, on_release }) => {
             let (cfg, rt) = match start(&path) {
                 Ok(x) => x,
                 Err(code) => return code,
@@ -133,7 +133,11 @@ pub fn run(cli: Cli) -> ExitCode {
                     tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
                     t2.cancel();
                 });
-                crate::hw::sim::serve(&cfg, &cfg.hardware.sim.socket, tok).await
+                let keep = on_release == "keep";
+                crate::hw::sim::SimChip::new(&cfg)
+                    .keep_released_outputs(keep)
+                    .serve(&cfg.hardware.sim.socket, tok)
+                    .await
             });
             match res {
                 Ok(()) => ExitCode::SUCCESS,

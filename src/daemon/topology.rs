@@ -231,7 +231,7 @@ impl Topology {
         }
         for r in readers {
             let name = format!("reader:{}", r.cfg.name);
-            st.spawn(name.clone(), stages::reader::run(ctx.named(name), r, rd_tx.clone()));
+            st.spawn(name.clone(), stages::reader::run(ctx.named(name), r, rd_tx.clone(), ev_tx.clone()));
         }
         drop(rd_tx);
         let mut cues = HashMap::new();

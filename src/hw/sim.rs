@@ -86,6 +86,9 @@ struct Chip {
     next_conn: u64,
     /// The chip has gone away (`menshen sim unplug`): character-device clients are cut off.
     unplugged: bool,
+    /// Released character-device outputs keep their level (Raspberry Pi OS's default,
+    /// `persist_gpio_outputs`) instead of turning into inputs.
+    keep_released: bool,
     /// Debounce timers: (deadline, pin, generation).
     debounce_tx: Option<std::sync::mpsc::Sender<(MonoTime, u8, u64)>>,
 }
@@ -155,17 +158,19 @@ impl Chip {
     /// The owner `conn` is gone: release its lines. Lines claimed through the simulated chip's
     /// own protocol keep their level, as registers do; lines requested through the character
     /// device are released as the kernel releases them: an output goes back to being an input
-    /// (what the Pi's pin controller does on free) and rests where its pull holds it, or where
-    /// it was if it has none (floating).
+    /// (what mainline's bcm2835 pin controller does on free, and Raspberry Pi OS with
+    /// `dtparam=strict_gpiod`) and rests where its pull holds it, or where it was if it has none
+    /// (floating); or, modelling Raspberry Pi OS's default (`keep_released`), it keeps its level.
     fn release(&mut self, conn: u64) {
         let now = MonoTime::now().as_nanos();
+        let keep = self.keep_released;
         for l in self.lines.values_mut() {
             if l.owner != Some(conn) {
                 continue;
             }
             l.owner = None;
             l.debounce = None;
-            if l.kernel && l.output {
+            if l.kernel && l.output && !keep {
                 l.output = false;
                 let level = l.bias.unwrap_or(l.level);
                 l.writes += 1;
@@ -346,6 +351,13 @@ impl SimChip {
             }
         }
         SimChip { chip, wiring }
+    }
+
+    /// Model a kernel whose released outputs keep their level (see `menshen sim serve
+    /// --on-release`).
+    pub fn keep_released_outputs(self, keep: bool) -> SimChip {
+        lock(&self.chip).keep_released = keep;
+        self
     }
 
     /// An in-process client: edges go straight from the chip into the reader's channel, one

@@ -354,6 +354,11 @@ impl Gate {
     }
 
     pub fn start_sim(&mut self) {
+        self.start_sim_args(&[]);
+    }
+
+    /// Start the simulated chip with extra `menshen sim serve` arguments.
+    pub fn start_sim_args(&mut self, extra: &[&str]) {
         // The simulated chip stands for the reader's hardware, which never pauses in the middle
         // of a frame. A user process can be descheduled: on a busy machine (CI beside a soak and
         // a fuzzer) its timing thread was once held back past the 25 ms frame gap, and the daemon
@@ -363,6 +368,7 @@ impl Gate {
         // controller would.
         let mut args: Vec<&str> = if realtime_allowed() { vec!["chrt", "-f", "20"] } else { vec!["nice", "-n", "-10"] };
         args.extend([BIN, "sim", "serve", "--config", self.config.to_str().unwrap()]);
+        args.extend_from_slice(extra);
         let child = Command::new(args[0]).args(&args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         self.sim = Some(child);
         let s = self.socket.clone();

@@ -7,8 +7,9 @@ use tokio::sync::mpsc;
 
 use super::{sleep_until_mono, StageCtx};
 use crate::bus::ReaderOutput;
-use crate::clock::MonoTime;
+use crate::clock::{wall_ms, MonoTime};
 use crate::config::ReaderConfig;
+use crate::events::NewEvent;
 use crate::hw::{self, Edge};
 use crate::wiegand::{Decoder, Line, Outcome, WEdge};
 
@@ -22,7 +23,7 @@ pub struct ReaderParts {
 }
 
 /// Decode one reader's edges into frames until shutdown.
-pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutput>) {
+pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutput>, events: mpsc::Sender<NewEvent>) {
     let formats = r.cfg.parsed_formats();
     let mut dec = Decoder::new(&formats, r.cfg.timing(), r.cfg.early_complete);
     let mut beat = tokio::time::interval(Duration::from_secs(1));
@@ -42,11 +43,11 @@ pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutp
             _ = ctx.shutdown.cancelled() => break,
             e = r.d0.recv() => match e {
                 Some(e) => batch.push(WEdge { line: Line::D0, high: e.high, at: e.at }),
-                None => { lost(&reader, "D0"); break }
+                None => { lost(&reader, "D0", &events).await; break }
             },
             e = r.d1.recv() => match e {
                 Some(e) => batch.push(WEdge { line: Line::D1, high: e.high, at: e.at }),
-                None => { lost(&reader, "D1"); break }
+                None => { lost(&reader, "D1", &events).await; break }
             },
             _ = sleep_until_mono(dec.deadline()) => {
                 // An edge may be on its way, woken in the same instant as this timer (the task
@@ -86,8 +87,13 @@ pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutp
 /// A data line's edge stream ended: the driver lost the line (the chip went away). The stage
 /// ends, and with it the daemon, for systemd to restart it once the chip is back: a gate that
 /// cannot read its reader must not look healthy.
-fn lost(reader: &str, line: &str) {
+/// The `gpio_line_lost` alarm is stored before the daemon stops, and reaches the BMS with the
+/// backlog once the gate is back.
+async fn lost(reader: &str, line: &str, events: &mpsc::Sender<NewEvent>) {
     tracing::error!(%reader, %line, "GPIO line lost (board or chip fault): stopping for a restart");
+    let detail =
+        format!("{line}: the GPIO line was lost (the chip went away); the daemon stops for systemd to restart it");
+    let _ = events.send(NewEvent::alarm(wall_ms(), "gpio_line_lost", Some(reader), Some(detail))).await;
 }
 
 /// Everything already delivered on both lines.

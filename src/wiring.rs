@@ -129,8 +129,11 @@ pub async fn test_reader(
     let rc = cfg.reader(reader).ok_or_else(|| anyhow::anyhow!("no reader named `{reader}` in the config"))?.clone();
     let shutdown = CancellationToken::new();
     let (gpio, chip) = hw::open_gpio(&cfg, &shutdown).await?;
-    let mut d0_line = gpio.input(&rc.d0_pin, None)?;
-    let mut d1_line = gpio.input(&rc.d1_pin, None)?;
+    // As the daemon claims them: one request, edges in the kernel's order.
+    let mut pair = gpio.inputs(&[&rc.d0_pin, &rc.d1_pin])?;
+    let (Some(mut d1_line), Some(mut d0_line)) = (pair.pop(), pair.pop()) else {
+        anyhow::bail!("reader `{reader}`: the driver returned no lines");
+    };
     let (mut d0, mut d1) = (d0_line.edges()?, d1_line.edges()?);
     let formats = rc.parsed_formats();
     // Collect whole frames by the gap (raw, no early completion), then explain them.

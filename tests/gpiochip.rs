@@ -239,7 +239,11 @@ fn a_sigkilled_daemon_leaves_the_relay_where_the_kernel_leaves_it_and_a_lost_chi
     // high (off).
     let t0 = gate.state()["now_ns"].as_u64().unwrap();
     gate.swipe(7, 12345);
-    assert!(wait_for(Duration::from_secs(5), || relay_energized_after(&gate, t0).first() == Some(&true)));
+    assert!(
+        wait_for(Duration::from_secs(5), || relay_energized_after(&gate, t0).first() == Some(&true)),
+        "no grant; log:\n{}",
+        gate.log()
+    );
     gate.signal_daemon("KILL");
     assert!(wait_for(Duration::from_secs(5), || line(&gate.state(), 22)["claimed"] == false));
     let s = gate.state();
@@ -299,7 +303,11 @@ fn on_a_kernel_that_keeps_released_outputs_the_relay_stays_until_the_restart_mak
     gate.start_daemon_bin(&bin, &env);
     let t0 = gate.state()["now_ns"].as_u64().unwrap();
     gate.swipe(7, 12345);
-    assert!(wait_for(Duration::from_secs(5), || relay_energized_after(&gate, t0).first() == Some(&true)));
+    assert!(
+        wait_for(Duration::from_secs(5), || relay_energized_after(&gate, t0).first() == Some(&true)),
+        "no grant; log:\n{}",
+        gate.log()
+    );
     gate.signal_daemon("KILL");
     assert!(wait_for(Duration::from_secs(5), || line(&gate.state(), 22)["claimed"] == false));
     let relay = line(&gate.state(), 22);

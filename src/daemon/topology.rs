@@ -155,10 +155,13 @@ impl Topology {
         let mut readers = Vec::new();
         let mut feedback = Vec::new();
         for r in &cfg.readers {
-            let (l0, _, d0) =
-                claim_input(gpio.as_ref(), &r.d0_pin, None).with_context(|| format!("reader {}: D0", r.name))?;
-            let (l1, _, d1) =
-                claim_input(gpio.as_ref(), &r.d1_pin, None).with_context(|| format!("reader {}: D1", r.name))?;
+            // One request for both data lines: their edges come in the kernel's order.
+            let mut pair = gpio.inputs(&[&r.d0_pin, &r.d1_pin]).with_context(|| format!("reader {}: D0/D1", r.name))?;
+            let (mut l1, mut l0) = match (pair.pop(), pair.pop()) {
+                (Some(l1), Some(l0)) => (l1, l0),
+                _ => anyhow::bail!("reader {}: the driver returned no lines", r.name),
+            };
+            let (d0, d1) = (l0.edges()?, l1.edges()?);
             readers.push(stages::reader::ReaderParts { cfg: r.clone(), d0, d1, lines: vec![l0, l1] });
             if !r.feedback.lines().is_empty() {
                 // Off from the first instant (the off level is also where a pull holds them).

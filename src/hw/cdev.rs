@@ -12,8 +12,10 @@
 //!   pin controller does) leave the pull in place, so the line rests at its safe level. See
 //!   docs/install.md for relay boards where that is not enough.
 //!
-//! Each input line gets a thread that blocks in `read(2)` on its request and forwards edges to
-//! the daemon's channel; the line's file descriptor is the kernel's own, so nothing here polls.
+//! Each request gets a thread that blocks in `read(2)` on it and forwards edges to the daemon's
+//! channels; the file descriptor is the kernel's own, so nothing here polls. A reader's D0 and
+//! D1 are one request: the kernel queues their edges in one buffer, in the order they happened,
+//! so a late-scheduled thread can never hand the decoder a D0 edge before an earlier D1 edge.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,6 +76,8 @@ struct CdevInput {
     offset: u32,
     line: LineRef,
     debounced: bool,
+    /// The line's edges, fed by its request's reader thread (taken by `edges`).
+    rx: Option<mpsc::UnboundedReceiver<Edge>>,
 }
 
 impl InputLine for CdevInput {
@@ -82,37 +86,43 @@ impl InputLine for CdevInput {
     }
 
     fn edges(&mut self) -> Result<mpsc::UnboundedReceiver<Edge>, HwError> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (req, line) = (self.req.clone(), self.line.clone());
-        std::thread::Builder::new()
-            .name(format!("gpio-{line}"))
-            .spawn(move || {
-                let mut buf = req.new_edge_event_buffer(16);
-                loop {
-                    match buf.read_event() {
-                        Ok(ev) => {
-                            let high = ev.kind == EdgeKind::Rising;
-                            let at = MonoTime::from_nanos(ev.timestamp_ns);
-                            if tx.send(Edge { high, at }).is_err() {
-                                return; // shutting down
-                            }
-                        }
-                        Err(error) => {
-                            // The chip went away (ENODEV) or the request broke: the stream ends,
-                            // and the stage that reads it stops the daemon.
-                            tracing::error!(%line, %error, "GPIO line lost");
-                            return;
-                        }
-                    }
-                }
-            })
-            .map_err(|e| line_err(&self.line, e))?;
-        Ok(rx)
+        self.rx.take().ok_or_else(|| line_err(&self.line, "edges already taken"))
     }
 
     fn debounced(&self) -> bool {
         self.debounced
     }
+}
+
+/// One thread per request: it reads the request's events in the kernel's order and hands each
+/// to its line's channel. The channels exist from the start, so no edge is lost before the
+/// stage takes them; a line whose receiver is gone (shutdown) is skipped.
+fn spawn_reader(req: Arc<Request>, lines: Vec<(u32, LineRef, mpsc::UnboundedSender<Edge>)>) -> std::io::Result<()> {
+    let name = lines.iter().map(|(_, l, _)| l.to_string()).collect::<Vec<_>>().join(",");
+    std::thread::Builder::new().name(format!("gpio-{name}")).spawn(move || {
+        let mut buf = req.new_edge_event_buffer(16);
+        loop {
+            match buf.read_event() {
+                Ok(ev) => {
+                    let high = ev.kind == EdgeKind::Rising;
+                    let at = MonoTime::from_nanos(ev.timestamp_ns);
+                    if let Some((_, _, tx)) = lines.iter().find(|(o, _, _)| *o == ev.offset) {
+                        let _ = tx.send(Edge { high, at });
+                    }
+                    if lines.iter().all(|(_, _, tx)| tx.is_closed()) {
+                        return; // shutting down
+                    }
+                }
+                Err(error) => {
+                    // The chip went away (ENODEV) or the request broke: the streams end, and
+                    // the stage that reads them stops the daemon.
+                    tracing::error!(line = %name, %error, "GPIO line lost");
+                    return;
+                }
+            }
+        }
+    })?;
+    Ok(())
 }
 
 struct CdevOutput {
@@ -141,8 +151,40 @@ impl Gpio for CdevGpio {
         if let Some(d) = debounce {
             b.with_debounce_period(d);
         }
-        let req = b.request().map_err(|e| line_err(line, e))?;
-        Ok(Box::new(CdevInput { req: Arc::new(req), offset, line: line.clone(), debounced: debounce.is_some() }))
+        let req = Arc::new(b.request().map_err(|e| line_err(line, e))?);
+        let (tx, rx) = mpsc::unbounded_channel();
+        spawn_reader(req.clone(), vec![(offset, line.clone(), tx)]).map_err(|e| line_err(line, e))?;
+        Ok(Box::new(CdevInput { req, offset, line: line.clone(), debounced: debounce.is_some(), rx: Some(rx) }))
+    }
+
+    fn inputs(&self, lines: &[&LineRef]) -> Result<Vec<Box<dyn InputLine>>, HwError> {
+        let located = lines.iter().map(|l| self.locate(l)).collect::<Result<Vec<_>, _>>()?;
+        let Some(first) = lines.first() else { return Ok(Vec::new()) };
+        if located.iter().any(|(chip, _)| *chip != located[0].0) {
+            // Lines on different chips cannot share a request.
+            return lines.iter().map(|l| self.input(l, None)).collect();
+        }
+        let mut b = Request::builder();
+        b.on_chip(&located[0].0).with_consumer(CONSUMER);
+        for (_, offset) in &located {
+            b.with_line(*offset).as_input().with_bias(Bias::PullUp).with_edge_detection(EdgeDetection::BothEdges);
+        }
+        let req = Arc::new(b.request().map_err(|e| line_err(first, e))?);
+        let mut feeds = Vec::new();
+        let mut out: Vec<Box<dyn InputLine>> = Vec::new();
+        for (l, (_, offset)) in lines.iter().zip(&located) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            feeds.push((*offset, (*l).clone(), tx));
+            out.push(Box::new(CdevInput {
+                req: req.clone(),
+                offset: *offset,
+                line: (*l).clone(),
+                debounced: false,
+                rx: Some(rx),
+            }));
+        }
+        spawn_reader(req, feeds).map_err(|e| line_err(first, e))?;
+        Ok(out)
     }
 
     fn output(&self, line: &LineRef, initial_high: bool) -> Result<Box<dyn OutputLine>, HwError> {

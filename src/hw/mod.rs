@@ -55,6 +55,12 @@ pub trait Gpio: Send + Sync {
     /// Claim an input line (pull-up enabled where the hardware has one), debounced by the
     /// driver for `debounce` where it can (contacts and buttons; never the Wiegand data lines).
     fn input(&self, line: &LineRef, debounce: Option<Duration>) -> Result<Box<dyn InputLine>, HwError>;
+    /// Claim several inputs whose edges must keep their order across lines (a reader's D0 and
+    /// D1): where the driver can, one request, so the kernel delivers their edges in the order
+    /// they happened, and each line's channel has every earlier edge of the other line already.
+    fn inputs(&self, lines: &[&LineRef]) -> Result<Vec<Box<dyn InputLine>>, HwError> {
+        lines.iter().map(|l| self.input(l, None)).collect()
+    }
     /// Claim an output line, driving `initial_high` from the first instant. `initial_high` is
     /// the line's safe level: where the hardware has a pull, it is set toward that level, so a
     /// line the kernel releases (the process died) and turns back into an input stays there.

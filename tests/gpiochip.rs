@@ -23,8 +23,21 @@ fn ok(out: std::process::Output) {
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
-/// The release daemon (`MENSHEN_RELEASE_BIN`, else target/release/menshen, brought up to date
-/// first: a no-op after the test command's release build).
+/// The newest modification time under `dir`.
+fn newest(dir: &Path) -> std::time::SystemTime {
+    let mut t = std::time::UNIX_EPOCH;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let m = if p.is_dir() { newest(&p) } else { p.metadata().unwrap().modified().unwrap() };
+        t = t.max(m);
+    }
+    t
+}
+
+/// The release daemon: `MENSHEN_RELEASE_BIN`, else target/release/menshen as the test command
+/// builds it (`cargo build --release --benches`, before the tests), rebuilt here only if a
+/// source is newer. (A build from inside `cargo test` sees another LD_LIBRARY_PATH, which
+/// clang-sys's build script tracks, and would rebuild the whole release tree for nothing.)
 fn release_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("MENSHEN_RELEASE_BIN") {
         return p.into();
@@ -33,13 +46,21 @@ fn release_bin() -> PathBuf {
     BUILT
         .get_or_init(|| {
             let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let st = Command::new(env!("CARGO"))
-                .args(["build", "--release", "--locked", "--quiet", "--bin", "menshen"])
-                .current_dir(root)
-                .status()
-                .unwrap();
-            assert!(st.success(), "building the release daemon failed");
-            root.join("target/release/menshen")
+            let bin = root.join("target/release/menshen");
+            let built = bin.metadata().and_then(|m| m.modified()).ok();
+            let modified = |f: &str| root.join(f).metadata().unwrap().modified().unwrap();
+            let sources =
+                [newest(&root.join("src")), modified("Cargo.lock"), modified("Cargo.toml")].into_iter().max().unwrap();
+            if built.is_none_or(|b| b < sources) {
+                let st = Command::new(env!("CARGO"))
+                    .args(["build", "--release", "--quiet", "--benches"])
+                    .env_remove("LD_LIBRARY_PATH")
+                    .current_dir(root)
+                    .status()
+                    .unwrap();
+                assert!(st.success(), "building the release daemon failed");
+            }
+            bin
         })
         .clone()
 }

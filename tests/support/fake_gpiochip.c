@@ -137,19 +137,31 @@ static int write_all(int fd, const char *p, size_t n) {
     return 0;
 }
 
+/* A socket read buffer: lines are read in blocks, not a byte a system call. */
+struct rbuf { char data[4096]; size_t start, end; };
+
 /* Read one line from a socket into a malloc'd string (NULL at EOF). */
-static char *read_line(int fd) {
+static char *read_line_buf(int fd, struct rbuf *b) {
     size_t cap = 256, len = 0;
-    char *buf = malloc(cap);
+    char *out = malloc(cap);
     for (;;) {
-        char c;
-        ssize_t r = recv(fd, &c, 1, 0);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) { free(buf); return NULL; }
-        if (c == '\n') { buf[len] = 0; return buf; }
-        if (len + 1 >= cap) buf = realloc(buf, cap *= 2);
-        buf[len++] = c;
+        if (b->start == b->end) {
+            ssize_t r = recv(fd, b->data, sizeof b->data, 0);
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) { free(out); return NULL; }
+            b->start = 0;
+            b->end = (size_t)r;
+        }
+        char c = b->data[b->start++];
+        if (c == '\n') { out[len] = 0; return out; }
+        if (len + 1 >= cap) out = realloc(out, cap *= 2);
+        out[len++] = c;
     }
+}
+
+static char *read_line(int fd) {
+    struct rbuf b = {.start = 0, .end = 0};
+    return read_line_buf(fd, &b);
 }
 
 /* One request/reply on a fresh connection (chip presence, line info). */
@@ -375,7 +387,8 @@ static unsigned pin_of(int chip, unsigned offset) { return (unsigned)chip * 64 +
 static void *req_thread(void *arg) {
     struct req *r = arg;
     char *line;
-    while ((line = read_line(r->sock)) != NULL) {
+    struct rbuf *buf = calloc(1, sizeof *buf);
+    while ((line = read_line_buf(r->sock, buf)) != NULL) {
         if (strncmp(line, "{\"edge\"", 7) == 0) {
             long long pin = json_int(line, "pin", -1);
             long long t = json_int(line, "t_ns", 0);
@@ -407,6 +420,7 @@ static void *req_thread(void *arg) {
         pthread_mutex_unlock(&r->mu);
     }
     /* The chip closed the connection (it went away) or the request was released. */
+    free(buf);
     pthread_mutex_lock(&r->mu);
     r->dead = 1;
     pthread_cond_broadcast(&r->cv);

@@ -133,6 +133,21 @@ fn levels_after(state: &Value, n: u32, after_ns: u64) -> Vec<(u64, bool)> {
         .unwrap_or_default()
 }
 
+/// Swipe the enrolled card, SIGKILL the daemon while the relay is energized, and wait for the
+/// chip to see its lines released; when the swipe began.
+fn kill_mid_pulse(gate: &mut Gate) -> u64 {
+    let t0 = gate.state()["now_ns"].as_u64().unwrap();
+    gate.swipe(7, 12345);
+    assert!(
+        wait_for(Duration::from_secs(5), || relay_energized_after(gate, t0).first() == Some(&true)),
+        "no grant; log:\n{}",
+        gate.log()
+    );
+    gate.signal_daemon("KILL");
+    assert!(wait_for(Duration::from_secs(5), || line(&gate.state(), 22)["claimed"] == false));
+    t0
+}
+
 fn relay_energized_after(gate: &Gate, after_ns: u64) -> Vec<bool> {
     levels_after(&gate.state(), 22, after_ns).into_iter().map(|(_, high)| high).collect()
 }
@@ -258,15 +273,7 @@ fn a_sigkilled_daemon_leaves_the_relay_where_the_kernel_leaves_it_and_a_lost_chi
     // input (as the Pi's pin controller does on free) and the pull it was requested with holds
     // it low: the relay (active high) is de-energized, and the active-low LEDs and beeper rest
     // high (off).
-    let t0 = gate.state()["now_ns"].as_u64().unwrap();
-    gate.swipe(7, 12345);
-    assert!(
-        wait_for(Duration::from_secs(5), || relay_energized_after(&gate, t0).first() == Some(&true)),
-        "no grant; log:\n{}",
-        gate.log()
-    );
-    gate.signal_daemon("KILL");
-    assert!(wait_for(Duration::from_secs(5), || line(&gate.state(), 22)["claimed"] == false));
+    let t0 = kill_mid_pulse(&mut gate);
     let s = gate.state();
     let relay = line(&s, 22);
     assert_eq!((relay["output"].as_bool(), relay["high"].as_bool()), (Some(false), Some(false)), "{relay}");
@@ -322,15 +329,7 @@ fn on_a_kernel_that_keeps_released_outputs_the_relay_stays_until_the_restart_mak
     let bin = release_bin();
     gate.start_sim_args(&["--on-release", "keep"]);
     gate.start_daemon_bin(&bin, &env);
-    let t0 = gate.state()["now_ns"].as_u64().unwrap();
-    gate.swipe(7, 12345);
-    assert!(
-        wait_for(Duration::from_secs(5), || relay_energized_after(&gate, t0).first() == Some(&true)),
-        "no grant; log:\n{}",
-        gate.log()
-    );
-    gate.signal_daemon("KILL");
-    assert!(wait_for(Duration::from_secs(5), || line(&gate.state(), 22)["claimed"] == false));
+    kill_mid_pulse(&mut gate);
     let relay = line(&gate.state(), 22);
     assert_eq!(
         (relay["output"].as_bool(), relay["high"].as_bool()),

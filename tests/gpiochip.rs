@@ -342,3 +342,53 @@ fn on_a_kernel_that_keeps_released_outputs_the_relay_stays_until_the_restart_mak
     assert_eq!(s["doors"]["front"]["relay_energized"], false, "the start claims the relay de-energized");
     assert_eq!(levels_after(&s, 22, t1).first().map(|l| l.1), Some(false));
 }
+
+/// `menshen test reader` and `menshen test relay`, the installer's wiring checks, through the
+/// same driver: D0/D1 as one request, the frame decoded from the kernel's timestamps; the relay
+/// pulsed and left de-energized.
+#[test]
+fn the_wiring_checks_run_through_the_gpiochip_driver() {
+    let broker = Broker::start(common::free_port());
+    let mut gate = gpiochip_gate(&broker);
+    gate.edit_config(|t| {
+        t["doors"].as_array_mut().unwrap()[0].as_table_mut().unwrap().insert("pulse_ms".into(), 300.into());
+    });
+    let env = fake_chip(&gate);
+    let bin = release_bin();
+    gate.start_sim();
+    let cfg = gate.config.to_str().unwrap().to_string();
+    let envs = || env.iter().map(|(k, v)| (*k, v.as_str()));
+    let reader = Command::new(&bin)
+        .args(["test", "reader", "--reader", "front", "--count", "1", "--seconds", "20", "--json", "--config", &cfg])
+        .envs(envs())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let claimed = |n: u32| line(&gate.state(), n)["claimed"] == true;
+    assert!(wait_for(Duration::from_secs(10), || claimed(17) && claimed(27)), "test reader did not claim D0/D1");
+    gate.swipe(7, 4242);
+    let out = reader.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let frame: Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v.get("result").is_some())
+        .unwrap_or_else(|| panic!("no frame: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(
+        (frame["result"].as_str(), frame["number"].as_u64(), frame["len"].as_u64()),
+        (Some("ok"), Some(4242), Some(26)),
+        "{frame}"
+    );
+
+    let t0 = gate.state()["now_ns"].as_u64().unwrap();
+    let out =
+        Command::new(&bin).args(["test", "relay", "--door", "front", "--config", &cfg]).envs(envs()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Claimed de-energized (low), energized, de-energized again.
+    let pulse = levels_after(&gate.state(), 22, t0);
+    assert_eq!(pulse.iter().map(|l| l.1).collect::<Vec<_>>(), [false, true, false], "{pulse:?}");
+    let ms = (pulse[2].0 - pulse[1].0) as f64 / 1e6;
+    assert!((290.0..800.0).contains(&ms), "pulse {ms} ms, configured 300");
+    assert_eq!(line(&gate.state(), 22)["claimed"], false, "released after the check");
+}

@@ -173,12 +173,13 @@ impl Chip {
             if l.kernel && l.output && !keep {
                 l.output = false;
                 let level = l.bias.unwrap_or(l.level);
-                l.writes += 1;
-                if l.history.len() >= HISTORY {
-                    l.history.pop_front();
+                if level != l.level {
+                    if l.history.len() >= HISTORY {
+                        l.history.pop_front();
+                    }
+                    l.history.push_back(Transition { cmd_ns: now, at_ns: now, high: level });
+                    l.level = level;
                 }
-                l.history.push_back(Transition { cmd_ns: now, at_ns: now, high: level });
-                l.level = level;
             }
         }
     }

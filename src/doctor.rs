@@ -337,7 +337,7 @@ async fn check_gpio(cfg: &Arc<Config>) -> Check {
     for r in &cfg.readers {
         pins.push((format!("{}.d0", r.name), r.d0_pin.clone(), None));
         pins.push((format!("{}.d1", r.name), r.d1_pin.clone(), None));
-        for (k, p) in r.feedback_lines() {
+        for (k, p) in r.feedback.lines() {
             pins.push((format!("{}.{k}", r.name), p.clone(), Some(!r.feedback.active_high())));
         }
     }

@@ -261,12 +261,8 @@ pub async fn test_inputs(cfg: Arc<Config>, seconds: u64, json: bool) -> anyhow::
                 format!("{name:<16} GPIO{pin:<3} {}", word(active)),
                 &serde_json::json!({"input": name, "pin": pin, "state": word(active), "initial": true}),
             );
+            let hold = if line.debounced() { Duration::ZERO } else { Duration::from_millis(d.debounce_ms) };
             lines.push(line);
-            let hold = if lines.last().is_some_and(|l| l.debounced()) {
-                Duration::ZERO
-            } else {
-                Duration::from_millis(d.debounce_ms)
-            };
             inputs.push((name, pin, level, word, Debounced::new(active, hold)));
         }
     }

@@ -67,16 +67,7 @@ fn release_bin() -> PathBuf {
 
 /// The simulated gpiochip library, built into `dir`, and the environment that loads it.
 fn fake_chip(gate: &Gate) -> Vec<(&'static str, String)> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_gpiochip.c");
-    let lib = gate.dir.path().join("fake_gpiochip.so");
-    let st = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"])
-        .arg(&lib)
-        .arg(&src)
-        .args(["-ldl", "-lpthread"])
-        .status()
-        .expect("a C compiler (cc) is needed to build the simulated gpiochip: scripts/setup-deps.sh");
-    assert!(st.success(), "building {} failed", src.display());
+    let lib = common::build_preload("fake_gpiochip", gate.dir.path());
     vec![
         ("LD_PRELOAD", lib.display().to_string()),
         ("FAKE_GPIOCHIP_SOCKET", gate.socket.display().to_string()),

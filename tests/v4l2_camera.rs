@@ -28,21 +28,6 @@ fn lfw(name: &str) -> PathBuf {
     shared().join("../data/lfw/images_deepfunneled").join(name.rsplit_once('_').unwrap().0).join(format!("{name}.jpg"))
 }
 
-/// Build the simulated device library into `dir`.
-fn build_fake(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_v4l2.c");
-    let out = dir.join("fake_v4l2.so");
-    let st = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .args(["-ldl", "-lpthread"])
-        .status()
-        .expect("a C compiler (cc) is needed to build the simulated V4L2 device: scripts/setup-deps.sh");
-    assert!(st.success(), "building {} failed", src.display());
-    out
-}
-
 /// An LFW face at 1.5× on a 640×480 grey canvas, as a camera at the gate would frame it.
 fn frame(face: &Path) -> image::RgbImage {
     let f = image::open(face).unwrap().to_rgb8();
@@ -87,7 +72,7 @@ impl Fake {
         let frames = dir.join("frames");
         std::fs::create_dir_all(&frames).unwrap();
         let f = Fake {
-            lib: build_fake(dir),
+            lib: common::build_preload("fake_v4l2", dir),
             device: dir.join("video0"),
             frames,
             ctl: dir.join("camera.ctl"),

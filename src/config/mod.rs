@@ -497,11 +497,6 @@ fn default_interval_min() -> u64 {
 }
 
 impl ReaderConfig {
-    /// The feedback lines, keyed as in the config (`feedback.green_pin` → `green`).
-    pub fn feedback_lines(&self) -> Vec<(&'static str, &LineRef)> {
-        self.feedback.lines()
-    }
-
     pub fn parsed_formats(&self) -> Vec<Format> {
         // Validated at load: every entry parses.
         self.formats.iter().filter_map(|f| f.parse().ok()).collect()

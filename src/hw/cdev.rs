@@ -59,6 +59,49 @@ impl CdevGpio {
         Ok(CdevGpio { chip: path })
     }
 
+    /// Inputs in one request where they share a chip (one kernel event queue, one reader thread,
+    /// their edges in the order they happened), else one request each.
+    fn request_inputs(
+        &self,
+        lines: &[&LineRef],
+        debounce: Option<Duration>,
+    ) -> Result<Vec<Box<dyn InputLine>>, HwError> {
+        let located = lines.iter().map(|l| self.locate(l)).collect::<Result<Vec<_>, _>>()?;
+        let Some(first) = lines.first() else { return Ok(Vec::new()) };
+        if located.iter().any(|(chip, _)| *chip != located[0].0) {
+            // Lines on different chips cannot share a request.
+            let mut out = Vec::new();
+            for l in lines {
+                out.extend(self.request_inputs(&[l], debounce)?);
+            }
+            return Ok(out);
+        }
+        let mut b = Request::builder();
+        b.on_chip(&located[0].0).with_consumer(CONSUMER);
+        for (_, offset) in &located {
+            b.with_line(*offset).as_input().with_bias(Bias::PullUp).with_edge_detection(EdgeDetection::BothEdges);
+            if let Some(d) = debounce {
+                b.with_debounce_period(d);
+            }
+        }
+        let req = Arc::new(b.request().map_err(|e| line_err(first, e))?);
+        let mut feeds = Vec::new();
+        let mut out: Vec<Box<dyn InputLine>> = Vec::new();
+        for (l, (_, offset)) in lines.iter().zip(&located) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            feeds.push((*offset, (*l).clone(), tx));
+            out.push(Box::new(CdevInput {
+                req: req.clone(),
+                offset: *offset,
+                line: (*l).clone(),
+                debounced: debounce.is_some(),
+                rx: Some(rx),
+            }));
+        }
+        spawn_reader(req, feeds).map_err(|e| line_err(first, e))?;
+        Ok(out)
+    }
+
     /// The chip and offset a configured line is.
     fn locate(&self, line: &LineRef) -> Result<(PathBuf, u32), HwError> {
         match line.spec().map_err(|e| line_err(line, e))? {
@@ -140,51 +183,12 @@ impl OutputLine for CdevOutput {
 
 impl Gpio for CdevGpio {
     fn input(&self, line: &LineRef, debounce: Option<Duration>) -> Result<Box<dyn InputLine>, HwError> {
-        let (chip, offset) = self.locate(line)?;
-        let mut b = Request::builder();
-        b.on_chip(&chip)
-            .with_consumer(CONSUMER)
-            .with_line(offset)
-            .as_input()
-            .with_bias(Bias::PullUp)
-            .with_edge_detection(EdgeDetection::BothEdges);
-        if let Some(d) = debounce {
-            b.with_debounce_period(d);
-        }
-        let req = Arc::new(b.request().map_err(|e| line_err(line, e))?);
-        let (tx, rx) = mpsc::unbounded_channel();
-        spawn_reader(req.clone(), vec![(offset, line.clone(), tx)]).map_err(|e| line_err(line, e))?;
-        Ok(Box::new(CdevInput { req, offset, line: line.clone(), debounced: debounce.is_some(), rx: Some(rx) }))
+        let mut one = self.request_inputs(&[line], debounce)?;
+        one.pop().ok_or_else(|| line_err(line, "the request returned no line"))
     }
 
     fn inputs(&self, lines: &[&LineRef]) -> Result<Vec<Box<dyn InputLine>>, HwError> {
-        let located = lines.iter().map(|l| self.locate(l)).collect::<Result<Vec<_>, _>>()?;
-        let Some(first) = lines.first() else { return Ok(Vec::new()) };
-        if located.iter().any(|(chip, _)| *chip != located[0].0) {
-            // Lines on different chips cannot share a request.
-            return lines.iter().map(|l| self.input(l, None)).collect();
-        }
-        let mut b = Request::builder();
-        b.on_chip(&located[0].0).with_consumer(CONSUMER);
-        for (_, offset) in &located {
-            b.with_line(*offset).as_input().with_bias(Bias::PullUp).with_edge_detection(EdgeDetection::BothEdges);
-        }
-        let req = Arc::new(b.request().map_err(|e| line_err(first, e))?);
-        let mut feeds = Vec::new();
-        let mut out: Vec<Box<dyn InputLine>> = Vec::new();
-        for (l, (_, offset)) in lines.iter().zip(&located) {
-            let (tx, rx) = mpsc::unbounded_channel();
-            feeds.push((*offset, (*l).clone(), tx));
-            out.push(Box::new(CdevInput {
-                req: req.clone(),
-                offset: *offset,
-                line: (*l).clone(),
-                debounced: false,
-                rx: Some(rx),
-            }));
-        }
-        spawn_reader(req, feeds).map_err(|e| line_err(first, e))?;
-        Ok(out)
+        self.request_inputs(lines, None)
     }
 
     fn output(&self, line: &LineRef, initial_high: bool) -> Result<Box<dyn OutputLine>, HwError> {

@@ -496,6 +496,15 @@ async fn handle_conn(stream: tokio::net::UnixStream, chip: Arc<Mutex<Chip>>, wir
     }
 }
 
+/// A line's pull as the protocol writes it (`true`: up).
+fn bias_word(up: bool) -> &'static str {
+    if up {
+        "pull-up"
+    } else {
+        "pull-down"
+    }
+}
+
 fn err(msg: impl std::fmt::Display) -> Value {
     json!({"ok": false, "error": msg.to_string()})
 }
@@ -529,11 +538,11 @@ fn chip_op(v: &Value, conn: u64, chip: &Arc<Mutex<Chip>>) -> Value {
     };
     let high = v.get("high").and_then(Value::as_bool);
     let kernel = v.get("kernel").and_then(Value::as_bool).unwrap_or(false);
-    let bias = match v.get("bias").and_then(Value::as_str) {
-        Some("pull-up") => Some(true),
-        Some("pull-down") => Some(false),
+    let bias = v.get("bias").and_then(Value::as_str).and_then(|w| match w {
+        "pull-up" => Some(true),
+        "pull-down" => Some(false),
         _ => None,
-    };
+    });
     let mut c = lock(chip);
     if kernel && c.unplugged {
         return err("no such device (the chip is gone)");
@@ -542,7 +551,7 @@ fn chip_op(v: &Value, conn: u64, chip: &Arc<Mutex<Chip>>) -> Value {
     match v["op"].as_str() {
         Some("line_info") => {
             json!({"ok": true, "used": line.owner.is_some(), "output": line.output, "high": line.level,
-                   "bias": line.bias.map(|b| if b { "pull-up" } else { "pull-down" }),
+                   "bias": line.bias.map(bias_word),
                    "debounce_us": line.debounce.map(|d| d.as_micros() as u64)})
         }
         Some("get") => {
@@ -797,7 +806,7 @@ async fn world_op(op: WorldOp, chip: &Arc<Mutex<Chip>>, wiring: &Arc<Wiring>) ->
                 let l = &c.lines[&p];
                 let mut entry = json!({"high": l.level, "output": l.output, "claimed": l.owner.is_some()});
                 if l.kernel {
-                    entry["bias"] = json!(l.bias.map(|b| if b { "pull-up" } else { "pull-down" }));
+                    entry["bias"] = json!(l.bias.map(bias_word));
                     entry["debounce_us"] = json!(l.debounce.map(|d| d.as_micros() as u64));
                 }
                 if !l.history.is_empty() {

@@ -38,6 +38,21 @@ pub fn mosquitto_bin() -> PathBuf {
     panic!("mosquitto is not installed: run `apt-get install mosquitto` (scripts/test.sh does it)");
 }
 
+/// Build `tests/support/{name}.c`, a simulated device loaded with LD_PRELOAD, into `dir`.
+pub fn build_preload(name: &str, dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/support/{name}.c"));
+    let out = dir.join(format!("{name}.so"));
+    let st = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .args(["-ldl", "-lpthread"])
+        .status()
+        .expect("a C compiler (cc) is needed to build the simulated devices: scripts/setup-deps.sh");
+    assert!(st.success(), "building {} failed", src.display());
+    out
+}
+
 /// Write `text` as `dir/mosquitto.conf`, start mosquitto on it and wait for its port.
 fn spawn_mosquitto(port: u16, dir: &Path, text: &str) -> Child {
     let conf = dir.join("mosquitto.conf");

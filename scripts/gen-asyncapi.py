@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMAS = os.path.join(ROOT, "docs", "schemas")
 
 VERBS = ["unlock", "resident.upsert", "resident.remove", "resident.set_mode", "credential.add",
-         "credential.remove", "roster.sync", "rules.get", "health.get", "events.backfill", "consent.record",
+         "credential.remove", "roster.sync", "roster.batch", "rules.get", "health.get", "events.backfill", "consent.record",
          "consent.withdraw", "face.enrol"]
 SITE_VERBS = [v for v in VERBS if v not in ("unlock", "face.enrol")]
 EVENTS = ["access", "door", "alarm", "privacy", "system"]
@@ -65,6 +65,12 @@ def main():
                           "description": "Periodic health (mqtt.health_interval_secs), not retained.",
                           "messages": {"health": message("health", "health.json", "Health report")}}
     send("publishHealth", "health", 1, False, "Periodic health: uptime, camera, outbox depth, store size, rejected inputs.")
+    channels["summary"] = {"address": "menshen/v1/{site}/{gate}/summary", "parameters": gate_params,
+                           "description": "Retained: the gate's state at a glance for `menshen site status` (on connect, "
+                                          "with every health message, after every roster or consent change).",
+                           "messages": {"summary": message("summary", "summary.json", "Gate summary", True)}}
+    send("publishSummary", "summary", 1, True, "Retained summary: roster version, residents, templates, pending "
+         "deletions, camera, outbox depth, last event, paged sync in progress.")
     channels["identity"] = {"address": "menshen/v1/{site}/{gate}/identity", "parameters": gate_params,
                             "description": "Retained: the Ed25519 key that signs deletion receipts, republished after "
                                            "every reconnect.",

@@ -180,4 +180,11 @@ pub struct StoreFacts {
     pub store_write_failed: bool,
     /// The roster's fingerprint (only when asked for: it reads the whole roster).
     pub roster_fingerprint: Option<String>,
+    pub residents: u64,
+    pub credentials: u64,
+    pub templates: u64,
+    /// A paged `roster.sync` in progress.
+    pub roster_sync: Option<crate::store::SyncProgress>,
+    /// The wall time of the newest stored event.
+    pub last_event_ms: Option<i64>,
 }

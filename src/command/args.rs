@@ -167,6 +167,31 @@ pub(super) struct CredentialRemoveArgs {
 pub(super) struct RosterArgs {
     pub(super) version: u64,
     pub(super) residents: Vec<ResidentSpec>,
+    /// Paging (all three or none): which sync this page belongs to, its 0-based index, and how
+    /// many pages the sync has.
+    #[serde(default)]
+    pub(super) sync_id: Option<String>,
+    #[serde(default)]
+    pub(super) page: Option<u32>,
+    #[serde(default)]
+    pub(super) pages: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BatchArgs {
+    #[serde(default)]
+    pub(super) upserts: Vec<ResidentSpec>,
+    #[serde(default)]
+    pub(super) removes: Vec<ResidentId>,
+}
+
+/// Where a page of a paged `roster.sync` belongs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paging {
+    pub sync_id: String,
+    pub page: u32,
+    pub pages: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

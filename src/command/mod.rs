@@ -46,6 +46,8 @@ pub enum Verb {
     CredentialRemove,
     #[serde(rename = "roster.sync")]
     RosterSync,
+    #[serde(rename = "roster.batch")]
+    RosterBatch,
     #[serde(rename = "rules.get")]
     RulesGet,
     #[serde(rename = "health.get")]
@@ -61,7 +63,7 @@ pub enum Verb {
 }
 
 impl Verb {
-    pub const ALL: [Verb; 13] = [
+    pub const ALL: [Verb; 14] = [
         Verb::Unlock,
         Verb::ResidentUpsert,
         Verb::ResidentRemove,
@@ -69,6 +71,7 @@ impl Verb {
         Verb::CredentialAdd,
         Verb::CredentialRemove,
         Verb::RosterSync,
+        Verb::RosterBatch,
         Verb::RulesGet,
         Verb::HealthGet,
         Verb::EventsBackfill,
@@ -86,6 +89,7 @@ impl Verb {
             Verb::CredentialAdd => "credential.add",
             Verb::CredentialRemove => "credential.remove",
             Verb::RosterSync => "roster.sync",
+            Verb::RosterBatch => "roster.batch",
             Verb::RulesGet => "rules.get",
             Verb::HealthGet => "health.get",
             Verb::EventsBackfill => "events.backfill",
@@ -111,6 +115,8 @@ pub struct Limits {
     pub max_command_lifetime_ms: u64,
     /// Replies go only under this topic prefix (`mqtt.reply_topic_prefix`).
     pub reply_topic_prefix: String,
+    /// The largest page of a paged `roster.sync`.
+    pub roster_page_max_bytes: usize,
 }
 
 impl Default for Limits {
@@ -121,6 +127,7 @@ impl Default for Limits {
             unlock_max_ms: 30_000,
             max_command_lifetime_ms: 300_000,
             reply_topic_prefix: "bms/".into(),
+            roster_page_max_bytes: 256 << 10,
         }
     }
 }
@@ -149,6 +156,14 @@ pub struct ReplyTo {
 
 /// The most residents one roster snapshot may hold.
 pub const MAX_ROSTER: usize = 100_000;
+/// The most pages of one paged `roster.sync`.
+pub const MAX_PAGES: u32 = 10_000;
+/// The most entries (upserts and removals) of one `roster.batch`.
+pub const MAX_BATCH: usize = 10_000;
+/// A sync id: 1-64 of A-Z a-z 0-9 - _ . :
+fn valid_sync_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
 /// The most events one backfill request re-sends.
 pub const MAX_BACKFILL: usize = 10_000;
 
@@ -173,6 +188,13 @@ pub enum Command {
     RosterSync {
         version: u64,
         residents: Vec<ResidentSpec>,
+        /// Set for one page of a paged sync.
+        paging: Option<Paging>,
+    },
+    /// Upserts and removals in one transaction: all or nothing.
+    RosterBatch {
+        upserts: Vec<ResidentSpec>,
+        removes: Vec<ResidentId>,
     },
     RulesGet,
     HealthGet,
@@ -491,11 +513,24 @@ pub fn parse(inb: &Inbound, site: &str, gate: &str, limits: &Limits, now_ms: i64
         }
     }
 
-    let command = verb_args(verb, obj, limits).map_err(|e| refuse(Some(verb), rid.clone(), reply.clone(), e))?;
+    let command = verb_args(verb, obj, limits, inb.payload.len())
+        .map_err(|e| refuse(Some(verb), rid.clone(), reply.clone(), e))?;
     Ok(Request { verb, request_id, reply, site_wide, command })
 }
 
-fn verb_args(verb: Verb, obj: Map<String, Value>, limits: &Limits) -> Result<Command, CmdError> {
+/// Every resident checked, none twice.
+fn unique_residents(residents: &[ResidentSpec]) -> Result<(), CmdError> {
+    let mut seen = std::collections::HashSet::new();
+    for r in residents {
+        r.check()?;
+        if !seen.insert(&r.id) {
+            return Err(CmdError::new(ErrorCode::InvalidValue, format!("resident {} appears twice", r.id)));
+        }
+    }
+    Ok(())
+}
+
+fn verb_args(verb: Verb, obj: Map<String, Value>, limits: &Limits, payload_len: usize) -> Result<Command, CmdError> {
     Ok(match verb {
         Verb::Unlock => {
             let a: UnlockArgs = args(obj)?;
@@ -530,17 +565,62 @@ fn verb_args(verb: Verb, obj: Map<String, Value>, limits: &Limits) -> Result<Com
         }
         Verb::RosterSync => {
             let a: RosterArgs = args(obj)?;
+            let paging = match (a.sync_id, a.page, a.pages) {
+                (None, None, None) => None,
+                (Some(sync_id), Some(page), Some(pages)) => {
+                    if !valid_sync_id(&sync_id) {
+                        return Err(CmdError::new(ErrorCode::InvalidValue, "sync_id: 1-64 of A-Z a-z 0-9 - _ . :"));
+                    }
+                    if pages == 0 || pages > MAX_PAGES || page >= pages {
+                        return Err(CmdError::new(
+                            ErrorCode::InvalidValue,
+                            format!("pages must be 1..={MAX_PAGES} and page 0..pages (got page {page} of {pages})"),
+                        ));
+                    }
+                    if payload_len > limits.roster_page_max_bytes {
+                        return Err(CmdError::new(
+                            ErrorCode::PayloadTooLarge,
+                            format!(
+                                "a roster.sync page may be at most {} bytes (mqtt.roster_page_max_bytes); this one is {payload_len}",
+                                limits.roster_page_max_bytes
+                            ),
+                        ));
+                    }
+                    Some(Paging { sync_id, page, pages })
+                }
+                _ => {
+                    return Err(CmdError::new(
+                        ErrorCode::MissingField,
+                        "a paged roster.sync names sync_id, page and pages (all three)",
+                    ))
+                }
+            };
             if a.residents.len() > MAX_ROSTER {
                 return Err(CmdError::new(ErrorCode::InvalidValue, format!("at most {MAX_ROSTER} residents")));
             }
-            let mut seen = std::collections::HashSet::new();
-            for r in &a.residents {
-                r.check()?;
-                if !seen.insert(r.id.clone()) {
-                    return Err(CmdError::new(ErrorCode::InvalidValue, format!("resident {} appears twice", r.id)));
+            unique_residents(&a.residents)?;
+            Command::RosterSync { version: a.version, residents: a.residents, paging }
+        }
+        Verb::RosterBatch => {
+            let a: BatchArgs = args(obj)?;
+            let n = a.upserts.len() + a.removes.len();
+            if n == 0 || n > MAX_BATCH {
+                return Err(CmdError::new(
+                    ErrorCode::InvalidValue,
+                    format!("a batch holds 1..={MAX_BATCH} upserts and removals (got {n})"),
+                ));
+            }
+            unique_residents(&a.upserts)?;
+            let mut seen: std::collections::HashSet<&ResidentId> = a.upserts.iter().map(|r| &r.id).collect();
+            for id in &a.removes {
+                if !seen.insert(id) {
+                    return Err(CmdError::new(
+                        ErrorCode::InvalidValue,
+                        format!("resident {id} appears twice in the batch"),
+                    ));
                 }
             }
-            Command::RosterSync { version: a.version, residents: a.residents }
+            Command::RosterBatch { upserts: a.upserts, removes: a.removes }
         }
         Verb::RulesGet => {
             args::<Empty>(obj)?;

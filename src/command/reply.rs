@@ -36,6 +36,9 @@ pub enum ErrorCode {
     FaceOnlyRefused,
     StaleVersion,
     VersionConflict,
+    PageOutOfOrder,
+    DuplicatePage,
+    UnknownSync,
     Busy,
     FaceUnavailable,
     EnrolmentFailed,
@@ -43,7 +46,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 31] = [
+    pub const ALL: [ErrorCode; 34] = [
         ErrorCode::RetainedCommand,
         ErrorCode::UnknownCommand,
         ErrorCode::PayloadTooLarge,
@@ -71,6 +74,9 @@ impl ErrorCode {
         ErrorCode::FaceOnlyRefused,
         ErrorCode::StaleVersion,
         ErrorCode::VersionConflict,
+        ErrorCode::PageOutOfOrder,
+        ErrorCode::DuplicatePage,
+        ErrorCode::UnknownSync,
         ErrorCode::Busy,
         ErrorCode::FaceUnavailable,
         ErrorCode::EnrolmentFailed,
@@ -106,6 +112,9 @@ impl ErrorCode {
             ErrorCode::FaceOnlyRefused => "face_only_refused",
             ErrorCode::StaleVersion => "stale_version",
             ErrorCode::VersionConflict => "version_conflict",
+            ErrorCode::PageOutOfOrder => "page_out_of_order",
+            ErrorCode::DuplicatePage => "duplicate_page",
+            ErrorCode::UnknownSync => "unknown_sync",
             ErrorCode::Busy => "busy",
             ErrorCode::FaceUnavailable => "face_unavailable",
             ErrorCode::EnrolmentFailed => "enrolment_failed",

@@ -169,3 +169,58 @@ fn a_key_twice_is_refused_with_its_own_code() {
         ErrorCode::DuplicateKey
     );
 }
+
+#[test]
+fn a_roster_sync_page_parses_and_bad_paging_is_refused() {
+    let r = parse(
+        &inb(
+            "roster.sync",
+            r#"{"version":3,"sync_id":"v3-a","page":1,"pages":4,"residents":[{"id":"a","mode":"card"}]}"#,
+        ),
+        "s",
+        "g",
+        &Limits::default(),
+        NOW,
+    )
+    .unwrap();
+    let Command::RosterSync { version: 3, paging: Some(p), residents } = r.command else { panic!("not a page") };
+    assert_eq!((p.sync_id.as_str(), p.page, p.pages, residents.len()), ("v3-a", 1, 4, 1));
+    // Two of the three paging fields: refused, naming all three.
+    assert_eq!(
+        code(&inb("roster.sync", r#"{"version":3,"sync_id":"x","page":0,"residents":[]}"#)),
+        ErrorCode::MissingField
+    );
+    assert_eq!(
+        code(&inb("roster.sync", r#"{"version":3,"sync_id":"x","page":4,"pages":4,"residents":[]}"#)),
+        ErrorCode::InvalidValue,
+        "page past the last"
+    );
+    assert_eq!(
+        code(&inb("roster.sync", r#"{"version":3,"sync_id":"a b","page":0,"pages":1,"residents":[]}"#)),
+        ErrorCode::InvalidValue
+    );
+    // A page over mqtt.roster_page_max_bytes, though under max_payload_bytes.
+    let limits = Limits { roster_page_max_bytes: 1024, ..Limits::default() };
+    let big: Vec<String> = (0..40).map(|i| format!(r#"{{"id":"resident-{i:04}","mode":"card"}}"#)).collect();
+    let paged = format!(r#"{{"version":3,"sync_id":"x","page":0,"pages":1,"residents":[{}]}}"#, big.join(","));
+    let e = parse(&inb("roster.sync", &paged), "s", "g", &limits, NOW).unwrap_err();
+    assert_eq!(e.error.code, ErrorCode::PayloadTooLarge, "{}", e.error.message);
+    // The same residents in one unpaged payload are within max_payload_bytes.
+    let whole = format!(r#"{{"version":3,"residents":[{}]}}"#, big.join(","));
+    assert!(parse(&inb("roster.sync", &whole), "s", "g", &limits, NOW).is_ok());
+}
+
+#[test]
+fn a_roster_batch_parses_and_refuses_empty_or_repeated_entries() {
+    let ok = r#"{"upserts":[{"id":"a","mode":"face_or_card","cards":[{"format":"H10301","facility":1,"number":2}]}],"removes":["b"]}"#;
+    let r = parse(&inb("roster.batch", ok), "s", "g", &Limits::default(), NOW).unwrap();
+    assert!(
+        matches!(r.command, Command::RosterBatch { ref upserts, ref removes } if upserts.len() == 1 && removes.len() == 1)
+    );
+    assert_eq!(code(&inb("roster.batch", "{}")), ErrorCode::InvalidValue, "an empty batch");
+    assert_eq!(
+        code(&inb("roster.batch", r#"{"upserts":[{"id":"a","mode":"card"}],"removes":["a"]}"#)),
+        ErrorCode::InvalidValue
+    );
+    assert_eq!(code(&inb("roster.batch", r#"{"upserts":[],"extra":1}"#)), ErrorCode::UnknownField);
+}

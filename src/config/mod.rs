@@ -643,6 +643,28 @@ pub struct MqttConfig {
     /// algorithm costs a command's round trip (`cargo bench --bench command_round_trip`).
     #[serde(default = "default_true")]
     pub tcp_nodelay: bool,
+    /// The broker keeps this gate's session (its subscriptions and the QoS 1 commands sent
+    /// while it is away) this long after a disconnect, so a gate that was offline applies the
+    /// site's roster changes when it comes back (docs/site.md). 0: a clean session every time.
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry_secs: u32,
+    /// The largest page of a paged `roster.sync` (a page is refused with `payload_too_large`
+    /// above it); the BMS sizes pages under its broker's packet limit and this.
+    #[serde(default = "default_page_max")]
+    pub roster_page_max_bytes: usize,
+    /// A half-received paged `roster.sync` is discarded after this long without a page.
+    #[serde(default = "default_sync_timeout")]
+    pub roster_sync_timeout_secs: u64,
+}
+
+fn default_session_expiry() -> u32 {
+    7 * 24 * 3600
+}
+fn default_page_max() -> usize {
+    256 << 10
+}
+fn default_sync_timeout() -> u64 {
+    600
 }
 
 fn default_reply_prefix() -> String {
@@ -717,6 +739,7 @@ impl Config {
             unlock_max_ms: self.mqtt.unlock_max_ms,
             max_command_lifetime_ms: self.mqtt.max_command_lifetime_ms,
             reply_topic_prefix: self.mqtt.reply_topic_prefix.clone(),
+            roster_page_max_bytes: self.mqtt.roster_page_max_bytes,
         }
     }
 

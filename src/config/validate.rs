@@ -16,6 +16,12 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     if !(256..=64 << 20).contains(&m.max_payload_bytes) {
         return Err(invalid("mqtt.max_payload_bytes", "must be 256..=67108864"));
     }
+    if !(1024..=m.max_payload_bytes).contains(&m.roster_page_max_bytes) {
+        return Err(invalid("mqtt.roster_page_max_bytes", "must be 1024..=mqtt.max_payload_bytes"));
+    }
+    if !(10..=86_400).contains(&m.roster_sync_timeout_secs) {
+        return Err(invalid("mqtt.roster_sync_timeout_secs", "must be 10..=86400"));
+    }
     if !(2..=64).contains(&m.max_json_depth) {
         return Err(invalid("mqtt.max_json_depth", "must be 2..=64"));
     }

@@ -51,6 +51,13 @@ fn tls_config(t: &crate::config::TlsConfig) -> anyhow::Result<rustls::ClientConf
 pub fn options(cfg: &Config) -> anyhow::Result<MqttOptions> {
     let id = cfg.mqtt.client_id.clone().unwrap_or_else(|| format!("menshen-{}-{}", cfg.gate.site, cfg.gate.gate));
     let mut o = base_options(cfg, id)?;
+    // A persistent session: commands the BMS sends while the gate is away wait for it on the
+    // broker (QoS 1), so an offline gate catches up on roster changes (docs/site.md). M3 holds:
+    // the broker drops an unlock whose message expiry passes, and the gate checks it again.
+    if cfg.mqtt.session_expiry_secs > 0 {
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(cfg.mqtt.session_expiry_secs));
+    }
     o.set_last_will(LastWill::new(
         format!("{}status", cfg.topic_root()),
         status_payload("offline"),

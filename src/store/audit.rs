@@ -15,7 +15,7 @@ pub struct AuditEntry {
     pub ts_ms: i64,
     /// `enrolment`, `deletion`, `mode_changed`, `consent_recorded`, `consent_withdrawn`,
     /// `resident_added`, `resident_removed`, `credential_added`, `credential_removed`,
-    /// `roster_synced`, `config_changed`.
+    /// `roster_synced`, `roster_sync_discarded`, `config_changed`.
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resident: Option<String>,

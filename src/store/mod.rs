@@ -22,6 +22,7 @@ mod outbox;
 mod requests;
 mod roster;
 mod schema;
+mod sync;
 mod templates;
 #[cfg(test)]
 mod tests;
@@ -32,6 +33,7 @@ pub use requests::Claim;
 pub use roster::{OpOutcome, RosterOp};
 pub use schema::SCHEMA_VERSION;
 use schema::*;
+pub use sync::{PageOutcome, SyncPage, SyncProgress};
 use templates::enforce_template_invariant;
 pub use templates::{PendingDeletion, TemplateMeta, Withdrawal};
 
@@ -69,6 +71,15 @@ pub enum StoreError {
     FaceOff(String),
     #[error("invalid consent: {0}")]
     InvalidConsent(String),
+    /// One entry of a `roster.batch` failed: nothing of the batch was applied.
+    #[error("batch entry {index}: {source} (nothing in the batch was applied)")]
+    InBatch { index: usize, source: Box<StoreError> },
+    #[error("roster.sync {sync_id}: page {got} is out of order; the next page is {expected}")]
+    PageOutOfOrder { sync_id: String, expected: u32, got: u32 },
+    #[error("roster.sync {sync_id}: page {page} is already in; the next page is {expected}")]
+    DuplicatePage { sync_id: String, page: u32, expected: u32 },
+    #[error("{0}")]
+    UnknownSync(String),
 }
 
 struct Tables<'t> {
@@ -79,6 +90,9 @@ struct Tables<'t> {
     templates: redb::Table<'t, &'static str, &'static [u8]>,
     template_meta: redb::Table<'t, &'static str, &'static [u8]>,
     deletions: redb::Table<'t, &'static str, &'static [u8]>,
+    /// The half-received paged `roster.sync`, if any (see `sync`).
+    sync_pages: redb::Table<'t, u32, &'static [u8]>,
+    sync_state: redb::Table<'t, &'static str, &'static [u8]>,
     /// Audit records of this transaction (written with it).
     audit: Vec<AuditEntry>,
     now_ms: i64,
@@ -269,6 +283,8 @@ impl Store {
                 templates: tx.open_table(TEMPLATES)?,
                 template_meta: tx.open_table(TEMPLATE_META)?,
                 deletions: tx.open_table(DELETIONS)?,
+                sync_pages: tx.open_table(SYNC_PAGES)?,
+                sync_state: tx.open_table(SYNC_STATE)?,
                 audit: Vec::new(),
                 now_ms,
             };

@@ -3,7 +3,7 @@
 use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::schema::*;
-use super::{decode, encode, AuditEntry, Claim, Store, StoreError};
+use super::{decode, encode, AuditEntry, Claim, Store, StoreError, Tables};
 use crate::model::{AccessMode, Credential, Resident, ResidentId};
 use crate::wiegand::CardId;
 
@@ -36,6 +36,34 @@ pub enum RosterOp {
     },
     /// Change nothing: only claim the request id.
     Nothing,
+    /// Several ops in one transaction: all of them or none (`roster.batch`).
+    Batch(Vec<RosterOp>),
+}
+
+impl RosterOp {
+    /// The checks that need no store: every resident and credential is well formed.
+    fn validate(&self) -> Result<(), StoreError> {
+        let resident = |r: &Resident, cs: &mut dyn Iterator<Item = &Credential>| -> Result<(), StoreError> {
+            r.validate().map_err(StoreError::InvalidResident)?;
+            for c in cs {
+                c.validity.validate().map_err(StoreError::InvalidResident)?;
+            }
+            Ok(())
+        };
+        match self {
+            RosterOp::Upsert { resident: r, credentials } => resident(r, &mut credentials.iter().flatten()),
+            RosterOp::AddCredential(c) => c.validity.validate().map_err(StoreError::InvalidResident),
+            RosterOp::Add { resident: r, credentials } => resident(r, &mut credentials.iter()),
+            RosterOp::Sync { residents, .. } => residents.iter().try_for_each(|(r, cs)| resident(r, &mut cs.iter())),
+            RosterOp::Batch(ops) => ops.iter().enumerate().try_for_each(|(index, op)| {
+                op.validate().map_err(|e| StoreError::InBatch { index, source: Box::new(e) })
+            }),
+            RosterOp::SetMode { .. }
+            | RosterOp::RemoveCredential(_)
+            | RosterOp::RemoveResident(_)
+            | RosterOp::Nothing => Ok(()),
+        }
+    }
 }
 
 /// What a [`RosterOp`] did.
@@ -56,6 +84,10 @@ pub enum OpOutcome {
         credentials: usize,
         removed: usize,
     },
+    /// A batch: how many ops it applied (all of them).
+    Batched {
+        ops: usize,
+    },
 }
 
 impl Store {
@@ -74,6 +106,12 @@ impl Store {
             out.push(decode("residents", v.value())?);
         }
         Ok(out)
+    }
+
+    /// How many residents and credentials the roster holds (table lengths: no decoding).
+    pub fn roster_counts(&self) -> Result<(u64, u64), StoreError> {
+        let tx = self.read()?;
+        Ok((tx.open_table(RESIDENTS)?.len()?, tx.open_table(CREDENTIALS)?.len()?))
     }
 
     pub fn credentials(&self) -> Result<Vec<Credential>, StoreError> {
@@ -109,185 +147,8 @@ impl Store {
 
     /// Apply a roster change, recording `claim` in the same durable transaction.
     pub fn apply(&self, op: RosterOp, claim: Option<Claim<'_>>, now_ms: i64) -> Result<OpOutcome, StoreError> {
-        match &op {
-            RosterOp::Upsert { resident, credentials } => {
-                resident.validate().map_err(StoreError::InvalidResident)?;
-                for c in credentials.iter().flatten() {
-                    c.validity.validate().map_err(StoreError::InvalidResident)?;
-                }
-            }
-            RosterOp::AddCredential(c) => c.validity.validate().map_err(StoreError::InvalidResident)?,
-            RosterOp::Add { resident, credentials } => {
-                resident.validate().map_err(StoreError::InvalidResident)?;
-                for c in credentials {
-                    c.validity.validate().map_err(StoreError::InvalidResident)?;
-                }
-            }
-            RosterOp::Sync { residents, .. } => {
-                for (r, cs) in residents {
-                    r.validate().map_err(StoreError::InvalidResident)?;
-                    for c in cs {
-                        c.validity.validate().map_err(StoreError::InvalidResident)?;
-                    }
-                }
-            }
-            _ => {}
-        }
-        self.mutate(now_ms, claim, |t| match op {
-            RosterOp::Nothing => Ok((OpOutcome::Done, Vec::new())),
-            RosterOp::Add { resident: r, credentials } => {
-                if t.residents.get(r.id.as_str())?.is_some() {
-                    return Err(StoreError::ResidentExists(r.id.to_string()));
-                }
-                t.residents.insert(r.id.as_str(), encode(&r).as_slice())?;
-                for c in &credentials {
-                    put_credential(&mut t.creds, &r, c)?;
-                }
-                t.audit.push(AuditEntry::new(
-                    now_ms,
-                    "resident_added",
-                    Some(r.id.as_str()),
-                    format!("mode {}", r.mode.name()),
-                ));
-                Ok((OpOutcome::Done, vec![r.id]))
-            }
-            RosterOp::Upsert { resident, credentials } => {
-                let before = t.residents.get(resident.id.as_str())?.map(|v| decode::<Resident>("residents", v.value()));
-                match before.transpose()? {
-                    None => t.audit.push(AuditEntry::new(
-                        now_ms,
-                        "resident_added",
-                        Some(resident.id.as_str()),
-                        format!("mode {}", resident.mode.name()),
-                    )),
-                    Some(b) if b.mode != resident.mode => t.audit.push(AuditEntry::new(
-                        now_ms,
-                        "mode_changed",
-                        Some(resident.id.as_str()),
-                        format!("{} -> {}", b.mode.name(), resident.mode.name()),
-                    )),
-                    Some(_) => {}
-                }
-                t.residents.insert(resident.id.as_str(), encode(&resident).as_slice())?;
-                if let Some(cs) = credentials {
-                    remove_credentials_of(&mut t.creds, &resident.id)?;
-                    for c in &cs {
-                        put_credential(&mut t.creds, &resident, c)?;
-                    }
-                }
-                Ok((OpOutcome::Done, vec![resident.id]))
-            }
-            RosterOp::SetMode { id, mode } => {
-                let mut r: Resident = match t.residents.get(id.as_str())? {
-                    Some(v) => decode("residents", v.value())?,
-                    None => return Err(StoreError::NoResident(id.to_string())),
-                };
-                let before = r.mode;
-                if before == mode {
-                    // Nothing to change: no write, no audit record (kind to a BMS that retries).
-                    return Ok((OpOutcome::Unchanged, Vec::new()));
-                }
-                r.mode = mode;
-                t.residents.insert(id.as_str(), encode(&r).as_slice())?;
-                t.audit.push(AuditEntry::new(
-                    now_ms,
-                    "mode_changed",
-                    Some(id.as_str()),
-                    format!("{} -> {}", before.name(), mode.name()),
-                ));
-                Ok((OpOutcome::ModeChanged { before }, vec![id]))
-            }
-            RosterOp::AddCredential(c) => {
-                let r: Resident = match t.residents.get(c.resident.as_str())? {
-                    Some(v) => decode("residents", v.value())?,
-                    None => return Err(StoreError::NoResident(c.resident.to_string())),
-                };
-                put_credential(&mut t.creds, &r, &c)?;
-                t.audit.push(AuditEntry::new(
-                    now_ms,
-                    "credential_added",
-                    Some(c.resident.as_str()),
-                    c.credential.masked(),
-                ));
-                Ok((OpOutcome::Done, vec![c.resident]))
-            }
-            RosterOp::RemoveCredential(key) => {
-                let c: Credential = match t.creds.remove(key.as_str())? {
-                    Some(v) => decode("credentials", v.value())?,
-                    None => return Err(StoreError::NoCredential(key)),
-                };
-                let holder = c.resident.clone();
-                t.audit.push(AuditEntry::new(
-                    now_ms,
-                    "credential_removed",
-                    Some(holder.as_str()),
-                    c.credential.masked(),
-                ));
-                Ok((OpOutcome::CredentialRemoved(c), vec![holder]))
-            }
-            RosterOp::RemoveResident(id) => {
-                if t.residents.remove(id.as_str())?.is_none() {
-                    return Err(StoreError::NoResident(id.to_string()));
-                }
-                let n = remove_credentials_of(&mut t.creds, &id)?;
-                t.audit.push(AuditEntry::new(
-                    now_ms,
-                    "resident_removed",
-                    Some(id.as_str()),
-                    format!("{n} credentials"),
-                ));
-                Ok((OpOutcome::ResidentRemoved { credentials: n }, Vec::new()))
-            }
-            RosterOp::Sync { version, digest, residents } => {
-                let applied = t.meta.get("roster_version")?.map(|v| v.value()).unwrap_or(0);
-                let applied_digest = t.meta.get("roster_digest")?.map(|v| v.value());
-                if version < applied {
-                    return Err(StoreError::StaleVersion { offered: version, applied });
-                }
-                if version == applied && applied_digest.is_some_and(|d| d != digest) {
-                    return Err(StoreError::VersionConflict(version));
-                }
-                let before = t.residents.len()?;
-                let mut old_modes = std::collections::HashMap::new();
-                for row in t.residents.iter()? {
-                    let (k, v) = row?;
-                    let r: Resident = decode("residents", v.value())?;
-                    old_modes.insert(k.value().to_string(), r.mode);
-                }
-                for (r, _) in &residents {
-                    if let Some(m) = old_modes.get(r.id.as_str()).filter(|m| **m != r.mode) {
-                        t.audit.push(AuditEntry::new(
-                            now_ms,
-                            "mode_changed",
-                            Some(r.id.as_str()),
-                            format!("{} -> {} (roster.sync {version})", m.name(), r.mode.name()),
-                        ));
-                    }
-                }
-                t.residents.retain(|_, _| false)?;
-                t.creds.retain(|_, _| false)?;
-                let mut touched = Vec::with_capacity(residents.len());
-                let mut n_creds = 0;
-                for (r, cs) in &residents {
-                    t.residents.insert(r.id.as_str(), encode(r).as_slice())?;
-                    for c in cs {
-                        put_credential(&mut t.creds, r, c)?;
-                        n_creds += 1;
-                    }
-                    touched.push(r.id.clone());
-                }
-                t.meta.insert("roster_version", version)?;
-                t.meta.insert("roster_digest", digest)?;
-                let removed = before.saturating_sub(residents.len() as u64) as usize;
-                t.audit.push(AuditEntry::new(
-                    now_ms,
-                    "roster_synced",
-                    None,
-                    format!("version {version}: {} residents, {n_creds} credentials", residents.len()),
-                ));
-                Ok((OpOutcome::Synced { residents: residents.len(), credentials: n_creds, removed }, touched))
-            }
-        })
+        op.validate()?;
+        self.mutate(now_ms, claim, |t| apply_in(t, op, now_ms))
     }
 
     /// Add a resident with their credentials atomically (a face mode needs its card in the same
@@ -326,6 +187,171 @@ impl Store {
         match self.apply(RosterOp::RemoveResident(id.clone()), None, now_ms)? {
             OpOutcome::ResidentRemoved { credentials } => Ok(credentials),
             _ => Ok(0),
+        }
+    }
+}
+
+/// One roster op inside an open transaction: what it did and the residents it touched (the
+/// guard checks them before the commit).
+pub(super) fn apply_in(
+    t: &mut Tables<'_>,
+    op: RosterOp,
+    now_ms: i64,
+) -> Result<(OpOutcome, Vec<ResidentId>), StoreError> {
+    match op {
+        RosterOp::Nothing => Ok((OpOutcome::Done, Vec::new())),
+        RosterOp::Batch(ops) => {
+            let n = ops.len();
+            let mut touched = Vec::new();
+            for (index, op) in ops.into_iter().enumerate() {
+                if let RosterOp::Batch(_) | RosterOp::Sync { .. } = op {
+                    let e = StoreError::InvalidResident("a batch holds resident and credential changes only".into());
+                    return Err(StoreError::InBatch { index, source: Box::new(e) });
+                }
+                let (_, mut t2) =
+                    apply_in(t, op, now_ms).map_err(|e| StoreError::InBatch { index, source: Box::new(e) })?;
+                touched.append(&mut t2);
+            }
+            Ok((OpOutcome::Batched { ops: n }, touched))
+        }
+        RosterOp::Add { resident: r, credentials } => {
+            if t.residents.get(r.id.as_str())?.is_some() {
+                return Err(StoreError::ResidentExists(r.id.to_string()));
+            }
+            t.residents.insert(r.id.as_str(), encode(&r).as_slice())?;
+            for c in &credentials {
+                put_credential(&mut t.creds, &r, c)?;
+            }
+            t.audit.push(AuditEntry::new(
+                now_ms,
+                "resident_added",
+                Some(r.id.as_str()),
+                format!("mode {}", r.mode.name()),
+            ));
+            Ok((OpOutcome::Done, vec![r.id]))
+        }
+        RosterOp::Upsert { resident, credentials } => {
+            let before = t.residents.get(resident.id.as_str())?.map(|v| decode::<Resident>("residents", v.value()));
+            match before.transpose()? {
+                None => t.audit.push(AuditEntry::new(
+                    now_ms,
+                    "resident_added",
+                    Some(resident.id.as_str()),
+                    format!("mode {}", resident.mode.name()),
+                )),
+                Some(b) if b.mode != resident.mode => t.audit.push(AuditEntry::new(
+                    now_ms,
+                    "mode_changed",
+                    Some(resident.id.as_str()),
+                    format!("{} -> {}", b.mode.name(), resident.mode.name()),
+                )),
+                Some(_) => {}
+            }
+            t.residents.insert(resident.id.as_str(), encode(&resident).as_slice())?;
+            if let Some(cs) = credentials {
+                remove_credentials_of(&mut t.creds, &resident.id)?;
+                for c in &cs {
+                    put_credential(&mut t.creds, &resident, c)?;
+                }
+            }
+            Ok((OpOutcome::Done, vec![resident.id]))
+        }
+        RosterOp::SetMode { id, mode } => {
+            let mut r: Resident = match t.residents.get(id.as_str())? {
+                Some(v) => decode("residents", v.value())?,
+                None => return Err(StoreError::NoResident(id.to_string())),
+            };
+            let before = r.mode;
+            if before == mode {
+                // Nothing to change: no write, no audit record (kind to a BMS that retries).
+                return Ok((OpOutcome::Unchanged, Vec::new()));
+            }
+            r.mode = mode;
+            t.residents.insert(id.as_str(), encode(&r).as_slice())?;
+            t.audit.push(AuditEntry::new(
+                now_ms,
+                "mode_changed",
+                Some(id.as_str()),
+                format!("{} -> {}", before.name(), mode.name()),
+            ));
+            Ok((OpOutcome::ModeChanged { before }, vec![id]))
+        }
+        RosterOp::AddCredential(c) => {
+            let r: Resident = match t.residents.get(c.resident.as_str())? {
+                Some(v) => decode("residents", v.value())?,
+                None => return Err(StoreError::NoResident(c.resident.to_string())),
+            };
+            put_credential(&mut t.creds, &r, &c)?;
+            t.audit.push(AuditEntry::new(now_ms, "credential_added", Some(c.resident.as_str()), c.credential.masked()));
+            Ok((OpOutcome::Done, vec![c.resident]))
+        }
+        RosterOp::RemoveCredential(key) => {
+            let c: Credential = match t.creds.remove(key.as_str())? {
+                Some(v) => decode("credentials", v.value())?,
+                None => return Err(StoreError::NoCredential(key)),
+            };
+            let holder = c.resident.clone();
+            t.audit.push(AuditEntry::new(now_ms, "credential_removed", Some(holder.as_str()), c.credential.masked()));
+            Ok((OpOutcome::CredentialRemoved(c), vec![holder]))
+        }
+        RosterOp::RemoveResident(id) => {
+            if t.residents.remove(id.as_str())?.is_none() {
+                return Err(StoreError::NoResident(id.to_string()));
+            }
+            let n = remove_credentials_of(&mut t.creds, &id)?;
+            t.audit.push(AuditEntry::new(now_ms, "resident_removed", Some(id.as_str()), format!("{n} credentials")));
+            Ok((OpOutcome::ResidentRemoved { credentials: n }, Vec::new()))
+        }
+        RosterOp::Sync { version, digest, residents } => {
+            let applied = t.meta.get("roster_version")?.map(|v| v.value()).unwrap_or(0);
+            let applied_digest = t.meta.get("roster_digest")?.map(|v| v.value());
+            if version < applied {
+                return Err(StoreError::StaleVersion { offered: version, applied });
+            }
+            if version == applied && applied_digest.is_some_and(|d| d != digest) {
+                return Err(StoreError::VersionConflict(version));
+            }
+            let before = t.residents.len()?;
+            let mut old_modes = std::collections::HashMap::new();
+            for row in t.residents.iter()? {
+                let (k, v) = row?;
+                let r: Resident = decode("residents", v.value())?;
+                old_modes.insert(k.value().to_string(), r.mode);
+            }
+            for (r, _) in &residents {
+                if let Some(m) = old_modes.get(r.id.as_str()).filter(|m| **m != r.mode) {
+                    t.audit.push(AuditEntry::new(
+                        now_ms,
+                        "mode_changed",
+                        Some(r.id.as_str()),
+                        format!("{} -> {} (roster.sync {version})", m.name(), r.mode.name()),
+                    ));
+                }
+            }
+            t.residents.retain(|_, _| false)?;
+            t.creds.retain(|_, _| false)?;
+            let mut touched = Vec::with_capacity(residents.len());
+            let mut n_creds = 0;
+            for (r, cs) in &residents {
+                if t.residents.insert(r.id.as_str(), encode(r).as_slice())?.is_some() {
+                    return Err(StoreError::InvalidResident(format!("resident {} appears twice in the roster", r.id)));
+                }
+                for c in cs {
+                    put_credential(&mut t.creds, r, c)?;
+                    n_creds += 1;
+                }
+                touched.push(r.id.clone());
+            }
+            t.meta.insert("roster_version", version)?;
+            t.meta.insert("roster_digest", digest)?;
+            let removed = before.saturating_sub(residents.len() as u64) as usize;
+            t.audit.push(AuditEntry::new(
+                now_ms,
+                "roster_synced",
+                None,
+                format!("version {version}: {} residents, {n_creds} credentials", residents.len()),
+            ));
+            Ok((OpOutcome::Synced { residents: residents.len(), credentials: n_creds, removed }, touched))
         }
     }
 }

@@ -28,6 +28,11 @@ pub(super) const TEMPLATE_META: TableDefinition<&str, &[u8]> = TableDefinition::
 /// Templates deleted whose data key is still to be destroyed and receipted: key id →
 /// [`PendingDeletion`] (JSON). Written in the deleting transaction; emptied by `privacy::shred`.
 pub(super) const DELETIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("pending_deletions");
+/// The pages of a paged `roster.sync` received so far: page index → JSON entries. The roster
+/// tables are untouched until the last page is in; then one transaction switches.
+pub(super) const SYNC_PAGES: TableDefinition<u32, &[u8]> = TableDefinition::new("roster_sync_pages");
+/// The paged sync in progress: `current` → [`super::SyncProgress`] (JSON).
+pub(super) const SYNC_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("roster_sync");
 /// Audit records written with their change, waiting to be moved to the audit file: seq → JSON.
 pub(super) const AUDIT_PENDING: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_pending");
 
@@ -56,6 +61,8 @@ impl Store {
             tx.open_table(TEMPLATE_META)?;
             tx.open_table(DELETIONS)?;
             tx.open_table(AUDIT_PENDING)?;
+            tx.open_table(SYNC_PAGES)?;
+            tx.open_table(SYNC_STATE)?;
         }
         self.commit(tx)?;
         self.flush_audit();

@@ -1,7 +1,7 @@
 //! Face consents and sealed templates, and the pending deletions that the privacy stage turns
 //! into destroyed keys and receipts. The store holds only sealed bytes: it knows nothing of keys.
 
-use redb::{Durability, ReadableTable};
+use redb::{Durability, ReadableTable, ReadableTableMetadata};
 
 use super::schema::*;
 use super::{decode, encode, AuditEntry, Claim, OutboxEntry, Store, StoreError, Tables};
@@ -289,6 +289,12 @@ impl Store {
     }
 
     /// Every sealed template (resident id, blob).
+    /// How many face templates the store holds.
+    pub fn template_count(&self) -> Result<u64, StoreError> {
+        let tx = self.read()?;
+        Ok(tx.open_table(TEMPLATES)?.len()?)
+    }
+
     pub fn templates(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let tx = self.read()?;
         let t = match tx.open_table(TEMPLATES) {

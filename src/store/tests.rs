@@ -444,3 +444,151 @@ proptest::proptest! {
         }
     }
 }
+
+fn page(id: &str, version: u64, n: u32, of: u32, residents: Vec<(Resident, Vec<Credential>)>) -> SyncPage {
+    SyncPage { sync_id: id.into(), version, page: n, pages: of, residents }
+}
+
+fn card_resident(id: &str, n: u64) -> (Resident, Vec<Credential>) {
+    (resident(id, AccessMode::FaceOrCard), vec![card(id, n)])
+}
+
+const TIMEOUT: i64 = 600_000;
+
+fn claim(id: &str) -> Option<Claim<'_>> {
+    Some(Claim { request_id: id, now_ms: 1_000, by: "mqtt" })
+}
+
+#[test]
+fn a_paged_sync_switches_only_on_its_last_page_in_one_transaction() {
+    let (_d, s, audit) = open();
+    s.add_resident(&resident("old", AccessMode::Card), &[card("old", 9)], 0).unwrap();
+    let out = s.stage_page(page("s1", 5, 0, 3, vec![card_resident("a", 1)]), claim("p0"), 10, TIMEOUT).unwrap();
+    assert_eq!(out.switched, None);
+    assert_eq!(out.progress.next_page, 1);
+    s.stage_page(page("s1", 5, 1, 3, vec![card_resident("b", 2)]), claim("p1"), 20, TIMEOUT).unwrap();
+    // Until the last page, the old roster is the roster.
+    assert!(s.lookup_card(&CardId { format: Format::H10301, facility: 7, number: 9 }).unwrap().is_some());
+    assert!(s.resident(&rid("a")).unwrap().is_none());
+    assert_eq!(s.roster_version().unwrap(), 0);
+    assert_eq!(s.sync_progress().unwrap().unwrap().next_page, 2);
+    let out = s.stage_page(page("s1", 5, 2, 3, vec![card_resident("c", 3)]), claim("p2"), 30, TIMEOUT).unwrap();
+    assert_eq!(out.switched, Some(OpOutcome::Synced { residents: 3, credentials: 3, removed: 0 }));
+    assert_eq!(s.roster_version().unwrap(), 5);
+    assert!(s.resident(&rid("old")).unwrap().is_none());
+    assert_eq!(s.roster_counts().unwrap(), (3, 3));
+    assert_eq!(s.sync_progress().unwrap(), None, "the staging is emptied by the switch");
+    assert!(audit.0.lock().unwrap().iter().any(|(_, e)| e.kind == "roster_synced"));
+}
+
+#[test]
+fn a_paged_sync_refuses_pages_out_of_order_duplicated_or_from_another_sync() {
+    let (_d, s, _) = open();
+    s.stage_page(page("s1", 2, 0, 3, vec![card_resident("a", 1)]), claim("a0"), 0, TIMEOUT).unwrap();
+    let e = s.stage_page(page("s1", 2, 2, 3, vec![card_resident("c", 3)]), claim("a2"), 0, TIMEOUT).unwrap_err();
+    assert!(matches!(e, StoreError::PageOutOfOrder { expected: 1, got: 2, .. }), "{e}");
+    let e = s.stage_page(page("s1", 2, 0, 3, vec![card_resident("a", 1)]), claim("a0b"), 0, TIMEOUT).unwrap_err();
+    assert!(matches!(e, StoreError::DuplicatePage { page: 0, expected: 1, .. }), "{e}");
+    let e = s.stage_page(page("other", 2, 1, 3, vec![card_resident("b", 2)]), claim("o1"), 0, TIMEOUT).unwrap_err();
+    assert!(matches!(e, StoreError::UnknownSync(_)), "{e}");
+    let e = s.stage_page(page("s1", 3, 1, 3, vec![card_resident("b", 2)]), claim("v1"), 0, TIMEOUT).unwrap_err();
+    assert!(matches!(e, StoreError::UnknownSync(_)), "a page of another version: {e}");
+    // A refused page claimed nothing: its request id can be used again.
+    s.stage_page(page("s1", 2, 1, 3, vec![card_resident("b", 2)]), claim("a2"), 0, TIMEOUT).unwrap();
+    assert_eq!(s.sync_progress().unwrap().unwrap().next_page, 2);
+    // The same request id twice is a replay.
+    let e = s.stage_page(page("s1", 2, 2, 3, vec![card_resident("c", 3)]), claim("a2"), 0, TIMEOUT).unwrap_err();
+    assert!(matches!(e, StoreError::DuplicateRequest(_)), "{e}");
+    assert_eq!(s.roster_version().unwrap(), 0);
+}
+
+#[test]
+fn a_paged_sync_refuses_art10_per_page_and_conflicts_at_the_switch() {
+    let (_d, s, _) = open();
+    // A face-only resident is refused on the page that carries it; the sync goes on.
+    s.stage_page(page("s1", 1, 0, 2, vec![card_resident("a", 1)]), claim("g0"), 0, TIMEOUT).unwrap();
+    let face_only = vec![(resident("f", AccessMode::FaceOrCard), vec![])];
+    let e = s.stage_page(page("s1", 1, 1, 2, face_only), claim("g1"), 0, TIMEOUT).unwrap_err();
+    assert!(matches!(e, StoreError::Guard(_)), "{e}");
+    assert_eq!(s.sync_progress().unwrap().unwrap().next_page, 1);
+    // A card held by residents of two pages is only seen at the switch: refused, and the
+    // staged sync is discarded (nothing changed).
+    let e = s.stage_page(page("s1", 1, 1, 2, vec![card_resident("b", 1)]), claim("g2"), 0, TIMEOUT).unwrap_err();
+    assert!(matches!(e, StoreError::CredentialTaken(_)), "{e}");
+    assert_eq!(s.sync_progress().unwrap(), None);
+    assert_eq!(s.roster_counts().unwrap(), (0, 0));
+    // A resident in two pages: refused at the switch too.
+    s.stage_page(page("s2", 1, 0, 2, vec![card_resident("a", 1)]), claim("h0"), 0, TIMEOUT).unwrap();
+    let e = s.stage_page(page("s2", 1, 1, 2, vec![card_resident("a", 2)]), claim("h1"), 0, TIMEOUT).unwrap_err();
+    assert!(matches!(e, StoreError::InvalidResident(_)), "{e}");
+    assert_eq!(s.roster_version().unwrap(), 0);
+}
+
+#[test]
+fn a_half_received_sync_is_replaced_by_a_new_one_or_discarded_after_its_timeout() {
+    let (_d, s, audit) = open();
+    s.stage_page(page("s1", 1, 0, 2, vec![card_resident("a", 1)]), claim("x0"), 0, TIMEOUT).unwrap();
+    let out = s.stage_page(page("s2", 1, 0, 2, vec![card_resident("b", 2)]), claim("y0"), 5, TIMEOUT).unwrap();
+    assert_eq!(out.replaced.map(|p| p.sync_id), Some("s1".to_string()));
+    let e = s.stage_page(page("s1", 1, 1, 2, vec![card_resident("c", 3)]), claim("x1"), 6, TIMEOUT).unwrap_err();
+    assert!(matches!(e, StoreError::UnknownSync(_)), "{e}");
+    // An older version may not replace a newer half-received one.
+    let e = s.stage_page(page("s0", 0, 0, 2, vec![card_resident("c", 3)]), claim("z0"), 7, TIMEOUT).unwrap_err();
+    assert!(matches!(e, StoreError::StaleVersion { .. }), "{e}");
+    assert_eq!(s.discard_stale_sync(5 + TIMEOUT, TIMEOUT).unwrap(), None, "not yet");
+    let gone = s.discard_stale_sync(6 + TIMEOUT, TIMEOUT).unwrap().unwrap();
+    assert_eq!((gone.sync_id.as_str(), gone.next_page), ("s2", 1));
+    assert_eq!(s.sync_progress().unwrap(), None);
+    assert_eq!(audit.0.lock().unwrap().iter().filter(|(_, e)| e.kind == "roster_sync_discarded").count(), 2);
+    // A late page of a timed-out sync is refused even before the periodic discard ran.
+    s.stage_page(page("s3", 1, 0, 2, vec![card_resident("a", 1)]), claim("w0"), 0, TIMEOUT).unwrap();
+    let e =
+        s.stage_page(page("s3", 1, 1, 2, vec![card_resident("b", 2)]), claim("w1"), TIMEOUT + 1, TIMEOUT).unwrap_err();
+    assert!(matches!(e, StoreError::UnknownSync(_)), "{e}");
+}
+
+#[test]
+fn a_paged_sync_survives_a_reopen_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let s = Store::open(&path).unwrap();
+        s.stage_page(page("s1", 4, 0, 2, vec![card_resident("a", 1)]), claim("r0"), 0, TIMEOUT).unwrap();
+    }
+    let s = Store::open(&path).unwrap();
+    assert_eq!(s.sync_progress().unwrap().unwrap().next_page, 1);
+    let out = s.stage_page(page("s1", 4, 1, 2, vec![card_resident("b", 2)]), claim("r1"), 1, TIMEOUT).unwrap();
+    assert!(out.switched.is_some());
+    assert_eq!(s.roster_version().unwrap(), 4);
+    // The same snapshot again in other page sizes is the same version: not a conflict.
+    s.stage_page(page("s9", 4, 0, 1, vec![card_resident("b", 2), card_resident("a", 1)]), claim("r2"), 2, TIMEOUT)
+        .unwrap();
+    let e = s.stage_page(page("s10", 4, 0, 1, vec![card_resident("a", 1)]), claim("r3"), 3, TIMEOUT).unwrap_err();
+    assert!(matches!(e, StoreError::VersionConflict(4)), "{e}");
+}
+
+#[test]
+fn a_batch_is_all_or_nothing() {
+    let (_d, s, _) = open();
+    s.add_resident(&resident("x", AccessMode::Card), &[card("x", 9)], 0).unwrap();
+    let up = |id: &str, n: u64| RosterOp::Upsert {
+        resident: resident(id, AccessMode::FaceOrCard),
+        credentials: Some(vec![card(id, n)]),
+    };
+    let ok = RosterOp::Batch(vec![up("a", 1), up("b", 2), RosterOp::RemoveResident(rid("x"))]);
+    assert_eq!(s.apply(ok, claim("b1"), 0).unwrap(), OpOutcome::Batched { ops: 3 });
+    assert_eq!(s.roster_counts().unwrap(), (2, 2));
+    // One face-only entry refuses the whole batch.
+    let face_only = RosterOp::Upsert { resident: resident("f", AccessMode::FaceOrCard), credentials: Some(vec![]) };
+    let bad = RosterOp::Batch(vec![up("c", 3), face_only]);
+    assert!(matches!(s.apply(bad, claim("b2"), 0), Err(StoreError::Guard(_))));
+    // A card of another resident: the entry's index is named.
+    let bad = RosterOp::Batch(vec![up("d", 4), up("e", 1)]);
+    let e = s.apply(bad, claim("b3"), 0).unwrap_err();
+    assert!(
+        matches!(&e, StoreError::InBatch { index: 1, source } if matches!(**source, StoreError::CredentialTaken(_))),
+        "{e}"
+    );
+    assert_eq!(s.roster_counts().unwrap(), (2, 2), "nothing of a refused batch was applied");
+    assert!(s.resident(&rid("c")).unwrap().is_none() && s.resident(&rid("d")).unwrap().is_none());
+}

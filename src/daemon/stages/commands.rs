@@ -23,7 +23,7 @@ use crate::daemon::status;
 use crate::events::NewEvent;
 use crate::model::{CredentialKind, ResidentId};
 use crate::stats::Stats;
-use crate::store::{Claim, OpOutcome, RosterOp, StoreError};
+use crate::store::{Claim, OpOutcome, RosterOp, StoreError, SyncPage};
 
 /// The commands stage's channels.
 pub struct CommandsIo {
@@ -46,11 +46,19 @@ struct Cmd<'a> {
 /// Run until shutdown.
 pub async fn run(ctx: StageCtx, mut io: CommandsIo) {
     let mut beat = tokio::time::interval(Duration::from_secs(1));
+    let mut beats = 0u64;
     loop {
         let inb = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             m = io.inbound.recv() => match m { Some(m) => m, None => { ctx.shutdown.cancelled().await; break } },
-            _ = beat.tick() => { ctx.beat(); continue; }
+            _ = beat.tick() => {
+                ctx.beat();
+                beats += 1;
+                if beats % 10 == 0 {
+                    expire_sync(&ctx, &io.events).await;
+                }
+                continue;
+            }
         };
         handle(&Cmd { ctx: &ctx, io: &io }, inb).await;
     }
@@ -88,11 +96,28 @@ async fn handle(ctx: &Cmd<'_>, inb: Inbound) {
                 }
             } else {
                 let outcome = execute(ctx, &req, now).await;
+                if outcome.is_ok() && changes_state(req.verb) {
+                    publish_summary(ctx).await;
+                }
                 (Some(req.verb), Some(req.request_id), req.reply, outcome)
             }
         }
     };
     ctx.responder().respond(verb, request_id, reply, outcome).await;
+}
+
+/// Does a successful `verb` change what the retained `summary` shows?
+fn changes_state(verb: Verb) -> bool {
+    !matches!(verb, Verb::Unlock | Verb::RulesGet | Verb::HealthGet | Verb::EventsBackfill)
+}
+
+/// Re-publish the retained `summary` now (a site tool sees the new roster version at once).
+async fn publish_summary(ctx: &Cmd<'_>) {
+    let facts = status::gather(&ctx.ctx.store, false).await;
+    let v = status::summary(&ctx.ctx.cfg, &facts, &ctx.ctx.stats);
+    let topic = format!("{}summary", ctx.ctx.cfg.topic_root());
+    let msg = Outgoing { topic, payload: v.to_string().into_bytes(), correlation: None, retain: true, reply: false };
+    send_out(&ctx.io.out, msg).await;
 }
 
 impl Cmd<'_> {
@@ -210,8 +235,19 @@ async fn send_out(out: &mpsc::Sender<Outgoing>, msg: Outgoing) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(2), out.send(msg)).await, Ok(Ok(())))
 }
 
+fn store_error_code(e: &StoreError) -> ErrorCode {
+    match e {
+        StoreError::InBatch { source, .. } => store_error_code(source),
+        other => store_error_ref(other).code,
+    }
+}
+
 fn store_error(e: StoreError) -> CmdError {
-    let code = match &e {
+    store_error_ref(&e)
+}
+
+fn store_error_ref(e: &StoreError) -> CmdError {
+    let code = match e {
         StoreError::DuplicateRequest(_) => ErrorCode::DuplicateRequest,
         StoreError::Guard(_) => ErrorCode::FaceOnlyRefused,
         StoreError::NoResident(_) => ErrorCode::UnknownResident,
@@ -219,6 +255,11 @@ fn store_error(e: StoreError) -> CmdError {
         StoreError::CredentialTaken(_) => ErrorCode::CredentialTaken,
         StoreError::StaleVersion { .. } => ErrorCode::StaleVersion,
         StoreError::VersionConflict(_) => ErrorCode::VersionConflict,
+        StoreError::PageOutOfOrder { .. } => ErrorCode::PageOutOfOrder,
+        StoreError::DuplicatePage { .. } => ErrorCode::DuplicatePage,
+        StoreError::UnknownSync(_) => ErrorCode::UnknownSync,
+        // A batch is refused with the code of the entry that failed; the message names it.
+        StoreError::InBatch { source, .. } => return CmdError::new(store_error_code(source), e.to_string()),
         StoreError::InvalidResident(_)
         | StoreError::ResidentExists(_)
         | StoreError::NoConsent(_)
@@ -267,7 +308,8 @@ async fn execute(ctx: &Cmd<'_>, req: &Request, now: i64) -> Result<Value, CmdErr
         | Command::SetMode { .. }
         | Command::CredentialAdd { .. }
         | Command::CredentialRemove(_)
-        | Command::RosterSync { .. } => roster(ctx, &req.command, rid, now).await,
+        | Command::RosterSync { .. }
+        | Command::RosterBatch { .. } => roster(ctx, &req.command, rid, now).await,
         Command::RulesGet => {
             let (version, text) = ctx.ctx.cfg.rules().map_err(|e| CmdError::new(ErrorCode::InternalError, e))?;
             Ok(json!({"version": version, "sha256": crate::privacy::rules_sha256(&text), "text": text}))
@@ -362,7 +404,10 @@ async fn roster(ctx: &Cmd<'_>, command: &Command, rid: &str, now: i64) -> Result
                 .await;
             Ok(json!({"resident": holder, "card": card}))
         }
-        Command::RosterSync { version, residents } => {
+        Command::RosterSync { version, residents, paging: Some(p) } => {
+            sync_page(ctx, *version, residents, p, rid, now).await
+        }
+        Command::RosterSync { version, residents, paging: None } => {
             let digest = roster_digest(residents);
             let entries =
                 residents.iter().map(|r| (r.resident(), r.credentials().unwrap_or_default())).collect::<Vec<_>>();
@@ -374,7 +419,86 @@ async fn roster(ctx: &Cmd<'_>, command: &Command, rid: &str, now: i64) -> Result
                 .await;
             Ok(json!({"version": version, "residents": n, "credentials": credentials, "removed": removed}))
         }
+        Command::RosterBatch { upserts, removes } => {
+            let mut ops: Vec<RosterOp> = upserts
+                .iter()
+                .map(|spec| RosterOp::Upsert { resident: spec.resident(), credentials: spec.credentials() })
+                .collect();
+            ops.extend(removes.iter().map(|id| RosterOp::RemoveResident(id.clone())));
+            apply(ctx, RosterOp::Batch(ops), rid, now).await?;
+            let what = format!("roster.batch: {} upserts, {} removals", upserts.len(), removes.len());
+            emit(ctx, NewEvent::roster_changed(now, &what, rid)).await;
+            Ok(json!({"upserts": upserts.len(), "removes": removes.len()}))
+        }
         _ => Err(CmdError::new(ErrorCode::InternalError, "not a roster command")),
+    }
+}
+
+/// One page of a paged `roster.sync`: staged with its request id; the last one switches.
+async fn sync_page(
+    ctx: &Cmd<'_>,
+    version: u64,
+    residents: &[ResidentSpec],
+    p: &command::Paging,
+    rid: &str,
+    now: i64,
+) -> Result<Value, CmdError> {
+    let page = SyncPage {
+        sync_id: p.sync_id.clone(),
+        version,
+        page: p.page,
+        pages: p.pages,
+        residents: residents.iter().map(|r| (r.resident(), r.credentials().unwrap_or_default())).collect(),
+    };
+    let (store, r) = (ctx.ctx.store.clone(), rid.to_string());
+    let timeout = ctx.ctx.cfg.mqtt.roster_sync_timeout_secs as i64 * 1000;
+    let res = tokio::task::spawn_blocking(move || {
+        store.stage_page(page, Some(Claim { request_id: &r, now_ms: now, by: "mqtt" }), now, timeout)
+    })
+    .await
+    .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?;
+    if let Err(StoreError::Db(_) | StoreError::Corrupt { .. }) = &res {
+        ctx.ctx.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    let out = res.map_err(store_error)?;
+    if let Some(old) = &out.replaced {
+        let what = format!(
+            "roster.sync {} (version {}) discarded after {} of {} pages: replaced by sync {}",
+            old.sync_id, old.version, old.next_page, old.pages, p.sync_id
+        );
+        emit(ctx, NewEvent::system(now, "roster_sync_discarded", Some(what))).await;
+    }
+    let prog = &out.progress;
+    match out.switched {
+        None => Ok(json!({"version": version, "sync_id": p.sync_id, "page": p.page, "pages": p.pages,
+                          "next_page": prog.next_page, "staged_residents": prog.residents, "complete": false})),
+        Some(OpOutcome::Synced { residents: n, credentials, removed }) => {
+            let what = format!("roster.sync version {version} ({} pages, sync {}): {n} residents", p.pages, p.sync_id);
+            emit(ctx, NewEvent::roster_changed(now, &what, rid)).await;
+            Ok(json!({"version": version, "sync_id": p.sync_id, "page": p.page, "pages": p.pages,
+                      "next_page": prog.next_page, "complete": true,
+                      "residents": n, "credentials": credentials, "removed": removed}))
+        }
+        Some(_) => Err(CmdError::new(ErrorCode::InternalError, "unexpected store outcome")),
+    }
+}
+
+/// Discard a half-received paged sync that has waited too long for its next page.
+async fn expire_sync(ctx: &StageCtx, events: &mpsc::Sender<NewEvent>) {
+    let (store, timeout) = (ctx.store.clone(), ctx.cfg.mqtt.roster_sync_timeout_secs as i64 * 1000);
+    let now = wall_ms();
+    let res = tokio::task::spawn_blocking(move || store.discard_stale_sync(now, timeout)).await;
+    if let Ok(Ok(Some(p))) = res {
+        let what = format!(
+            "roster.sync {} (version {}) discarded after {} of {} pages: no page for {} s",
+            p.sync_id,
+            p.version,
+            p.next_page,
+            p.pages,
+            timeout / 1000
+        );
+        tracing::warn!(sync_id = %p.sync_id, "{what}");
+        let _ = events.send(NewEvent::system(now, "roster_sync_discarded", Some(what))).await;
     }
 }
 

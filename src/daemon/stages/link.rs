@@ -179,6 +179,14 @@ impl Session<'_> {
         let h = status::health(&self.ctx.cfg, &facts, &self.ctx.stats, self.ctx.started);
         let topic = format!("{}health", self.root);
         self.publish(topic, h.to_string().into_bytes(), false);
+        self.publish_summary(&facts);
+    }
+
+    /// The retained `summary` (for `menshen site status`).
+    fn publish_summary(&mut self, facts: &crate::bus::StoreFacts) -> bool {
+        let v = status::summary(&self.ctx.cfg, facts, &self.ctx.stats);
+        let topic = format!("{}summary", self.root);
+        self.publish(topic, v.to_string().into_bytes(), true)
     }
 }
 
@@ -219,6 +227,10 @@ async fn session(
     };
     if let Err(e) = announce(&mut s, &io.board) {
         return e;
+    }
+    let facts = status::gather(&ctx.store, false).await;
+    if !s.publish_summary(&facts) {
+        return SessionEnd::Lost("client queue full".into());
     }
     let health_every = ctx.cfg.mqtt.health_interval_secs;
     let mut health = tokio::time::interval(Duration::from_secs(health_every.max(1)));

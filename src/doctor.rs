@@ -267,7 +267,7 @@ async fn check_broker(cfg: &Config, timeout: Duration) -> Check {
     }
     let m = &cfg.mqtt;
     // The daemon's own options (TLS, login), under another client id and without its last will.
-    let mut o = match crate::mqtt::base_options(cfg, format!("menshen-doctor-{}", std::process::id())) {
+    let mut o = match crate::mqtt::base_options(&cfg.mqtt, format!("menshen-doctor-{}", std::process::id())) {
         Ok(o) => o,
         Err(e) => {
             return check(

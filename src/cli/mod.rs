@@ -12,11 +12,13 @@ mod demo;
 mod demo_bms;
 mod resident;
 mod sim;
+mod site;
 mod tools;
 
 pub use demo::{demo_config, demo_face, demo_script, DemoFace, DEMO_DIR, DEMO_FACE_ENROL, DEMO_FACE_SHOW};
 pub use resident::resident_cmd;
 pub use sim::{sim_cmd, sim_request};
+pub use site::{gate_views, site_cmd, GateView};
 pub use tools::{audit_verify, eval_cmd, face_probe, identity, tool_face_config, verify_receipt};
 
 /// Default config path on an installed gate.
@@ -86,6 +88,10 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// The whole site through the broker (from any machine, with its own MQTT login): every
+    /// gate's state from its retained messages, and `_site` commands answered by every gate.
+    #[command(subcommand)]
+    Site(SiteCmd),
     /// Accuracy evaluations of the face pipeline.
     #[command(subcommand)]
     Eval(EvalCmd),
@@ -118,6 +124,72 @@ pub enum Command {
         /// Model directory (default: $MENSHEN_MODELS_DIR, the config's, ../shared/models).
         #[arg(long)]
         models: Option<PathBuf>,
+    },
+}
+
+/// How `menshen site` reaches the broker: its own login, never a gate's.
+#[derive(Debug, Clone, Args)]
+pub struct SiteConn {
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    #[arg(long)]
+    pub username: Option<String>,
+    /// A file holding the password.
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// TLS: the broker's CA (pinned).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    #[arg(long, requires = "ca_file")]
+    pub client_cert_file: Option<PathBuf>,
+    #[arg(long, requires = "client_cert_file")]
+    pub client_key_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 5_000)]
+    pub connect_timeout_ms: u64,
+    /// The longest wait for retained messages.
+    #[arg(long, default_value_t = 5_000)]
+    pub wait_ms: u64,
+    /// Retained messages are all in once the broker has been quiet this long.
+    #[arg(long, default_value_t = 500)]
+    pub quiet_ms: u64,
+    /// Replies come under this prefix (the gates' `mqtt.reply_topic_prefix`).
+    #[arg(long, default_value = "bms/")]
+    pub reply_prefix: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SiteCmd {
+    /// Every gate of the site: online, version, roster version, residents, templates, pending
+    /// deletions, camera, outbox depth, last event, last seen. Read-only: retained topics only.
+    Status {
+        #[command(flatten)]
+        conn: SiteConn,
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send one command to every gate (`_site`) and wait until each has answered; exit 2 if
+    /// some did not within the timeout.
+    Command {
+        #[command(flatten)]
+        conn: SiteConn,
+        #[arg(long)]
+        site: String,
+        /// The verb, e.g. `health.get` or `roster.sync`.
+        verb: String,
+        /// The command's JSON object (its request_id is added).
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// The gates that must answer (default: every gate shown online by `site status`).
+        #[arg(long, value_delimiter = ',')]
+        gates: Vec<String>,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        json: bool,
     },
 }
 

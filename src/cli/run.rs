@@ -197,6 +197,10 @@ pub fn run(cli: Cli) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::Site(cmd) => match super::site_cmd(cmd) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => fail(e),
+        },
         Command::Eval(cmd) => match eval_cmd(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),

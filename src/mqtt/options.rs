@@ -50,7 +50,7 @@ fn tls_config(t: &crate::config::TlsConfig) -> anyhow::Result<rustls::ClientConf
 /// The daemon's connection options, with its `offline` last will.
 pub fn options(cfg: &Config) -> anyhow::Result<MqttOptions> {
     let id = cfg.mqtt.client_id.clone().unwrap_or_else(|| format!("menshen-{}-{}", cfg.gate.site, cfg.gate.gate));
-    let mut o = base_options(cfg, id)?;
+    let mut o = base_options(&cfg.mqtt, id)?;
     // A persistent session: commands the BMS sends while the gate is away wait for it on the
     // broker (QoS 1), so an offline gate catches up on roster changes (docs/site.md). M3 holds:
     // the broker drops an unlock whose message expiry passes, and the gate checks it again.
@@ -69,8 +69,7 @@ pub fn options(cfg: &Config) -> anyhow::Result<MqttOptions> {
 }
 
 /// Address, login, TLS and limits, without a last will (`menshen doctor` connects with these).
-pub fn base_options(cfg: &Config, client_id: String) -> anyhow::Result<MqttOptions> {
-    let m = &cfg.mqtt;
+pub fn base_options(m: &crate::config::MqttConfig, client_id: String) -> anyhow::Result<MqttOptions> {
     let mut o = MqttOptions::new(client_id, m.host.clone(), m.port);
     o.set_keep_alive(Duration::from_secs(m.keep_alive_secs));
     o.set_clean_start(true);

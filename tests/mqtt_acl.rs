@@ -20,7 +20,7 @@ use std::time::Duration;
 fn acl(gate_events: &str) -> String {
     format!(
         "user gate1\ntopic read menshen/v1/site1/gate1/cmd/#\ntopic write menshen/v1/site1/gate1/status\n\
-         topic write menshen/v1/site1/gate1/state/#\ntopic write menshen/v1/site1/gate1/health\n\
+         topic write menshen/v1/site1/gate1/state/#\ntopic write menshen/v1/site1/gate1/health\ntopic write menshen/v1/site1/gate1/summary\n\
          topic write menshen/v1/site1/gate1/identity\n{gate_events}\
          topic read menshen/v1/site1/_site/cmd/#\ntopic write bms/+/replies\n\n\
          user bms\ntopic readwrite menshen/v1/#\ntopic readwrite bms/#\n"

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 //! A site: eight real gate daemons (simulated chips) and a BMS on (a) one mosquitto and (b) two
 //! mosquittos joined by a bridge, gates on either side and the BMS on one. A paged roster of
 //! 3,000 residents goes to every gate through `_site`; swipes at two gates during the sync are
@@ -227,6 +228,11 @@ fn run_site(bridged: bool) {
         st["online"] == GATES && (0..GATES).all(|i| gate_line(&st, &format!("g{i}"))["roster_version"] == 2)
     });
     assert!(ok, "{}", site_status(&site));
+    for i in 0..GATES {
+        for v in site.bms.messages(&format!("/g{i}/summary")) {
+            common::schema::validate("summary.json", &v).unwrap_or_else(|e| panic!("{e}: {v}"));
+        }
+    }
     let line = gate_line(&site_status(&site), "g3").clone();
     assert_eq!((line["residents"].as_u64(), line["templates"].as_u64()), (Some(RESIDENTS as u64), Some(0)));
     assert_eq!(line["camera"], "disabled");
@@ -255,6 +261,21 @@ fn run_site(bridged: bool) {
     let rejected = &h["result"]["rejected"]["commands"];
     assert_eq!((rejected["unknown_sync"].as_u64(), rejected["page_out_of_order"].as_u64()), (Some(1), Some(1)), "{h}");
     assert_eq!(h["result"]["roster_sync"]["next_page"], 1, "{h}");
+    common::schema::validate("health.json", &h["result"]).unwrap();
+
+    // A batch with one face-only entry is refused whole; a good one is one transaction.
+    let before = site.gates[far].fingerprint();
+    let bad = json!({"upserts": [resident(5), {"id": "r-face-only", "mode": "face_or_card"}], "removes": ["r00001"]});
+    let r = site.bms.command(SITE, &format!("g{far}"), "roster.batch", bad, None);
+    assert_eq!(r["code"], "face_only_refused", "{r}");
+    assert!(r["message"].as_str().unwrap().contains("nothing in the batch was applied"), "{r}");
+    assert_eq!(site.gates[far].fingerprint(), before, "a refused batch changes nothing");
+    let good = json!({"upserts": [{"id": "r-new", "mode": "card",
+        "cards": [{"format": "H10301", "facility": 30, "number": 1}]}], "removes": ["r00001"]});
+    let r = site.bms.command(SITE, &format!("g{far}"), "roster.batch", good, None);
+    assert_eq!((r["ok"].as_bool(), r["result"]["upserts"].as_u64()), (Some(true), Some(1)), "{r}");
+    assert_eq!(site.gates[far].status().unwrap()["residents"], RESIDENTS as u64, "one added, one removed");
+    assert_eq!(swipe_decision(&site, far, 30, 1), "granted");
 
     // M3 across the bridge: a retained unlock is refused, an expired one too; replies come back.
     let target = format!("g{far}");

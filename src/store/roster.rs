@@ -202,17 +202,33 @@ pub(super) fn apply_in(
         RosterOp::Nothing => Ok((OpOutcome::Done, Vec::new())),
         RosterOp::Batch(ops) => {
             let n = ops.len();
-            let mut touched = Vec::new();
+            let mut touched: Vec<(usize, ResidentId)> = Vec::new();
             for (index, op) in ops.into_iter().enumerate() {
                 if let RosterOp::Batch(_) | RosterOp::Sync { .. } = op {
                     let e = StoreError::InvalidResident("a batch holds resident and credential changes only".into());
                     return Err(StoreError::InBatch { index, source: Box::new(e) });
                 }
-                let (_, mut t2) =
+                let (_, t2) =
                     apply_in(t, op, now_ms).map_err(|e| StoreError::InBatch { index, source: Box::new(e) })?;
-                touched.append(&mut t2);
+                touched.extend(t2.into_iter().map(|id| (index, id)));
             }
-            Ok((OpOutcome::Batched { ops: n }, touched))
+            // The guard on the state the whole batch produces, here so that a refusal names its
+            // entry (the transaction's own guard then finds nothing more).
+            let mut by_holder: std::collections::HashMap<ResidentId, Vec<Credential>> =
+                std::collections::HashMap::new();
+            for row in t.creds.iter()? {
+                let (_, v) = row?;
+                let c: Credential = decode("credentials", v.value())?;
+                by_holder.entry(c.resident.clone()).or_default().push(c);
+            }
+            for (index, id) in &touched {
+                if let Some(v) = t.residents.get(id.as_str())? {
+                    let r: Resident = decode("residents", v.value())?;
+                    crate::policy::guard(&r, by_holder.get(id).map_or(&[][..], Vec::as_slice), now_ms)
+                        .map_err(|e| StoreError::InBatch { index: *index, source: Box::new(StoreError::Guard(e)) })?;
+                }
+            }
+            Ok((OpOutcome::Batched { ops: n }, touched.into_iter().map(|(_, id)| id).collect()))
         }
         RosterOp::Add { resident: r, credentials } => {
             if t.residents.get(r.id.as_str())?.is_some() {

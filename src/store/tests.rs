@@ -581,7 +581,8 @@ fn a_batch_is_all_or_nothing() {
     // One face-only entry refuses the whole batch.
     let face_only = RosterOp::Upsert { resident: resident("f", AccessMode::FaceOrCard), credentials: Some(vec![]) };
     let bad = RosterOp::Batch(vec![up("c", 3), face_only]);
-    assert!(matches!(s.apply(bad, claim("b2"), 0), Err(StoreError::Guard(_))));
+    let e = s.apply(bad, claim("b2"), 0).unwrap_err();
+    assert!(matches!(&e, StoreError::InBatch { index: 1, source } if matches!(**source, StoreError::Guard(_))), "{e}");
     // A card of another resident: the entry's index is named.
     let bad = RosterOp::Batch(vec![up("d", 4), up("e", 1)]);
     let e = s.apply(bad, claim("b3"), 0).unwrap_err();

@@ -71,6 +71,13 @@ async fn handle(ctx: &Cmd<'_>, inb: Inbound) {
     let now = wall_ms();
     let (verb, request_id, reply, outcome) = match command::parse(&inb, site, gate, &cfg.limits(), now) {
         Err(refusal) => (refusal.verb, refusal.request_id, refusal.reply, Err(refusal.error)),
+        Ok(req) if req.site_wide && !cfg.mqtt.site_commands => {
+            let e = CmdError::new(
+                ErrorCode::UnknownCommand,
+                "this gate does not take site-wide commands (mqtt.site_commands)",
+            );
+            (Some(req.verb), Some(req.request_id), req.reply, Err(e))
+        }
         Ok(req) => {
             if let Command::FaceEnrol { .. } = &req.command {
                 // Minutes of other commands must not wait for a resident at the camera: the

@@ -381,6 +381,14 @@ fn announce(s: &mut Session<'_>, board: &StateBoard) -> Result<(), SessionEnd> {
     if s.client.try_subscribe_many(filters).is_err() {
         return Err(SessionEnd::Lost("client queue full".into()));
     }
+    if !cfg.mqtt.site_commands {
+        // The session is persistent: a `_site` subscription of an earlier configuration would
+        // outlive it on the broker.
+        let site = format!("menshen/v1/{}/{SITE_SCOPE}/cmd/+", cfg.gate.site);
+        if s.client.try_unsubscribe(site).is_err() {
+            return Err(SessionEnd::Lost("client queue full".into()));
+        }
+    }
     let mut list = vec![(format!("{}status", s.root), status_payload("online"))];
     if cfg.homeassistant.enabled {
         list.extend(discovery(cfg));

@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::site::{bridge_config, pages};
 use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -25,16 +26,6 @@ struct Site {
     brokers: Vec<Broker>,
     gates: Vec<Gate>,
     bms: Bms,
-}
-
-fn bridge_config(port: u16, to: u16) -> String {
-    format!(
-        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n\
-         max_queued_messages 100000\n\
-         connection site-bridge\naddress 127.0.0.1:{to}\nbridge_protocol_version mqttv50\n\
-         cleansession false\nrestart_timeout 1\ntry_private true\n\
-         topic menshen/# both 1\ntopic bms/# both 1\n"
-    )
 }
 
 fn gate_port(site: &Site, i: usize) -> u16 {
@@ -101,27 +92,6 @@ fn resident(i: usize) -> Value {
            "cards": [{"format": "H10301", "facility": 20 + (i / 60_000), "number": 1 + i % 60_000}]})
 }
 
-/// The snapshot cut into pages of at most [`PAGE_BYTES`].
-fn pages(version: u64, sync_id: &str, residents: &[Value]) -> Vec<Value> {
-    let mut chunks: Vec<Vec<Value>> = vec![Vec::new()];
-    let mut size = 0;
-    for r in residents {
-        let n = r.to_string().len() + 1;
-        if size + n > PAGE_BYTES - 512 && !chunks.last().unwrap().is_empty() {
-            chunks.push(Vec::new());
-            size = 0;
-        }
-        size += n;
-        chunks.last_mut().unwrap().push(r.clone());
-    }
-    let total = chunks.len();
-    chunks
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| json!({"version": version, "sync_id": sync_id, "page": i, "pages": total, "residents": c}))
-        .collect()
-}
-
 fn names(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("g{i}")).collect()
 }
@@ -174,7 +144,7 @@ fn run_site(bridged: bool) {
 
     // Version 2: 3,000 residents in pages of at most 64 KiB.
     let snapshot: Vec<Value> = (0..RESIDENTS).map(resident).collect();
-    let pages = pages(2, "v2-site", &snapshot);
+    let pages = pages(2, "v2-site", &snapshot, PAGE_BYTES);
     assert!(pages.len() >= 4, "the roster needs several pages ({})", pages.len());
     for p in &pages {
         assert!(p.to_string().len() <= PAGE_BYTES);

@@ -98,6 +98,29 @@ struct Tables<'t> {
     now_ms: i64,
 }
 
+/// The Art. 10 guard ([`guard`]) on the state `t` holds, for each of `ids` that still exists: the
+/// position and error of the first that fails.
+fn guard_all(t: &Tables<'_>, ids: &[ResidentId], now_ms: i64) -> Result<Option<(usize, GuardError)>, StoreError> {
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    let mut by_holder: std::collections::HashMap<ResidentId, Vec<Credential>> = std::collections::HashMap::new();
+    for row in t.creds.iter()? {
+        let (_, v) = row?;
+        let c: Credential = decode("credentials", v.value())?;
+        by_holder.entry(c.resident.clone()).or_default().push(c);
+    }
+    for (k, id) in ids.iter().enumerate() {
+        if let Some(v) = t.residents.get(id.as_str())? {
+            let r: Resident = decode("residents", v.value())?;
+            if let Err(e) = guard(&r, by_holder.get(id).map_or(&[][..], Vec::as_slice), now_ms) {
+                return Ok(Some((k, e)));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Take group and other access away from `path` (set `mode`) if it has any: the store holds
 /// card numbers and sealed templates, whatever umask the daemon was started with. A file owned
 /// by another user is left as it is, with a warning.
@@ -302,20 +325,8 @@ impl Store {
             for id in enforce_template_invariant(&mut t)? {
                 tracing::info!(resident = %id, "face template deleted (face turned off, consent withdrawn or resident removed)");
             }
-            if !touched.is_empty() {
-                let mut by_holder: std::collections::HashMap<ResidentId, Vec<Credential>> =
-                    std::collections::HashMap::new();
-                for row in t.creds.iter()? {
-                    let (_, v) = row?;
-                    let c: Credential = decode("credentials", v.value())?;
-                    by_holder.entry(c.resident.clone()).or_default().push(c);
-                }
-                for id in touched {
-                    if let Some(v) = t.residents.get(id.as_str())? {
-                        let r: Resident = decode("residents", v.value())?;
-                        guard(&r, by_holder.get(&id).map_or(&[][..], Vec::as_slice), now_ms)?;
-                    }
-                }
+            if let Some((_, e)) = guard_all(&t, &touched, now_ms)? {
+                return Err(e.into());
             }
             if !t.audit.is_empty() {
                 let mut pending = tx.open_table(AUDIT_PENDING)?;

@@ -214,21 +214,11 @@ pub(super) fn apply_in(
             }
             // The guard on the state the whole batch produces, here so that a refusal names its
             // entry (the transaction's own guard then finds nothing more).
-            let mut by_holder: std::collections::HashMap<ResidentId, Vec<Credential>> =
-                std::collections::HashMap::new();
-            for row in t.creds.iter()? {
-                let (_, v) = row?;
-                let c: Credential = decode("credentials", v.value())?;
-                by_holder.entry(c.resident.clone()).or_default().push(c);
+            let (entries, ids): (Vec<usize>, Vec<ResidentId>) = touched.into_iter().unzip();
+            if let Some((k, e)) = super::guard_all(t, &ids, now_ms)? {
+                return Err(StoreError::InBatch { index: entries[k], source: Box::new(StoreError::Guard(e)) });
             }
-            for (index, id) in &touched {
-                if let Some(v) = t.residents.get(id.as_str())? {
-                    let r: Resident = decode("residents", v.value())?;
-                    crate::policy::guard(&r, by_holder.get(id).map_or(&[][..], Vec::as_slice), now_ms)
-                        .map_err(|e| StoreError::InBatch { index: *index, source: Box::new(StoreError::Guard(e)) })?;
-                }
-            }
-            Ok((OpOutcome::Batched { ops: n }, touched.into_iter().map(|(_, id)| id).collect()))
+            Ok((OpOutcome::Batched { ops: n }, ids))
         }
         RosterOp::Add { resident: r, credentials } => {
             if t.residents.get(r.id.as_str())?.is_some() {

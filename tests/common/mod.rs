@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod schema;
+pub mod site;
 
 use menshen::hw::sim::{self, WorldOp};
 use serde_json::Value;

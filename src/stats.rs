@@ -20,6 +20,9 @@ pub struct Stats {
     /// Publishes kept in flight on the current connection: min(mqtt.inflight, broker receive-maximum).
     pub mqtt_inflight: AtomicU64,
     pub mqtt_online: AtomicBool,
+    /// Wall ms of the last CONNACK: a paged sync's timeout counts from it too (a gate that was
+    /// offline could not receive pages).
+    pub mqtt_connected_ms: std::sync::atomic::AtomicI64,
     pub commands_ok: AtomicU64,
     /// Frames the face path has analysed.
     pub face_frames: AtomicU64,

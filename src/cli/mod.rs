@@ -163,6 +163,7 @@ pub struct SiteConn {
 pub enum SiteCmd {
     /// Every gate of the site: online, version, roster version, residents, templates, pending
     /// deletions, camera, outbox depth, last event, last seen. Read-only: retained topics only.
+    /// Exit 0 when every gate is online, 2 when one is not (or none was found).
     Status {
         #[command(flatten)]
         conn: SiteConn,

@@ -325,7 +325,9 @@ pub fn site_cmd(cmd: SiteCmd) -> anyhow::Result<u8> {
                     let online = views.iter().filter(|v| v.state == "online").count();
                     println!("{online} of {} gates online", views.len());
                 }
-                Ok(0)
+                // For monitoring: 0 only when there are gates and every one is online.
+                let all_online = !views.is_empty() && views.iter().all(|v| v.state == "online");
+                Ok(if all_online { 0 } else { 2 })
             }
             SiteCmd::Command { conn, site, verb, payload, gates, timeout_ms, json } => {
                 let payload: Value = serde_json::from_str(&payload).context("--payload")?;

@@ -33,7 +33,7 @@ pub use requests::Claim;
 pub use roster::{OpOutcome, RosterOp};
 pub use schema::SCHEMA_VERSION;
 use schema::*;
-pub use sync::{PageOutcome, SyncPage, SyncProgress};
+pub use sync::{PageOutcome, SyncPage, SyncProgress, Timeout};
 use templates::enforce_template_invariant;
 pub use templates::{PendingDeletion, TemplateMeta, Withdrawal};
 

@@ -43,6 +43,23 @@ pub struct SyncProgress {
     pub updated_ms: i64,
 }
 
+/// When a half-received sync is given up: after `ms` without a page, counted from its last page
+/// or from the last time the gate (re)connected to the broker, whichever is later. A gate that
+/// was offline could not receive pages: its persistent session delivers the rest when it is back,
+/// and they must not find the sync discarded for the outage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeout {
+    pub ms: i64,
+    /// Wall ms of the last connection to the broker (0: none).
+    pub online_since_ms: i64,
+}
+
+impl Timeout {
+    fn expired(&self, p: &SyncProgress, now_ms: i64) -> bool {
+        now_ms.saturating_sub(p.updated_ms.max(self.online_since_ms)) > self.ms
+    }
+}
+
 /// What one page did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PageOutcome {
@@ -99,17 +116,18 @@ impl Store {
     /// transaction. A refused page changes nothing (send it again, fixed). A refused switch (a
     /// card held by residents of two pages, a version conflict) discards the staged sync, so the
     /// BMS starts again with a fixed snapshot; a storage error leaves it to be retried.
-    /// A sync whose last page is older than `timeout_ms` counts as discarded.
+    /// A sync that has waited longer than `timeout_ms` for a page (see [`Timeout`]) counts as
+    /// discarded.
     pub fn stage_page(
         &self,
         page: SyncPage,
         claim: Option<Claim<'_>>,
         now_ms: i64,
-        timeout_ms: i64,
+        timeout: Timeout,
     ) -> Result<PageOutcome, StoreError> {
         let sync_id = page.sync_id.clone();
         let mut switching = false;
-        match self.mutate(now_ms, claim, |t| stage_in(t, page, now_ms, timeout_ms, &mut switching)) {
+        match self.mutate(now_ms, claim, |t| stage_in(t, page, now_ms, timeout, &mut switching)) {
             Err(e) if switching && !matches!(e, StoreError::Db(_)) => {
                 self.mutate(now_ms, None, |t| {
                     if let Some(p) = current(t)?.filter(|p| p.sync_id == sync_id) {
@@ -123,15 +141,15 @@ impl Store {
         }
     }
 
-    /// Discard a half-received sync whose last page is older than `timeout_ms`.
-    pub fn discard_stale_sync(&self, now_ms: i64, timeout_ms: i64) -> Result<Option<SyncProgress>, StoreError> {
+    /// Discard a half-received sync that has waited longer than its timeout.
+    pub fn discard_stale_sync(&self, now_ms: i64, timeout: Timeout) -> Result<Option<SyncProgress>, StoreError> {
         match self.sync_progress()? {
-            Some(p) if now_ms.saturating_sub(p.updated_ms) > timeout_ms => {}
+            Some(p) if timeout.expired(&p, now_ms) => {}
             _ => return Ok(None),
         }
         self.mutate(now_ms, None, |t| match current(t)? {
-            Some(p) if now_ms.saturating_sub(p.updated_ms) > timeout_ms => {
-                discard(t, &p, &format!("no page for {} s", timeout_ms / 1000), now_ms)?;
+            Some(p) if timeout.expired(&p, now_ms) => {
+                discard(t, &p, &format!("no page for {} s", timeout.ms / 1000), now_ms)?;
                 Ok((Some(p), Vec::new()))
             }
             _ => Ok((None, Vec::new())),
@@ -143,7 +161,7 @@ fn stage_in(
     t: &mut Tables<'_>,
     page: SyncPage,
     now_ms: i64,
-    timeout_ms: i64,
+    timeout: Timeout,
     switching: &mut bool,
 ) -> Result<(PageOutcome, Vec<crate::model::ResidentId>), StoreError> {
     let applied = t.meta.get("roster_version")?.map(|v| v.value()).unwrap_or(0);
@@ -152,7 +170,8 @@ fn stage_in(
     }
     let mut replaced = None;
     let mut cur = current(t)?;
-    if let Some(p) = cur.as_ref().filter(|p| now_ms.saturating_sub(p.updated_ms) > timeout_ms) {
+    let timeout_ms = timeout.ms;
+    if let Some(p) = cur.as_ref().filter(|p| timeout.expired(p, now_ms)) {
         if page.page != 0 {
             return Err(StoreError::UnknownSync(format!(
                 "roster.sync `{}` timed out (no page for {} s): send it again from page 0",

@@ -453,7 +453,8 @@ fn card_resident(id: &str, n: u64) -> (Resident, Vec<Credential>) {
     (resident(id, AccessMode::FaceOrCard), vec![card(id, n)])
 }
 
-const TIMEOUT: i64 = 600_000;
+const TIMEOUT_MS: i64 = 600_000;
+const TIMEOUT: Timeout = Timeout { ms: TIMEOUT_MS, online_since_ms: 0 };
 
 fn claim(id: &str) -> Option<Claim<'_>> {
     Some(Claim { request_id: id, now_ms: 1_000, by: "mqtt" })
@@ -535,16 +536,28 @@ fn a_half_received_sync_is_replaced_by_a_new_one_or_discarded_after_its_timeout(
     // An older version may not replace a newer half-received one.
     let e = s.stage_page(page("s0", 0, 0, 2, vec![card_resident("c", 3)]), claim("z0"), 7, TIMEOUT).unwrap_err();
     assert!(matches!(e, StoreError::StaleVersion { .. }), "{e}");
-    assert_eq!(s.discard_stale_sync(5 + TIMEOUT, TIMEOUT).unwrap(), None, "not yet");
-    let gone = s.discard_stale_sync(6 + TIMEOUT, TIMEOUT).unwrap().unwrap();
+    assert_eq!(s.discard_stale_sync(5 + TIMEOUT_MS, TIMEOUT).unwrap(), None, "not yet");
+    let gone = s.discard_stale_sync(6 + TIMEOUT_MS, TIMEOUT).unwrap().unwrap();
     assert_eq!((gone.sync_id.as_str(), gone.next_page), ("s2", 1));
     assert_eq!(s.sync_progress().unwrap(), None);
     assert_eq!(audit.0.lock().unwrap().iter().filter(|(_, e)| e.kind == "roster_sync_discarded").count(), 2);
     // A late page of a timed-out sync is refused even before the periodic discard ran.
     s.stage_page(page("s3", 1, 0, 2, vec![card_resident("a", 1)]), claim("w0"), 0, TIMEOUT).unwrap();
-    let e =
-        s.stage_page(page("s3", 1, 1, 2, vec![card_resident("b", 2)]), claim("w1"), TIMEOUT + 1, TIMEOUT).unwrap_err();
+    let e = s
+        .stage_page(page("s3", 1, 1, 2, vec![card_resident("b", 2)]), claim("w1"), TIMEOUT_MS + 1, TIMEOUT)
+        .unwrap_err();
     assert!(matches!(e, StoreError::UnknownSync(_)), "{e}");
+}
+
+#[test]
+fn a_sync_timeout_counts_from_the_reconnection_too() {
+    let (_d, s, _) = open();
+    s.stage_page(page("s1", 1, 0, 2, vec![card_resident("a", 1)]), claim("t0"), 0, TIMEOUT).unwrap();
+    // The gate was offline for an hour and came back a minute ago: the sync is not stale.
+    let back = Timeout { ms: TIMEOUT_MS, online_since_ms: 3_600_000 };
+    assert_eq!(s.discard_stale_sync(3_660_000, back).unwrap(), None);
+    let out = s.stage_page(page("s1", 1, 1, 2, vec![card_resident("b", 2)]), claim("t1"), 3_660_000, back).unwrap();
+    assert!(out.switched.is_some(), "the queued page completes the sync");
 }
 
 #[test]

@@ -23,7 +23,7 @@ use crate::daemon::status;
 use crate::events::NewEvent;
 use crate::model::{CredentialKind, ResidentId};
 use crate::stats::Stats;
-use crate::store::{Claim, OpOutcome, RosterOp, StoreError, SyncPage};
+use crate::store::{Claim, OpOutcome, RosterOp, StoreError, SyncPage, Timeout};
 
 /// The commands stage's channels.
 pub struct CommandsIo {
@@ -458,7 +458,7 @@ async fn sync_page(
         residents: residents.iter().map(|r| (r.resident(), r.credentials().unwrap_or_default())).collect(),
     };
     let (store, r) = (ctx.ctx.store.clone(), rid.to_string());
-    let timeout = ctx.ctx.cfg.mqtt.roster_sync_timeout_secs as i64 * 1000;
+    let timeout = sync_timeout(ctx.ctx);
     let res = tokio::task::spawn_blocking(move || {
         store.stage_page(page, Some(Claim { request_id: &r, now_ms: now, by: "mqtt" }), now, timeout)
     })
@@ -491,8 +491,18 @@ async fn sync_page(
 }
 
 /// Discard a half-received paged sync that has waited too long for its next page.
+fn sync_timeout(ctx: &StageCtx) -> Timeout {
+    Timeout {
+        ms: ctx.cfg.mqtt.roster_sync_timeout_secs as i64 * 1000,
+        online_since_ms: ctx.stats.mqtt_connected_ms.load(Ordering::Relaxed),
+    }
+}
+
 async fn expire_sync(ctx: &StageCtx, events: &mpsc::Sender<NewEvent>) {
-    let (store, timeout) = (ctx.store.clone(), ctx.cfg.mqtt.roster_sync_timeout_secs as i64 * 1000);
+    if !ctx.stats.mqtt_online.load(Ordering::Relaxed) {
+        return; // offline, no page can come: the timeout counts from the reconnection
+    }
+    let (store, timeout) = (ctx.store.clone(), sync_timeout(ctx));
     let now = wall_ms();
     let res = tokio::task::spawn_blocking(move || store.discard_stale_sync(now, timeout)).await;
     if let Ok(Ok(Some(p))) = res {
@@ -502,7 +512,7 @@ async fn expire_sync(ctx: &StageCtx, events: &mpsc::Sender<NewEvent>) {
             p.version,
             p.next_page,
             p.pages,
-            timeout / 1000
+            timeout.ms / 1000
         );
         tracing::warn!(sync_id = %p.sync_id, "{what}");
         let _ = events.send(NewEvent::system(now, "roster_sync_discarded", Some(what))).await;

@@ -204,6 +204,7 @@ async fn session(
         Err(end) => return end,
     };
     backoff.reset();
+    ctx.stats.mqtt_connected_ms.store(wall_ms(), Ordering::Relaxed);
     ctx.stats.mqtt_online.store(true, Ordering::Relaxed);
     ctx.stats.mqtt_connects.fetch_add(1, Ordering::Relaxed);
     ctx.stats.mqtt_inflight.store(inflight as u64, Ordering::Relaxed);

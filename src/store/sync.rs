@@ -43,6 +43,13 @@ pub struct SyncProgress {
     pub updated_ms: i64,
 }
 
+impl SyncProgress {
+    /// `v2-site (version 2) after 3 of 78 pages`: for events, audit records and logs.
+    pub fn describe(&self) -> String {
+        format!("{} (version {}) after {} of {} pages", self.sync_id, self.version, self.next_page, self.pages)
+    }
+}
+
 /// When a half-received sync is given up: after `ms` without a page, counted from its last page
 /// or from the last time the gate (re)connected to the broker, whichever is later. A gate that
 /// was offline could not receive pages: its persistent session delivers the rest when it is back,
@@ -95,12 +102,7 @@ fn clear(t: &mut Tables<'_>) -> Result<(), StoreError> {
 
 fn discard(t: &mut Tables<'_>, p: &SyncProgress, why: &str, now_ms: i64) -> Result<(), StoreError> {
     clear(t)?;
-    t.audit.push(AuditEntry::new(
-        now_ms,
-        "roster_sync_discarded",
-        None,
-        format!("sync {} (version {}) after {} of {} pages: {why}", p.sync_id, p.version, p.next_page, p.pages),
-    ));
+    t.audit.push(AuditEntry::new(now_ms, "roster_sync_discarded", None, format!("sync {}: {why}", p.describe())));
     Ok(())
 }
 

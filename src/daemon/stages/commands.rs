@@ -242,19 +242,12 @@ async fn send_out(out: &mpsc::Sender<Outgoing>, msg: Outgoing) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(2), out.send(msg)).await, Ok(Ok(())))
 }
 
+fn store_error(e: StoreError) -> CmdError {
+    CmdError::new(store_error_code(&e), e.to_string())
+}
+
 fn store_error_code(e: &StoreError) -> ErrorCode {
     match e {
-        StoreError::InBatch { source, .. } => store_error_code(source),
-        other => store_error_ref(other).code,
-    }
-}
-
-fn store_error(e: StoreError) -> CmdError {
-    store_error_ref(&e)
-}
-
-fn store_error_ref(e: &StoreError) -> CmdError {
-    let code = match e {
         StoreError::DuplicateRequest(_) => ErrorCode::DuplicateRequest,
         StoreError::Guard(_) => ErrorCode::FaceOnlyRefused,
         StoreError::NoResident(_) => ErrorCode::UnknownResident,
@@ -266,7 +259,7 @@ fn store_error_ref(e: &StoreError) -> CmdError {
         StoreError::DuplicatePage { .. } => ErrorCode::DuplicatePage,
         StoreError::UnknownSync(_) => ErrorCode::UnknownSync,
         // A batch is refused with the code of the entry that failed; the message names it.
-        StoreError::InBatch { source, .. } => return CmdError::new(store_error_code(source), e.to_string()),
+        StoreError::InBatch { source, .. } => store_error_code(source),
         StoreError::InvalidResident(_)
         | StoreError::ResidentExists(_)
         | StoreError::NoConsent(_)
@@ -275,23 +268,28 @@ fn store_error_ref(e: &StoreError) -> CmdError {
         StoreError::Locked | StoreError::NewerSchema { .. } | StoreError::Db(_) | StoreError::Corrupt { .. } => {
             ErrorCode::InternalError
         }
-    };
-    CmdError::new(code, e.to_string())
+    }
 }
 
-/// Apply a roster op with the request's id claimed in the same transaction.
-async fn apply(ctx: &Cmd<'_>, op: RosterOp, request_id: &str, now: i64) -> Result<OpOutcome, CmdError> {
+/// Run a store call off the async workers; a storage failure is counted.
+async fn in_store<T: Send + 'static>(
+    ctx: &Cmd<'_>,
+    f: impl FnOnce(&crate::store::Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, CmdError> {
     let store = ctx.ctx.store.clone();
-    let rid = request_id.to_string();
-    let res = tokio::task::spawn_blocking(move || {
-        store.apply(op, Some(Claim { request_id: &rid, now_ms: now, by: "mqtt" }), now)
-    })
-    .await
-    .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?;
+    let res = tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?;
     if let Err(StoreError::Db(_) | StoreError::Corrupt { .. }) = &res {
         ctx.ctx.stats.store_errors.fetch_add(1, Ordering::Relaxed);
     }
     res.map_err(store_error)
+}
+
+/// Apply a roster op with the request's id claimed in the same transaction.
+async fn apply(ctx: &Cmd<'_>, op: RosterOp, request_id: &str, now: i64) -> Result<OpOutcome, CmdError> {
+    let rid = request_id.to_string();
+    in_store(ctx, move |store| store.apply(op, Some(Claim { request_id: &rid, now_ms: now, by: "mqtt" }), now)).await
 }
 
 async fn emit(ctx: &Cmd<'_>, ev: NewEvent) {
@@ -457,22 +455,13 @@ async fn sync_page(
         pages: p.pages,
         residents: residents.iter().map(|r| (r.resident(), r.credentials().unwrap_or_default())).collect(),
     };
-    let (store, r) = (ctx.ctx.store.clone(), rid.to_string());
-    let timeout = sync_timeout(ctx.ctx);
-    let res = tokio::task::spawn_blocking(move || {
+    let (r, timeout) = (rid.to_string(), sync_timeout(ctx.ctx));
+    let out = in_store(ctx, move |store| {
         store.stage_page(page, Some(Claim { request_id: &r, now_ms: now, by: "mqtt" }), now, timeout)
     })
-    .await
-    .map_err(|e| CmdError::new(ErrorCode::InternalError, e.to_string()))?;
-    if let Err(StoreError::Db(_) | StoreError::Corrupt { .. }) = &res {
-        ctx.ctx.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-    }
-    let out = res.map_err(store_error)?;
+    .await?;
     if let Some(old) = &out.replaced {
-        let what = format!(
-            "roster.sync {} (version {}) discarded after {} of {} pages: replaced by sync {}",
-            old.sync_id, old.version, old.next_page, old.pages, p.sync_id
-        );
+        let what = format!("roster.sync {} discarded: replaced by sync {}", old.describe(), p.sync_id);
         emit(ctx, NewEvent::system(now, "roster_sync_discarded", Some(what))).await;
     }
     let prog = &out.progress;
@@ -490,7 +479,7 @@ async fn sync_page(
     }
 }
 
-/// Discard a half-received paged sync that has waited too long for its next page.
+/// When a half-received paged sync is given up (see [`Timeout`]).
 fn sync_timeout(ctx: &StageCtx) -> Timeout {
     Timeout {
         ms: ctx.cfg.mqtt.roster_sync_timeout_secs as i64 * 1000,
@@ -498,6 +487,7 @@ fn sync_timeout(ctx: &StageCtx) -> Timeout {
     }
 }
 
+/// Discard a half-received paged sync that has waited too long for its next page.
 async fn expire_sync(ctx: &StageCtx, events: &mpsc::Sender<NewEvent>) {
     if !ctx.stats.mqtt_online.load(Ordering::Relaxed) {
         return; // offline, no page can come: the timeout counts from the reconnection
@@ -506,14 +496,7 @@ async fn expire_sync(ctx: &StageCtx, events: &mpsc::Sender<NewEvent>) {
     let now = wall_ms();
     let res = tokio::task::spawn_blocking(move || store.discard_stale_sync(now, timeout)).await;
     if let Ok(Ok(Some(p))) = res {
-        let what = format!(
-            "roster.sync {} (version {}) discarded after {} of {} pages: no page for {} s",
-            p.sync_id,
-            p.version,
-            p.next_page,
-            p.pages,
-            timeout.ms / 1000
-        );
+        let what = format!("roster.sync {} discarded: no page for {} s", p.describe(), timeout.ms / 1000);
         tracing::warn!(sync_id = %p.sync_id, "{what}");
         let _ = events.send(NewEvent::system(now, "roster_sync_discarded", Some(what))).await;
     }

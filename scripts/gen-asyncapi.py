@@ -76,7 +76,7 @@ def main():
                                            "every reconnect.",
                             "messages": {"identity": message("identity", "identity.json", "Gate identity", True)}}
     send("publishIdentity", "identity", 1, True, "Retained receipt-signing key (P7).")
-    for kind in ["lock", "door"]:
+    for kind in ["lock", "door", "alarm"]:
         ch = f"state{kind.capitalize()}"
         channels[ch] = {"address": f"menshen/v1/{{site}}/{{gate}}/state/{kind}/{{door}}", "parameters": door_params,
                         "description": f"Retained {kind} state, republished after every reconnect.",

@@ -73,6 +73,19 @@ pub enum DoorEvent {
 }
 
 impl DoorEvent {
+    pub const ALL: [DoorEvent; 10] = [
+        DoorEvent::Unlocked,
+        DoorEvent::Locked,
+        DoorEvent::Opened,
+        DoorEvent::Closed,
+        DoorEvent::ExitRequest,
+        DoorEvent::Forced,
+        DoorEvent::HeldOpen,
+        DoorEvent::HeldOpenCleared,
+        DoorEvent::FireRelease,
+        DoorEvent::FireCleared,
+    ];
+
     pub fn is_alarm(self) -> bool {
         matches!(
             self,
@@ -173,6 +186,24 @@ pub struct DoorCore {
     fire: Option<Debounced>,
     open_since: Option<MonoTime>,
     held_alarm: bool,
+    /// The door was forced open and has not closed since.
+    forced: bool,
+}
+
+/// The door's standing alarms, for the retained `state/alarm/{door}`: each clears by itself
+/// (forced and held-open when the door closes, fire release when the fire input returns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AlarmState {
+    pub forced: bool,
+    pub held_open: bool,
+    pub fire_release: bool,
+}
+
+impl AlarmState {
+    /// Any alarm standing.
+    pub fn any(self) -> bool {
+        self.forced || self.held_open || self.fire_release
+    }
 }
 
 impl DoorCore {
@@ -189,6 +220,7 @@ impl DoorCore {
             fire: fire.map(|l| Debounced::new(l, p.debounce)),
             open_since: contact.filter(|&o| o).map(|_| now),
             held_alarm: false,
+            forced: false,
         }
     }
 
@@ -202,6 +234,11 @@ impl DoorCore {
 
     pub fn is_open(&self) -> bool {
         self.contact.is_some_and(|c| c.stable())
+    }
+
+    /// The alarms standing now.
+    pub fn alarms(&self) -> AlarmState {
+        AlarmState { forced: self.forced, held_open: self.held_alarm, fire_release: self.fire_active() }
     }
 
     fn fire_active(&self) -> bool {
@@ -318,11 +355,13 @@ impl DoorCore {
                 self.open_since = Some(now);
                 let authorised = self.is_unlocked() || self.authorised_until.is_some_and(|t| now <= t);
                 if !authorised {
+                    self.forced = true;
                     out.push(Action::Event(DoorEvent::Forced));
                 }
             } else {
                 out.push(Action::Event(DoorEvent::Closed));
                 self.open_since = None;
+                self.forced = false;
                 if self.held_alarm {
                     self.held_alarm = false;
                     out.push(Action::Event(DoorEvent::HeldOpenCleared));
@@ -449,13 +488,18 @@ mod tests {
         }
         out.extend(advance(&mut d, t(1200)));
         assert_eq!(events(&out), vec![DoorEvent::Opened, DoorEvent::Forced]);
+        assert_eq!(d.alarms(), AlarmState { forced: true, ..AlarmState::default() });
+        // A grant while it stands does not clear it: only closing the door does.
+        d.grant(t(1300));
+        assert!(d.alarms().forced);
         // Closing with bounce: one Closed.
         let mut out = Vec::new();
         for (i, l) in [false, true, false].into_iter().enumerate() {
             out.extend(d.input(Input::Contact(l), t(5000 + i as u64)));
         }
         out.extend(advance(&mut d, t(6000)));
-        assert_eq!(events(&out), vec![DoorEvent::Closed]);
+        assert_eq!(events(&out), vec![DoorEvent::Locked, DoorEvent::Closed]); // the grant's pulse ended first
+        assert!(!d.alarms().any(), "the forced alarm clears when the door closes");
     }
 
     #[test]
@@ -468,9 +512,11 @@ mod tests {
         assert_eq!(events(&out), vec![DoorEvent::Opened, DoorEvent::Locked]);
         let out = advance(&mut d, t(31_050));
         assert_eq!(events(&out), vec![DoorEvent::HeldOpen]);
+        assert_eq!(d.alarms(), AlarmState { held_open: true, ..AlarmState::default() });
         let mut out = d.input(Input::Contact(false), t(40_000));
         out.extend(advance(&mut d, t(40_100)));
         assert_eq!(events(&out), vec![DoorEvent::Closed, DoorEvent::HeldOpenCleared]);
+        assert!(!d.alarms().any());
         // Opening within the shunt grace after relock is still authorised.
         d.grant(t(50_000));
         let mut out = advance(&mut d, t(53_000));
@@ -495,12 +541,14 @@ mod tests {
         out.extend(advance(&mut d, t(60_000)));
         assert_eq!(events(&out), vec![DoorEvent::FireRelease]);
         assert!(d.relay_energized());
+        assert_eq!(d.alarms(), AlarmState { fire_release: true, ..AlarmState::default() });
         // A grant during fire changes nothing on the relay.
         assert!(relays(&d.grant(t(60_001))).is_empty());
         let mut out = d.input(Input::Fire(false), t(70_000));
         out.extend(advance(&mut d, t(70_100)));
         assert_eq!(events(&out), vec![DoorEvent::FireCleared, DoorEvent::Locked]);
         assert!(!d.relay_energized());
+        assert!(!d.alarms().any());
         // A fail-safe door with fire active at start stays released.
         let mut d = DoorCore::new(params(FailMode::Safe), None, None, Some(true), t(0));
         let out = d.start(t(0));

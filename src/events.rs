@@ -136,6 +136,47 @@ pub enum Body {
     },
 }
 
+/// The alarms that are not one door's (those are [`DoorEvent`]s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateAlarm {
+    /// A reader's data line held low: wiring or reader fault.
+    ReaderLineStuck,
+    /// The driver lost a reader's data line (the GPIO chip went away).
+    GpioLineLost,
+    /// The outbox passed `gate.outbox_alarm_depth`.
+    OutboxOverCapacity,
+    /// The store could not be written; events were held in memory.
+    StoreUnavailable,
+    /// The broker refused to take an event.
+    PublishRefused,
+}
+
+impl GateAlarm {
+    pub const ALL: [GateAlarm; 5] = [
+        GateAlarm::ReaderLineStuck,
+        GateAlarm::GpioLineLost,
+        GateAlarm::OutboxOverCapacity,
+        GateAlarm::StoreUnavailable,
+        GateAlarm::PublishRefused,
+    ];
+
+    pub fn code(self) -> &'static str {
+        match self {
+            GateAlarm::ReaderLineStuck => "reader_line_stuck",
+            GateAlarm::GpioLineLost => "gpio_line_lost",
+            GateAlarm::OutboxOverCapacity => "outbox_over_capacity",
+            GateAlarm::StoreUnavailable => "store_unavailable",
+            GateAlarm::PublishRefused => "publish_refused",
+        }
+    }
+}
+
+/// Every `alarm` code an `event/alarm` can carry: the doors' and the gate's.
+pub fn alarm_codes() -> Vec<&'static str> {
+    let doors = DoorEvent::ALL.into_iter().filter(|e| e.is_alarm()).map(DoorEvent::code);
+    doors.chain(GateAlarm::ALL.into_iter().map(GateAlarm::code)).collect()
+}
+
 /// An event not yet stored (it has no id or sequence number yet).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
@@ -372,11 +413,11 @@ impl NewEvent {
         }
     }
 
-    pub fn alarm(ts_ms: i64, alarm: &str, reader: Option<&str>, detail: Option<String>) -> NewEvent {
+    pub fn alarm(ts_ms: i64, alarm: GateAlarm, reader: Option<&str>, detail: Option<String>) -> NewEvent {
         NewEvent {
             kind: EventType::Alarm,
             ts_ms,
-            body: Body::Alarm { alarm: alarm.into(), door: None, reader: reader.map(str::to_string), detail },
+            body: Body::Alarm { alarm: alarm.code().into(), door: None, reader: reader.map(str::to_string), detail },
         }
     }
 

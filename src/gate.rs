@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::bus::{FaceUse, FaceVerdict, ReaderOutput, Verdict};
 use crate::clock::MonoTime;
-use crate::events::{Method, NewEvent};
+use crate::events::{GateAlarm, Method, NewEvent};
 use crate::face::track::score_bucket;
 use crate::model::{AccessMode, Credential, Resident};
 use crate::policy::{self, Attempt, CardPart, Decision, FacePart, Now, Reason};
@@ -202,7 +202,7 @@ impl GateCore {
     /// A frame the decoder rejected: a denial with its reason, or (a line stuck low) an alarm.
     pub fn on_rejected(&self, msg: &ReaderOutput, why: Rejection, bits: Bits, wall_ms: i64) -> GateOutcome {
         if why == Rejection::LineStuckLow {
-            let event = NewEvent::alarm(wall_ms, "reader_line_stuck", Some(&msg.reader), None);
+            let event = NewEvent::alarm(wall_ms, GateAlarm::ReaderLineStuck, Some(&msg.reader), None);
             return GateOutcome { door: msg.door.clone(), decision: None, resident: None, event, store_error: false };
         }
         let d = Decision { granted: false, reason: rejection_reason(why) };

@@ -7,7 +7,7 @@ mod common;
 
 use common::schema::{load, validate};
 use menshen::command::{self, ErrorCode, Inbound, Limits, Verb};
-use menshen::events::NewEvent;
+use menshen::events::{GateAlarm, NewEvent};
 use menshen::policy::{Decision, Reason};
 use menshen::wiegand::{encode, CardId, Format};
 use serde_json::{json, Value};
@@ -175,8 +175,13 @@ fn events_built_by_the_code_match_their_schemas() {
         NewEvent::door(NOW, "front", menshen::door::DoorEvent::Opened),
         NewEvent::door(NOW, "front", menshen::door::DoorEvent::Forced),
         NewEvent::door_at_start(NOW, "front", false),
-        NewEvent::alarm(NOW, "publish_refused", None, Some("the broker refused event seq 4 (NotAuthorized)".into())),
-        NewEvent::alarm(NOW, "reader_line_stuck", Some("front"), None),
+        NewEvent::alarm(
+            NOW,
+            GateAlarm::PublishRefused,
+            None,
+            Some("the broker refused event seq 4 (NotAuthorized)".into()),
+        ),
+        NewEvent::alarm(NOW, GateAlarm::ReaderLineStuck, Some("front"), None),
         NewEvent::mode_changed(NOW, "r1", "card", "face_or_card", Some("req-2")),
         NewEvent::consent(NOW, "consent_recorded", "r1", Some("req-3")),
         NewEvent::template_deleted(NOW, &{

@@ -7,6 +7,6 @@ pub mod discovery;
 pub mod options;
 pub mod pipeline;
 
-pub use discovery::discovery;
+pub use discovery::{discovery, ha_status_topic};
 pub use options::{base_options, options, status_payload, Backoff};
 pub use pipeline::{Acked, Entry, Pipeline};

@@ -38,6 +38,7 @@ pub fn for_topic(topic: &str) -> Option<String> {
         ["health"] => "health.json".into(),
         ["state", "lock", _] => "state-lock.json".into(),
         ["state", "door", _] => "state-door.json".into(),
+        ["state", "alarm", _] => "state-alarm.json".into(),
         ["event", kind] => format!("event-{kind}.json"),
         ["cmd", verb] => format!("cmd-{verb}.json"),
         _ => return None,

@@ -77,7 +77,8 @@ pub async fn run(ctx: StageCtx, mut d: DoorParts, mut io: DoorIo) {
     drop(d.lines);
 }
 
-/// The retained `state/lock/{door}` and `state/door/{door}` (only when there is a contact).
+/// The retained `state/lock/{door}`, `state/door/{door}` (only when there is a contact) and
+/// `state/alarm/{door}` (the standing alarms, which clear: Home Assistant's problem sensor).
 fn publish_state(board: &StateBoard, door: &str, core: &DoorCore, has_contact: bool) {
     let lock = json!({"door": door, "state": if core.is_unlocked() { "UNLOCKED" } else { "LOCKED" }});
     board.set(&format!("state/lock/{door}"), lock.to_string().into_bytes());
@@ -85,6 +86,15 @@ fn publish_state(board: &StateBoard, door: &str, core: &DoorCore, has_contact: b
         let open = json!({"door": door, "open": core.is_open()});
         board.set(&format!("state/door/{door}"), open.to_string().into_bytes());
     }
+    let a = core.alarms();
+    let alarm = json!({
+        "door": door,
+        "problem": a.any(),
+        "forced": a.forced,
+        "held_open": a.held_open,
+        "fire_release": a.fire_release,
+    });
+    board.set(&format!("state/alarm/{door}"), alarm.to_string().into_bytes());
 }
 
 async fn apply(door: &str, relay: &mut Relay, actions: Vec<Action>, events: &mpsc::Sender<NewEvent>) {

@@ -33,8 +33,8 @@ use crate::bus::{Outgoing, StateBoard};
 use crate::clock::wall_ms;
 use crate::command::{Inbound, SITE_SCOPE};
 use crate::daemon::status;
-use crate::events::{Head, NewEvent};
-use crate::mqtt::{discovery, options, status_payload, Acked, Backoff, Entry, Pipeline};
+use crate::events::{GateAlarm, Head, NewEvent};
+use crate::mqtt::{discovery, ha_status_topic, options, status_payload, Acked, Backoff, Entry, Pipeline};
 
 /// The link stage's channels.
 pub struct LinkIo {
@@ -133,7 +133,12 @@ struct Session<'a> {
     removals_retry_at: Option<tokio::time::Instant>,
     /// The store's reopen count the outbox was read under (see `Store::reopens`).
     store_reopens: u64,
+    /// When Home Assistant's `online` last made us publish discovery again.
+    ha_announced: Option<tokio::time::Instant>,
 }
+
+/// Home Assistant's `online` republishes discovery at most this often (anyone may publish it).
+const HA_REANNOUNCE_MIN: Duration = Duration::from_secs(5);
 
 /// How long a failed outbox removal waits before it is tried again.
 const REMOVAL_RETRY: Duration = Duration::from_millis(500);
@@ -197,7 +202,9 @@ async fn session(
     backoff: &mut Backoff,
     block: &mut Option<Block>,
 ) -> SessionEnd {
-    let cap = usize::from(ctx.cfg.mqtt.inflight) * 2 + 64;
+    // The announcement (discovery, the doors' states) is handed over before the loop runs.
+    let announced = if ctx.cfg.homeassistant.enabled { discovery(&ctx.cfg).len() } else { 0 };
+    let cap = usize::from(ctx.cfg.mqtt.inflight) * 2 + 64 + announced + 4 * ctx.cfg.doors.len();
     let (client, mut el) = AsyncClient::new(opts, cap);
     let inflight = match connack(ctx, &mut el).await {
         Ok(n) => n,
@@ -225,6 +232,7 @@ async fn session(
         removals_failed: Vec::new(),
         removals_retry_at: None,
         store_reopens: ctx.store.reopens(),
+        ha_announced: None,
     };
     if let Err(e) = announce(&mut s, &io.board) {
         return e;
@@ -332,7 +340,7 @@ fn on_refused_event(s: &mut Session<'_>, io: &LinkIo, seq: u64, reason: &str) ->
             b.seq
         );
         // Stored behind the held event: it arrives once the broker takes that one.
-        if io.events.try_send(NewEvent::alarm(wall_ms(), "publish_refused", None, Some(detail))).is_err() {
+        if io.events.try_send(NewEvent::alarm(wall_ms(), GateAlarm::PublishRefused, None, Some(detail))).is_err() {
             tracing::warn!("publish_refused alarm not stored: the outbox queue is full");
         }
     }
@@ -378,6 +386,10 @@ fn announce(s: &mut Session<'_>, board: &StateBoard) -> Result<(), SessionEnd> {
     let mut filters = vec![command_filter(format!("{}cmd/+", s.root))];
     if cfg.mqtt.site_commands {
         filters.push(command_filter(format!("menshen/v1/{}/{SITE_SCOPE}/cmd/+", cfg.gate.site)));
+    }
+    if cfg.homeassistant.enabled {
+        // Home Assistant's birth message: discovery again when HA comes back (HA's advice).
+        filters.push(Filter::new(ha_status_topic(cfg), QoS::AtLeastOnce));
     }
     if s.client.try_subscribe_many(filters).is_err() {
         return Err(SessionEnd::Lost("client queue full".into()));
@@ -492,6 +504,11 @@ fn on_event(
                 }
             }
         }
+        Ok(Event::Incoming(Packet::Publish(p))) if s.ctx.cfg.homeassistant.enabled && is_ha_status(s, &p.topic) => {
+            if p.payload.trim_ascii() == b"online" {
+                reannounce_ha(s);
+            }
+        }
         Ok(Event::Incoming(Packet::Publish(p))) => {
             let props = p.properties.unwrap_or_default();
             let inb = Inbound {
@@ -511,6 +528,30 @@ fn on_event(
         Err(e) => return Err(SessionEnd::Lost(e.to_string())),
     }
     Ok(None)
+}
+
+fn is_ha_status(s: &Session<'_>, topic: &[u8]) -> bool {
+    topic == ha_status_topic(&s.ctx.cfg).as_bytes()
+}
+
+/// Home Assistant came online: publish discovery again (not more than once per
+/// [`HA_REANNOUNCE_MIN`]). A full client queue skips the rest: the configs are retained anyway.
+fn reannounce_ha(s: &mut Session<'_>) {
+    let now = tokio::time::Instant::now();
+    if s.ha_announced.is_some_and(|t| now.duration_since(t) < HA_REANNOUNCE_MIN) {
+        tracing::debug!("Home Assistant online again within {HA_REANNOUNCE_MIN:?}: discovery not repeated");
+        return;
+    }
+    s.ha_announced = Some(now);
+    let configs = discovery(&s.ctx.cfg);
+    let n = configs.len();
+    for (topic, payload) in configs {
+        if !s.publish(topic, payload, true) {
+            tracing::warn!("client queue full: Home Assistant discovery only partly republished (it is retained)");
+            return;
+        }
+    }
+    tracing::info!(configs = n, "Home Assistant online: discovery republished");
 }
 
 /// Clean goodbye: the retained offline status (the will covers the unclean case), the PUBACKs

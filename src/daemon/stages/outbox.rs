@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::StageCtx;
 use crate::clock::{wall_ms, MonoTime};
-use crate::events::NewEvent;
+use crate::events::{GateAlarm, NewEvent};
 
 /// Events per commit at most.
 const BATCH: usize = 512;
@@ -160,7 +160,7 @@ async fn recovered(ctx: &StageCtx, o: Outage) {
     let ms = MonoTime::now().saturating_sub(o.since).as_millis() as u64;
     tracing::warn!(unavailable_ms = ms, held = o.held_peak, lost = o.lost, "store writable again: held events stored");
     let detail = format!("store unavailable for {ms} ms: {} events held in memory, {} lost", o.held_peak, o.lost);
-    let alarm = NewEvent::alarm(wall_ms(), "store_unavailable", None, Some(detail));
+    let alarm = NewEvent::alarm(wall_ms(), GateAlarm::StoreUnavailable, None, Some(detail));
     // If this one fails, the store broke again: the alarm is lost with a log line, the next
     // outage raises its own.
     match append(ctx, vec![alarm]).await {
@@ -198,8 +198,12 @@ async fn depth_alarm(ctx: &StageCtx, wake: &Notify, alarmed: bool) -> bool {
     let limit = ctx.cfg.gate.outbox_alarm_depth;
     if depth >= limit && !alarmed {
         tracing::error!(depth, "outbox over its alarm depth: the broker has been unreachable for long");
-        let alarm =
-            NewEvent::alarm(wall_ms(), "outbox_over_capacity", None, Some(format!("{depth} undelivered events")));
+        let alarm = NewEvent::alarm(
+            wall_ms(),
+            GateAlarm::OutboxOverCapacity,
+            None,
+            Some(format!("{depth} undelivered events")),
+        );
         if append(ctx, vec![alarm]).await.is_ok() {
             ctx.stats.events_stored.fetch_add(1, Ordering::Relaxed);
             wake.notify_one();

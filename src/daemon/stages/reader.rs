@@ -9,7 +9,7 @@ use super::{sleep_until_mono, StageCtx};
 use crate::bus::ReaderOutput;
 use crate::clock::{wall_ms, MonoTime};
 use crate::config::ReaderConfig;
-use crate::events::NewEvent;
+use crate::events::{GateAlarm, NewEvent};
 use crate::hw::{self, Edge};
 use crate::wiegand::{Decoder, Line, Outcome, WEdge};
 
@@ -93,7 +93,7 @@ async fn lost(reader: &str, line: &str, events: &mpsc::Sender<NewEvent>) {
     tracing::error!(%reader, %line, "GPIO line lost (board or chip fault): stopping for a restart");
     let detail =
         format!("{line}: the GPIO line was lost (the chip went away); the daemon stops for systemd to restart it");
-    let _ = events.send(NewEvent::alarm(wall_ms(), "gpio_line_lost", Some(reader), Some(detail))).await;
+    let _ = events.send(NewEvent::alarm(wall_ms(), GateAlarm::GpioLineLost, Some(reader), Some(detail))).await;
 }
 
 /// Everything already delivered on both lines.

@@ -35,7 +35,7 @@ step cargo build --example power_cut_writer --features powercut
 step cargo test --features powercut --test power_cut -- --nocapture
 # The `opencv` feature (OpenCV VideoCapture: RTSP and video files): lints, its unit tests and a
 # video made from the smoke images at test time read through the face pipeline.
-step cargo clippy --all-targets --features opencv -- -D warnings
+step cargo clippy --all-targets --features opencv,ha-real -- -D warnings   # also lints tests/ha_real.rs (run by scripts/ha-real.sh)
 step cargo test --features opencv --lib face::ocv
 step cargo test --features opencv --test opencv_source
 # Face accuracy: the LFW protocol through the Rust pipeline (about 3 minutes).

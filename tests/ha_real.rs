@@ -4,7 +4,7 @@
 //! relay with fresh request ids, a replay refused, a forced door shown as a problem that clears,
 //! the device trigger firing an automation, availability following the last will.
 //!
-//! Run: `scripts/ha-real.sh` (about 2 minutes once the venv is cached; not in CI, see docs).
+//! Run: `scripts/ha-real.sh` (HA 2025.4.4 in a Debian 13 root; not in CI, see docs/mqtt.md).
 #![cfg(feature = "ha-real")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -60,7 +60,7 @@ impl Ha {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("hass from the venv");
+            .expect("MENSHEN_HA_HASS: the hass command");
         let mut ha = Ha { child, base: format!("http://127.0.0.1:{port}"), token: String::new(), dir };
         assert!(
             wait_for(Duration::from_secs(180), || ha.raw(&["GET", "/api/onboarding"]).is_some()),
@@ -211,7 +211,11 @@ fn a_real_home_assistant_sees_opens_and_watches_the_gate() {
     for n in 1..=2 {
         let before = gate.relay_writes("front");
         ha.call("POST", "/api/services/button/press", Some(json!({"entity_id": button})));
-        assert!(wait_for(Duration::from_secs(5), || gate.relay_writes("front") >= before + 2), "press {n}\n{}", gate.log());
+        assert!(
+            wait_for(Duration::from_secs(5), || gate.relay_writes("front") >= before + 2),
+            "press {n}\n{}",
+            gate.log()
+        );
         assert!(wait_for(Duration::from_secs(5), || gate.relay("front")["relay_energized"] == false));
     }
     let sent = cmds.all();

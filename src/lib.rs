@@ -24,6 +24,7 @@ pub mod face;
 pub mod feedback;
 pub mod gate;
 pub mod hw;
+pub mod keypad;
 pub mod model;
 pub mod mqtt;
 pub mod policy;

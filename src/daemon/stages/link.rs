@@ -133,6 +133,11 @@ struct Session<'a> {
     removals_retry_at: Option<tokio::time::Instant>,
     /// The store's reopen count the outbox was read under (see `Store::reopens`).
     store_reopens: u64,
+    /// The Home Assistant discovery configs (empty when it is off): made once per session, for
+    /// the announcement and every republish.
+    ha_configs: Vec<(String, Vec<u8>)>,
+    /// Home Assistant's birth topic, when it is on.
+    ha_status: Option<String>,
     /// When Home Assistant's `online` last made us publish discovery again.
     ha_announced: Option<tokio::time::Instant>,
 }
@@ -203,8 +208,9 @@ async fn session(
     block: &mut Option<Block>,
 ) -> SessionEnd {
     // The announcement (discovery, the doors' states) is handed over before the loop runs.
-    let announced = if ctx.cfg.homeassistant.enabled { discovery(&ctx.cfg).len() } else { 0 };
-    let cap = usize::from(ctx.cfg.mqtt.inflight) * 2 + 64 + announced + 4 * ctx.cfg.doors.len();
+    let ha = ctx.cfg.homeassistant.enabled;
+    let ha_configs = if ha { discovery(&ctx.cfg) } else { Vec::new() };
+    let cap = usize::from(ctx.cfg.mqtt.inflight) * 2 + 64 + ha_configs.len() + 4 * ctx.cfg.doors.len();
     let (client, mut el) = AsyncClient::new(opts, cap);
     let inflight = match connack(ctx, &mut el).await {
         Ok(n) => n,
@@ -232,6 +238,8 @@ async fn session(
         removals_failed: Vec::new(),
         removals_retry_at: None,
         store_reopens: ctx.store.reopens(),
+        ha_configs,
+        ha_status: ha.then(|| ha_status_topic(&ctx.cfg)),
         ha_announced: None,
     };
     if let Err(e) = announce(&mut s, &io.board) {
@@ -387,9 +395,9 @@ fn announce(s: &mut Session<'_>, board: &StateBoard) -> Result<(), SessionEnd> {
     if cfg.mqtt.site_commands {
         filters.push(command_filter(format!("menshen/v1/{}/{SITE_SCOPE}/cmd/+", cfg.gate.site)));
     }
-    if cfg.homeassistant.enabled {
+    if let Some(topic) = &s.ha_status {
         // Home Assistant's birth message: discovery again when HA comes back (HA's advice).
-        filters.push(Filter::new(ha_status_topic(cfg), QoS::AtLeastOnce));
+        filters.push(Filter::new(topic.clone(), QoS::AtLeastOnce));
     }
     if s.client.try_subscribe_many(filters).is_err() {
         return Err(SessionEnd::Lost("client queue full".into()));
@@ -403,9 +411,7 @@ fn announce(s: &mut Session<'_>, board: &StateBoard) -> Result<(), SessionEnd> {
         }
     }
     let mut list = vec![(format!("{}status", s.root), status_payload("online"))];
-    if cfg.homeassistant.enabled {
-        list.extend(discovery(cfg));
-    }
+    list.extend(s.ha_configs.iter().cloned());
     s.board_seen = board.version();
     list.extend(board.since(0).into_iter().map(|(k, v)| (format!("{}{k}", s.root), v)));
     for (topic, payload) in list {
@@ -504,7 +510,7 @@ fn on_event(
                 }
             }
         }
-        Ok(Event::Incoming(Packet::Publish(p))) if s.ctx.cfg.homeassistant.enabled && is_ha_status(s, &p.topic) => {
+        Ok(Event::Incoming(Packet::Publish(p))) if s.ha_status.as_deref().is_some_and(|t| p.topic == t.as_bytes()) => {
             if p.payload.trim_ascii() == b"online" {
                 reannounce_ha(s);
             }
@@ -530,10 +536,6 @@ fn on_event(
     Ok(None)
 }
 
-fn is_ha_status(s: &Session<'_>, topic: &[u8]) -> bool {
-    topic == ha_status_topic(&s.ctx.cfg).as_bytes()
-}
-
 /// Home Assistant came online: publish discovery again (not more than once per
 /// [`HA_REANNOUNCE_MIN`]). A full client queue skips the rest: the configs are retained anyway.
 fn reannounce_ha(s: &mut Session<'_>) {
@@ -543,7 +545,7 @@ fn reannounce_ha(s: &mut Session<'_>) {
         return;
     }
     s.ha_announced = Some(now);
-    let configs = discovery(&s.ctx.cfg);
+    let configs = s.ha_configs.clone();
     let n = configs.len();
     for (topic, payload) in configs {
         if !s.publish(topic, payload, true) {

@@ -15,15 +15,34 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 use crate::clock::MonoTime;
+use crate::keypad::{KeyError, Pin};
+use crate::policy::Reason;
 use crate::stats::GrantTrace;
-use crate::wiegand::Outcome;
+use crate::wiegand::{Bits, Outcome};
+
+/// What a reader gave: a card frame (or a refused one), or keypad input.
+#[derive(Debug, Clone)]
+pub enum ReaderInput {
+    Frame(Outcome),
+    /// A key that did not end PIN entry (for the key click; never the digit).
+    Key,
+    /// A PIN to decide (ended by `#`, the configured length, or sent whole in 26 bits).
+    Pin(Pin),
+    /// PIN entry failed: `pin_timeout`, `pin_too_long` or `pin_too_short`.
+    PinFailed(Reason),
+    /// A keypad frame that is no key (noise, a bad complement, a 26-bit card on a keys reader).
+    KeyRejected {
+        why: KeyError,
+        bits: Bits,
+    },
+}
 
 /// What a reader stage hands the gate stage.
 #[derive(Debug, Clone)]
 pub struct ReaderOutput {
     pub reader: String,
     pub door: String,
-    pub outcome: Outcome,
+    pub input: ReaderInput,
     /// Kernel timestamp of the edge that completed the frame (or of the deadline).
     pub at: MonoTime,
     /// When the reader stage had that edge.

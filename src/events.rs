@@ -41,6 +41,10 @@ pub enum Method {
     Card,
     Face,
     FaceAndCard,
+    /// A PIN alone on a keypad.
+    Pin,
+    /// A card and then its holder's PIN.
+    CardAndPin,
     Rex,
     Remote,
 }
@@ -112,6 +116,9 @@ pub enum Body {
         door: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         reader: Option<String>,
+        /// The resident it concerns (`duress`, a resident's `pin_lockout`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resident: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
     },
@@ -149,15 +156,21 @@ pub enum GateAlarm {
     StoreUnavailable,
     /// The broker refused to take an event.
     PublishRefused,
+    /// Too many wrong PINs: PIN entry is locked at a reader or for a resident.
+    PinLockout,
+    /// A resident typed their duress PIN: the door opened as usual, nothing at the door shows it.
+    Duress,
 }
 
 impl GateAlarm {
-    pub const ALL: [GateAlarm; 5] = [
+    pub const ALL: [GateAlarm; 7] = [
         GateAlarm::ReaderLineStuck,
         GateAlarm::GpioLineLost,
         GateAlarm::OutboxOverCapacity,
         GateAlarm::StoreUnavailable,
         GateAlarm::PublishRefused,
+        GateAlarm::PinLockout,
+        GateAlarm::Duress,
     ];
 
     pub fn code(self) -> &'static str {
@@ -167,6 +180,8 @@ impl GateAlarm {
             GateAlarm::OutboxOverCapacity => "outbox_over_capacity",
             GateAlarm::StoreUnavailable => "store_unavailable",
             GateAlarm::PublishRefused => "publish_refused",
+            GateAlarm::PinLockout => "pin_lockout",
+            GateAlarm::Duress => "duress",
         }
     }
 }
@@ -229,7 +244,7 @@ impl NewEvent {
         resident: Option<&str>,
         card: Option<CardId>,
         frame: Option<Bits>,
-        detail: Option<Rejection>,
+        detail: Option<&str>,
         face_match: Option<&str>,
     ) -> NewEvent {
         NewEvent {
@@ -244,7 +259,7 @@ impl NewEvent {
                 resident: resident.map(str::to_string),
                 card: card.map(CardInfo::from),
                 frame: frame.map(FrameInfo::from),
-                detail: detail.map(|d| d.code().to_string()),
+                detail: detail.map(str::to_string),
                 request_id: None,
                 face_match: face_match.map(str::to_string),
             },
@@ -263,7 +278,25 @@ impl NewEvent {
         bits: Bits,
         detail: Option<Rejection>,
     ) -> NewEvent {
+        let detail = detail.map(Rejection::code);
         NewEvent::access(ts_ms, decision, Method::Card, door, Some(reader), resident, card, Some(bits), detail, None)
+    }
+
+    /// A keypad decision: `pin` alone, or `card_and_pin` (with the card). Carries no digit and no
+    /// hash of the PIN. `detail` says why a key burst was refused (`key_bad_complement`, ...).
+    #[allow(clippy::too_many_arguments)]
+    pub fn access_pin(
+        ts_ms: i64,
+        decision: Decision,
+        door: &str,
+        reader: &str,
+        resident: Option<&str>,
+        card: Option<CardId>,
+        frame: Option<Bits>,
+        detail: Option<&str>,
+    ) -> NewEvent {
+        let method = if card.is_some() { Method::CardAndPin } else { Method::Pin };
+        NewEvent::access(ts_ms, decision, method, door, Some(reader), resident, card, frame, detail, None)
     }
 
     /// A face decision (`method` `face`). Carries no image, no embedding and no score: at most
@@ -391,7 +424,13 @@ impl NewEvent {
             NewEvent {
                 kind: EventType::Alarm,
                 ts_ms,
-                body: Body::Alarm { alarm: e.code().into(), door: Some(door.into()), reader: None, detail: None },
+                body: Body::Alarm {
+                    alarm: e.code().into(),
+                    door: Some(door.into()),
+                    reader: None,
+                    resident: None,
+                    detail: None,
+                },
             }
         } else {
             NewEvent {
@@ -417,7 +456,35 @@ impl NewEvent {
         NewEvent {
             kind: EventType::Alarm,
             ts_ms,
-            body: Body::Alarm { alarm: alarm.code().into(), door: None, reader: reader.map(str::to_string), detail },
+            body: Body::Alarm {
+                alarm: alarm.code().into(),
+                door: None,
+                reader: reader.map(str::to_string),
+                resident: None,
+                detail,
+            },
+        }
+    }
+
+    /// A keypad alarm at a door (`duress`, `pin_lockout`), naming the resident where known.
+    pub fn pin_alarm(
+        ts_ms: i64,
+        alarm: GateAlarm,
+        door: &str,
+        reader: &str,
+        resident: Option<&str>,
+        detail: Option<String>,
+    ) -> NewEvent {
+        NewEvent {
+            kind: EventType::Alarm,
+            ts_ms,
+            body: Body::Alarm {
+                alarm: alarm.code().into(),
+                door: Some(door.into()),
+                reader: Some(reader.into()),
+                resident: resident.map(str::to_string),
+                detail,
+            },
         }
     }
 

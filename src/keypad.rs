@@ -1,4 +1,4 @@
-//! Wiegand keypads (issue 22, work in progress): the pure core. No I/O.
+//! Wiegand keypads: the pure core. No I/O.
 //!
 //! A keypad on Wiegand lines sends each key as a 4-bit burst (the key's value), an 8-bit burst
 //! (the high nibble the complement of the low one: key 1 = `0xE1`), or, once `#` is pressed, the
@@ -9,14 +9,15 @@
 //! [`PinEntry`] collects digits until `#` (or a configured length), `*` clears, and a pause longer
 //! than the inter-key timeout discards what was typed. [`PinGuard`] counts wrong PINs per reader
 //! and per resident and locks PIN entry (never cards or faces) after too many. A [`Pin`] never
-//! prints its digits.
+//! prints its digits; [`PinKey`] turns it into the keyed hash the store keeps.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
 use crate::clock::MonoTime;
-use crate::wiegand::{decode_fixed, Bits, Format, Rejection};
+use crate::policy::Reason;
+use crate::wiegand::{decode_fixed, Bits, Format, Outcome, Rejection};
 
 /// What a reader's frames are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +55,12 @@ pub enum KeyError {
     BadComplement,
     /// A value no key has (12–15).
     NoSuchKey(u8),
-    /// Neither 4 nor 8 bits.
+    /// Neither 4 nor 8 bits (nor 26, on a keys-only reader).
     WrongLength(u8),
+    /// A 26-bit PIN frame whose parity does not hold.
+    PinParity,
+    /// A 26-bit frame with a facility code: a card on a keys-only reader, not a PIN.
+    PinFacility,
 }
 
 impl KeyError {
@@ -64,6 +69,8 @@ impl KeyError {
             KeyError::BadComplement => "key_bad_complement",
             KeyError::NoSuchKey(_) => "key_unknown",
             KeyError::WrongLength(_) => "key_wrong_length",
+            KeyError::PinParity => "pin_parity_error",
+            KeyError::PinFacility => "pin_frame_has_facility",
         }
     }
 }
@@ -71,35 +78,44 @@ impl KeyError {
 /// A reader frame, by the reader's role.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Card(Bits),
+    /// A card read or a rejected frame, as the Wiegand decoder gave it.
+    Card(Outcome),
     Key(Key),
     /// A whole PIN in one 26-bit frame.
     Pin(Pin),
-    KeyRejected(KeyError),
-    /// A 26-bit PIN frame with a parity error or a facility other than 0.
-    PinRejected(Rejection),
+    KeyRejected(KeyError, Bits),
 }
 
-/// Sort a frame by the reader's role.
-pub fn classify(role: Role, map: StarHash, bits: Bits) -> Frame {
+/// Sort a decoded frame by the reader's role. A frame the decoder refused for its length or
+/// parity is still a complete frame, and may be a key; noise, both lines low, a stuck line and
+/// overlong trains stay what the decoder said.
+pub fn classify(role: Role, map: StarHash, o: Outcome) -> Frame {
+    let bits = match o {
+        _ if role == Role::Cards => return Frame::Card(o),
+        Outcome::Card(read) => read.bits,
+        Outcome::Rejected { why: Rejection::ShortFrame | Rejection::WrongLength | Rejection::ParityError, bits } => {
+            bits
+        }
+        Outcome::Rejected { .. } => return Frame::Card(o),
+    };
     let keyish = bits.len == 4 || bits.len == 8;
     match role {
-        Role::Cards => Frame::Card(bits),
-        Role::Both if !keyish => Frame::Card(bits),
+        Role::Cards => Frame::Card(o),
+        Role::Both if !keyish => Frame::Card(o),
         Role::Both => key_frame(map, bits),
         Role::Keys if keyish => key_frame(map, bits),
         Role::Keys if bits.len == 26 => match pin26(bits) {
             Ok(p) => Frame::Pin(p),
-            Err(r) => Frame::PinRejected(r),
+            Err(e) => Frame::KeyRejected(e, bits),
         },
-        Role::Keys => Frame::KeyRejected(KeyError::WrongLength(bits.len)),
+        Role::Keys => Frame::KeyRejected(KeyError::WrongLength(bits.len), bits),
     }
 }
 
 fn key_frame(map: StarHash, bits: Bits) -> Frame {
     match decode_key(map, bits) {
         Ok(k) => Frame::Key(k),
-        Err(e) => Frame::KeyRejected(e),
+        Err(e) => Frame::KeyRejected(e, bits),
     }
 }
 
@@ -126,10 +142,13 @@ pub fn decode_key(map: StarHash, bits: Bits) -> Result<Key, KeyError> {
 
 /// A whole PIN sent as a 26-bit frame: H10301's layout and parity, facility 0, the PIN as the
 /// 16-bit number. Such keypads cannot send leading zeros or more than 5 digits (65,535).
-pub fn pin26(bits: Bits) -> Result<Pin, Rejection> {
-    let read = decode_fixed(Format::H10301, bits)?;
+pub fn pin26(bits: Bits) -> Result<Pin, KeyError> {
+    let read = decode_fixed(Format::H10301, bits).map_err(|e| match e {
+        Rejection::ParityError => KeyError::PinParity,
+        _ => KeyError::WrongLength(bits.len),
+    })?;
     if read.card.facility != 0 {
-        return Err(Rejection::WrongLength);
+        return Err(KeyError::PinFacility);
     }
     Ok(Pin(read.card.number.to_string().bytes().map(|b| b - b'0').collect()))
 }
@@ -160,6 +179,39 @@ impl Pin {
 impl fmt::Debug for Pin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Pin({} digits)", self.0.len())
+    }
+}
+
+/// The gate's PIN key: 32 random bytes outside the store (a file created 0600 on first use, or
+/// the systemd credential `menshen-pin-key`), so a copied database does not give the PINs to an
+/// offline search over the 10^n possible PINs. A PIN is stored only as
+/// HMAC-SHA-256(key, "menshen-pin-v1" ‖ digits).
+pub struct PinKey(ring::hmac::Key);
+
+/// The systemd credential the PIN key is read from (`LoadCredential=`).
+pub const PIN_KEY_CREDENTIAL: &str = "menshen-pin-key";
+
+impl PinKey {
+    pub fn from_bytes(key: &[u8; 32]) -> PinKey {
+        PinKey(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key))
+    }
+
+    pub fn hash(&self, pin: &Pin) -> [u8; 32] {
+        let mut ctx = ring::hmac::Context::with_key(&self.0);
+        ctx.update(b"menshen-pin-v1\0");
+        for d in &pin.0 {
+            ctx.update(&[b'0' + d]);
+        }
+        let tag = ctx.sign();
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+}
+
+impl fmt::Debug for PinKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PinKey(..)")
     }
 }
 
@@ -196,11 +248,11 @@ pub enum PinEvent {
 
 impl PinEvent {
     /// The access event's reason when entry failed.
-    pub fn reason(&self) -> Option<&'static str> {
+    pub fn reason(&self) -> Option<Reason> {
         match self {
-            PinEvent::TimedOut => Some("pin_timeout"),
-            PinEvent::TooLong => Some("pin_too_long"),
-            PinEvent::TooShort => Some("pin_too_short"),
+            PinEvent::TimedOut => Some(Reason::PinTimeout),
+            PinEvent::TooLong => Some(Reason::PinTooLong),
+            PinEvent::TooShort => Some(Reason::PinTooShort),
             PinEvent::Submit(_) | PinEvent::Cleared => None,
         }
     }
@@ -345,7 +397,7 @@ impl PinGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wiegand::encode;
+    use crate::wiegand::{decode, encode};
 
     fn t(ms: u64) -> MonoTime {
         MonoTime::from_duration(Duration::from_millis(ms))
@@ -374,20 +426,39 @@ mod tests {
 
     #[test]
     fn the_role_decides_what_a_26_bit_frame_is() {
+        let formats = [Format::H10301];
+        let out = |bits: Bits| match decode(&formats, bits) {
+            Ok(read) => Outcome::Card(read),
+            Err(why) => Outcome::Rejected { why, bits },
+        };
+        let m = StarHash::StarTen;
         let frame = encode(Format::H10301, 0, 1234).unwrap();
-        assert_eq!(classify(Role::Cards, StarHash::StarTen, frame), Frame::Card(frame));
-        assert_eq!(classify(Role::Both, StarHash::StarTen, frame), Frame::Card(frame));
-        assert_eq!(classify(Role::Keys, StarHash::StarTen, frame), Frame::Pin(Pin::parse("1234").unwrap()));
+        assert_eq!(classify(Role::Cards, m, out(frame)), Frame::Card(out(frame)));
+        assert_eq!(classify(Role::Both, m, out(frame)), Frame::Card(out(frame)));
+        assert_eq!(classify(Role::Keys, m, out(frame)), Frame::Pin(Pin::parse("1234").unwrap()));
         let card = encode(Format::H10301, 7, 1234).unwrap();
-        assert!(matches!(classify(Role::Keys, StarHash::StarTen, card), Frame::PinRejected(_)));
+        assert_eq!(classify(Role::Keys, m, out(card)), Frame::KeyRejected(KeyError::PinFacility, card));
         let mut bad = frame;
         bad.value ^= 1; // the trailing parity bit
-        assert_eq!(classify(Role::Keys, StarHash::StarTen, bad), Frame::PinRejected(Rejection::ParityError));
-        assert_eq!(classify(Role::Both, StarHash::StarTen, burst(4, 5)), Frame::Key(Key::Digit(5)));
-        assert_eq!(classify(Role::Cards, StarHash::StarTen, burst(4, 5)), Frame::Card(burst(4, 5)));
+        assert_eq!(classify(Role::Keys, m, out(bad)), Frame::KeyRejected(KeyError::PinParity, bad));
+        assert_eq!(classify(Role::Both, m, out(burst(4, 5))), Frame::Key(Key::Digit(5)));
+        assert_eq!(classify(Role::Cards, m, out(burst(4, 5))), Frame::Card(out(burst(4, 5))));
+        let long = burst(34, 5);
+        assert_eq!(classify(Role::Keys, m, out(long)), Frame::KeyRejected(KeyError::WrongLength(34), long));
+        // Noise stays noise whatever the role.
+        let noise = Outcome::Rejected { why: Rejection::Noise, bits: burst(4, 1) };
+        assert_eq!(classify(Role::Keys, m, noise), Frame::Card(noise));
+        // A PIN's keyed hash depends on the key and the digits, and on nothing else.
+        let (k1, k2) = (PinKey::from_bytes(&[1; 32]), PinKey::from_bytes(&[2; 32]));
+        let p = Pin::parse("1234").unwrap();
+        assert_eq!(k1.hash(&p), k1.hash(&Pin::parse("1234").unwrap()));
+        assert_ne!(k1.hash(&p), k2.hash(&p));
+        assert_ne!(k1.hash(&p), k1.hash(&Pin::parse("01234").unwrap()));
+        // The construction, checked against Python's hmac module (an independent implementation):
+        // hmac.new(bytes([1]*32), b"menshen-pin-v1\0" + b"1234", hashlib.sha256).hexdigest()
         assert_eq!(
-            classify(Role::Keys, StarHash::StarTen, burst(34, 5)),
-            Frame::KeyRejected(KeyError::WrongLength(34))
+            crate::digest::hex(&k1.hash(&p)),
+            "9b76bed01ef4b6703727d14200403d38f51524021000d6ded776002ed51c9f89"
         );
     }
 

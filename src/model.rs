@@ -47,6 +47,10 @@ impl fmt::Display for ResidentId {
 }
 
 /// How a resident may get in. The resident chooses (P2); face is never required (P1).
+///
+/// Every mode that admits face names a non-face credential kind, [`AccessMode::fallback`], that
+/// the Art. 10 guard (`policy::guard`) requires the resident to hold: `face_or_card` and
+/// `face_and_card` a card, `face_or_pin` a PIN. So no mode can leave face as the only way in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AccessMode {
@@ -56,11 +60,58 @@ pub enum AccessMode {
     FaceOrCard,
     /// A card and the recognised face of the same resident (two factors).
     FaceAndCard,
+    /// A card, or the resident's PIN on a keypad.
+    CardOrPin,
+    /// A card and then its holder's PIN at the same reader (two factors).
+    CardAndPin,
+    /// Either a recognised face or the resident's PIN.
+    FaceOrPin,
+}
+
+/// A kind of non-face credential a mode relies on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Factor {
+    Card,
+    Pin,
 }
 
 impl AccessMode {
+    pub const ALL: [AccessMode; 6] = [
+        AccessMode::Card,
+        AccessMode::FaceOrCard,
+        AccessMode::FaceAndCard,
+        AccessMode::CardOrPin,
+        AccessMode::CardAndPin,
+        AccessMode::FaceOrPin,
+    ];
+
     pub fn admits_face(self) -> bool {
-        !matches!(self, AccessMode::Card)
+        matches!(self, AccessMode::FaceOrCard | AccessMode::FaceAndCard | AccessMode::FaceOrPin)
+    }
+
+    /// A card alone opens.
+    pub fn card_alone(self) -> bool {
+        matches!(self, AccessMode::Card | AccessMode::FaceOrCard | AccessMode::CardOrPin)
+    }
+
+    /// A PIN alone (without a card) opens.
+    pub fn pin_alone(self) -> bool {
+        matches!(self, AccessMode::CardOrPin | AccessMode::FaceOrPin)
+    }
+
+    /// A face alone opens.
+    pub fn face_alone(self) -> bool {
+        matches!(self, AccessMode::FaceOrCard | AccessMode::FaceOrPin)
+    }
+
+    /// The non-face credential a face mode requires the resident to hold (P1); `None` for the
+    /// modes without face.
+    pub fn fallback(self) -> Option<Factor> {
+        match self {
+            AccessMode::FaceOrCard | AccessMode::FaceAndCard => Some(Factor::Card),
+            AccessMode::FaceOrPin => Some(Factor::Pin),
+            AccessMode::Card | AccessMode::CardOrPin | AccessMode::CardAndPin => None,
+        }
     }
 
     pub fn name(self) -> &'static str {
@@ -68,6 +119,9 @@ impl AccessMode {
             AccessMode::Card => "card",
             AccessMode::FaceOrCard => "face_or_card",
             AccessMode::FaceAndCard => "face_and_card",
+            AccessMode::CardOrPin => "card_or_pin",
+            AccessMode::CardAndPin => "card_and_pin",
+            AccessMode::FaceOrPin => "face_or_pin",
         }
     }
 }
@@ -81,12 +135,9 @@ impl fmt::Display for AccessMode {
 impl FromStr for AccessMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "card" => Ok(AccessMode::Card),
-            "face_or_card" => Ok(AccessMode::FaceOrCard),
-            "face_and_card" => Ok(AccessMode::FaceAndCard),
-            _ => Err(format!("unknown access mode `{s}` (expected card, face_or_card or face_and_card)")),
-        }
+        AccessMode::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            format!("unknown access mode `{s}` (expected one of: {})", AccessMode::ALL.map(AccessMode::name).join(", "))
+        })
     }
 }
 
@@ -243,25 +294,77 @@ impl Resident {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CredentialKind {
     Card(CardId),
+    /// A PIN, as its keyed hash (`keypad::PinKey`): the digits are never stored.
+    Pin(PinHash),
+}
+
+/// A PIN's keyed hash (HMAC-SHA-256 under the gate's PIN key), and whether it is the resident's
+/// duress PIN (opens as usual and raises a silent `duress` alarm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinHash {
+    #[serde(with = "hex32")]
+    pub hash: [u8; 32],
+    #[serde(default)]
+    pub duress: bool,
+}
+
+impl PinHash {
+    /// The store key of a PIN with this hash (the same for its normal and duress use, so one
+    /// PIN can never be both, nor held by two residents).
+    pub fn key_of(hash: &[u8; 32]) -> String {
+        format!("pin:{}", crate::digest::hex(hash))
+    }
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(h: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::digest::hex(h))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        let bytes = crate::digest::unhex(&s).ok_or_else(|| serde::de::Error::custom("a PIN hash is 64 hex digits"))?;
+        bytes.try_into().map_err(|_| serde::de::Error::custom("a PIN hash is 64 hex digits"))
+    }
 }
 
 impl CredentialKind {
     pub fn key(&self) -> String {
         match self {
             CredentialKind::Card(c) => c.key(),
+            CredentialKind::Pin(p) => PinHash::key_of(&p.hash),
         }
     }
 
-    /// For logs and the audit trail: the card number masked.
+    /// For logs and the audit trail: the card number masked; a PIN is never shown, not even its
+    /// hash.
     pub fn masked(&self) -> String {
         match self {
             CredentialKind::Card(c) => format!("card {}", c.masked()),
+            CredentialKind::Pin(p) if p.duress => "duress pin".into(),
+            CredentialKind::Pin(_) => "pin".into(),
         }
+    }
+
+    pub fn is_pin(&self) -> bool {
+        matches!(self, CredentialKind::Pin(_))
     }
 
     /// Every credential kind here is a non-face way in.
     pub fn is_non_face(&self) -> bool {
         true
+    }
+
+    /// The factor it gives; a duress PIN counts for nothing (it raises an alarm at every use).
+    pub fn factor(&self) -> Option<Factor> {
+        match self {
+            CredentialKind::Card(_) => Some(Factor::Card),
+            CredentialKind::Pin(p) if !p.duress => Some(Factor::Pin),
+            CredentialKind::Pin(_) => None,
+        }
     }
 }
 

@@ -74,6 +74,7 @@ pub fn execute(store: &Store, cfg: &Config, op: &ResidentOp, by: &str, now: i64)
                     .filter(|c| c.resident == r.id)
                     .map(|c| match c.credential {
                         CredentialKind::Card(card) => card.masked(),
+                        other => other.masked(),
                     })
                     .collect();
                 lines.push(format!("{}\t{}\t{}", r.id, r.mode, cards.join(",")));

@@ -12,6 +12,46 @@ pub fn read_private(path: &Path) -> std::io::Result<Vec<u8>> {
     std::fs::read(path)
 }
 
+/// Create `path` (0600, failing if it exists), write, fsync it and its directory.
+pub(crate) fn write_new_0600(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    crate::durable::sync_parent(path)
+}
+
+/// A 32-byte key the gate makes for itself: the systemd credential `credential` if the service
+/// has one (`LoadCredential=`, in `$CREDENTIALS_DIRECTORY`), else `file`, created (0600,
+/// fsynced, from the OS's random source) on first use. Returns the bytes and where they came
+/// from (for messages; never the key).
+pub fn load_or_create_key(file: &Path, credential: &str) -> Result<([u8; 32], String), String> {
+    use rand::RngCore;
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        let p = Path::new(&dir).join(credential);
+        if p.exists() {
+            return read_key(&p).map(|k| (k, format!("systemd credential {credential}")));
+        }
+    }
+    if file.exists() {
+        return read_key(file).map(|k| (k, file.display().to_string()));
+    }
+    if let Some(dir) = file.parent() {
+        crate::durable::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    let mut key = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut key);
+    write_new_0600(file, &key).map_err(|e| e.to_string())?;
+    Ok((key, file.display().to_string()))
+}
+
+fn read_key(path: &Path) -> Result<[u8; 32], String> {
+    let bytes = read_private(path).map_err(|e| e.to_string())?;
+    let n = bytes.len();
+    bytes.try_into().map_err(|_| format!("{n} bytes, expected 32"))
+}
+
 /// The rule on a file's permission bits.
 pub fn check_mode(mode: u32) -> Result<(), String> {
     if mode & 0o007 != 0 {
@@ -26,6 +66,19 @@ pub fn check_mode(mode: u32) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_created_private_once_and_then_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/k.key");
+        let (k1, src) = load_or_create_key(&p, "menshen-test-key").unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(src.ends_with("k.key"), "{src}");
+        assert_eq!(load_or_create_key(&p, "menshen-test-key").unwrap().0, k1, "the same key on the next start");
+        std::fs::write(&p, b"short").unwrap();
+        let e = load_or_create_key(&p, "menshen-test-key").unwrap_err();
+        assert!(e.contains("5 bytes"), "{e}");
+    }
 
     #[test]
     fn a_secret_others_can_read_is_refused_and_a_private_one_is_read() {

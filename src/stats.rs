@@ -109,6 +109,12 @@ impl Stats {
         *self.rejections.lock().unwrap_or_else(|p| p.into_inner()).entry(r.code()).or_default() += 1;
     }
 
+    /// A keypad frame that is no key, counted with the refused frames by its code
+    /// (`key_bad_complement`, `key_unknown`, `pin_parity_error`, ...).
+    pub fn reject_key(&self, why: crate::keypad::KeyError) {
+        *self.rejections.lock().unwrap_or_else(|p| p.into_inner()).entry(why.code()).or_default() += 1;
+    }
+
     /// A refused MQTT command, by error code.
     pub fn reject_command(&self, code: &'static str) {
         *self.command_rejections.lock().unwrap_or_else(|p| p.into_inner()).entry(code).or_default() += 1;

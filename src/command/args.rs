@@ -145,7 +145,56 @@ pub(super) struct SetModeArgs {
 #[serde(deny_unknown_fields)]
 pub(super) struct CredentialAddArgs {
     pub(super) resident: ResidentId,
-    pub(super) card: CardSpec,
+    #[serde(default)]
+    pub(super) card: Option<CardSpec>,
+    #[serde(default)]
+    pub(super) pin: Option<PinSpec>,
+}
+
+/// A PIN as `credential.add` carries it: the digits (inbound only: never in a reply, an event,
+/// a log or an export), whether it is the duress PIN, and its validity.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinSpec {
+    pub pin: PinDigits,
+    #[serde(default)]
+    pub duress: bool,
+    #[serde(default)]
+    pub validity: Validity,
+}
+
+/// The digits of a PIN. Deserializing never echoes the value in an error (serde's messages
+/// would: "invalid type: integer `482913`"), and `Debug` prints no digit.
+#[derive(Clone, PartialEq)]
+pub struct PinDigits(pub crate::keypad::Pin);
+
+impl std::fmt::Debug for PinDigits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for PinDigits {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d).map_err(|_| serde::de::Error::custom(PIN_SHAPE))?;
+        v.as_str()
+            .and_then(crate::keypad::Pin::parse)
+            .filter(|p| !p.is_empty())
+            .map(PinDigits)
+            .ok_or_else(|| serde::de::Error::custom(PIN_SHAPE))
+    }
+}
+
+const PIN_SHAPE: &str = "pin.pin must be a string of digits (\"482913\")";
+
+/// Which of a resident's PINs `credential.remove` removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinSlot {
+    /// Their PIN.
+    Pin,
+    /// Their duress PIN.
+    Duress,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -159,7 +208,13 @@ pub(super) struct CardRef {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CredentialRemoveArgs {
-    pub(super) card: CardRef,
+    #[serde(default)]
+    pub(super) card: Option<CardRef>,
+    /// With `pin`: whose PIN.
+    #[serde(default)]
+    pub(super) resident: Option<ResidentId>,
+    #[serde(default)]
+    pub(super) pin: Option<PinSlot>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

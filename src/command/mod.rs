@@ -117,6 +117,8 @@ pub struct Limits {
     pub reply_topic_prefix: String,
     /// The largest page of a paged `roster.sync`.
     pub roster_page_max_bytes: usize,
+    /// How many digits a PIN may have (`keypad.min_len`, `keypad.max_len`).
+    pub pin_len: (u8, u8),
 }
 
 impl Default for Limits {
@@ -128,6 +130,7 @@ impl Default for Limits {
             max_command_lifetime_ms: 300_000,
             reply_topic_prefix: "bms/".into(),
             roster_page_max_bytes: 256 << 10,
+            pin_len: (4, 8),
         }
     }
 }
@@ -185,6 +188,15 @@ pub enum Command {
         card: CardSpec,
     },
     CredentialRemove(CardId),
+    /// Set a resident's PIN or duress PIN (replacing the one they had).
+    PinSet {
+        resident: ResidentId,
+        pin: PinSpec,
+    },
+    PinRemove {
+        resident: ResidentId,
+        duress: bool,
+    },
     RosterSync {
         version: u64,
         residents: Vec<ResidentSpec>,
@@ -556,13 +568,38 @@ fn verb_args(verb: Verb, obj: Map<String, Value>, limits: &Limits, payload_len: 
         }
         Verb::CredentialAdd => {
             let a: CredentialAddArgs = args(obj)?;
-            a.card.check()?;
-            Command::CredentialAdd { resident: a.resident, card: a.card }
+            match (a.card, a.pin) {
+                (Some(card), None) => {
+                    card.check()?;
+                    Command::CredentialAdd { resident: a.resident, card }
+                }
+                (None, Some(pin)) => {
+                    let (min, max) = limits.pin_len;
+                    let n = pin.pin.0.len();
+                    if !(usize::from(min)..=usize::from(max)).contains(&n) {
+                        let msg = format!("pin.pin must be {min} to {max} digits (keypad.min_len, keypad.max_len)");
+                        return Err(CmdError::new(ErrorCode::InvalidValue, msg));
+                    }
+                    pin.validity
+                        .validate()
+                        .map_err(|e| CmdError::new(ErrorCode::InvalidValue, format!("pin validity: {e}")))?;
+                    Command::PinSet { resident: a.resident, pin }
+                }
+                _ => return Err(CmdError::new(ErrorCode::InvalidValue, "credential.add takes one of `card` or `pin`")),
+            }
         }
-        Verb::CredentialRemove => {
-            let c = args::<CredentialRemoveArgs>(obj)?.card;
-            Command::CredentialRemove(CardId { format: c.format, facility: c.facility, number: c.number })
-        }
+        Verb::CredentialRemove => match args::<CredentialRemoveArgs>(obj)? {
+            CredentialRemoveArgs { card: Some(c), resident: None, pin: None } => {
+                Command::CredentialRemove(CardId { format: c.format, facility: c.facility, number: c.number })
+            }
+            CredentialRemoveArgs { card: None, resident: Some(resident), pin: Some(slot) } => {
+                Command::PinRemove { resident, duress: slot == PinSlot::Duress }
+            }
+            _ => {
+                let msg = "credential.remove takes `card`, or `resident` with `pin` (\"pin\" or \"duress\")";
+                return Err(CmdError::new(ErrorCode::InvalidValue, msg));
+            }
+        },
         Verb::RosterSync => {
             let a: RosterArgs = args(obj)?;
             let paging = match (a.sync_id, a.page, a.pages) {

@@ -75,6 +75,8 @@ pub struct Config {
     pub privacy: PrivacyConfig,
     #[serde(default)]
     pub face: FaceConfig,
+    #[serde(default)]
+    pub keypad: KeypadConfig,
 }
 
 /// Optional Home Assistant MQTT discovery (REQUIREMENTS M5).
@@ -158,6 +160,9 @@ impl Config {
     }
     pub fn device_key_path(&self) -> PathBuf {
         self.privacy.device_key_file.clone().unwrap_or_else(|| self.gate.state_dir.join("device.key"))
+    }
+    pub fn pin_key_path(&self) -> PathBuf {
+        self.keypad.pin_key_file.clone().unwrap_or_else(|| self.gate.state_dir.join("pin.key"))
     }
     pub fn signing_key_path(&self) -> PathBuf {
         self.privacy.signing_key_file.clone().unwrap_or_else(|| self.gate.state_dir.join("signing.key"))
@@ -428,6 +433,120 @@ pub struct ReaderConfig {
     /// The reader's LEDs and beeper (optional: a reader without these wires shows nothing).
     #[serde(default)]
     pub feedback: FeedbackConfig,
+    /// What the reader's frames are: `cards` (default), `keys` (a keypad: 4- and 8-bit key
+    /// bursts, and 26-bit frames as a whole PIN) or `both` (4- and 8-bit frames are keys, every
+    /// other length a card, so a 26-bit frame is always a card). Frames are never guessed.
+    #[serde(default)]
+    pub role: ReaderRole,
+    /// The key value this keypad sends for `*` (10, as ESPHome and most HID keypads, or 11);
+    /// `#` is the other one.
+    #[serde(default = "default_star_key")]
+    pub star_key: u8,
+}
+
+/// What a reader's frames are (see [`ReaderConfig::role`]).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReaderRole {
+    #[default]
+    Cards,
+    Keys,
+    Both,
+}
+
+fn default_star_key() -> u8 {
+    10
+}
+
+/// PIN entry on keypads, and wrong-PIN limits (the same for every keypad of the gate).
+#[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeypadConfig {
+    /// PINs are `min_len..=max_len` digits (checked when a PIN is set, and at `#`).
+    #[serde(default = "default_pin_min")]
+    pub min_len: u8,
+    #[serde(default = "default_pin_max")]
+    pub max_len: u8,
+    /// Submit as soon as this many digits are typed, without `#` (unset: wait for `#`).
+    #[serde(default)]
+    pub submit_len: Option<u8>,
+    /// A longer pause between keys discards what was typed (`pin_timeout`).
+    #[serde(default = "default_inter_key")]
+    pub inter_key_ms: u64,
+    /// `card_and_pin`: how long after the card the PIN may come (then `pin_timeout`).
+    #[serde(default = "default_card_pin_window")]
+    pub card_pin_window_ms: u64,
+    /// `max_wrong` wrong PINs within `wrong_window_secs` lock PIN entry at that reader (and for
+    /// that card's holder) for `lockout_secs`, with a `pin_lockout` alarm. Cards and faces are
+    /// never locked out.
+    #[serde(default = "default_max_wrong")]
+    pub max_wrong: u32,
+    #[serde(default = "default_wrong_window")]
+    pub wrong_window_secs: u64,
+    #[serde(default = "default_lockout")]
+    pub lockout_secs: u64,
+    /// The PIN key (32 bytes, created 0600 on first use; a systemd credential `menshen-pin-key`
+    /// takes precedence); default `<state_dir>/pin.key`. PINs are stored only as a keyed hash
+    /// under it: lose it, and every PIN must be set again.
+    #[serde(default)]
+    pub pin_key_file: Option<PathBuf>,
+}
+
+fn default_pin_min() -> u8 {
+    4
+}
+fn default_pin_max() -> u8 {
+    8
+}
+fn default_inter_key() -> u64 {
+    5_000
+}
+fn default_card_pin_window() -> u64 {
+    10_000
+}
+fn default_max_wrong() -> u32 {
+    5
+}
+fn default_wrong_window() -> u64 {
+    60
+}
+fn default_lockout() -> u64 {
+    300
+}
+
+impl Default for KeypadConfig {
+    fn default() -> Self {
+        KeypadConfig {
+            min_len: default_pin_min(),
+            max_len: default_pin_max(),
+            submit_len: None,
+            inter_key_ms: default_inter_key(),
+            card_pin_window_ms: default_card_pin_window(),
+            max_wrong: default_max_wrong(),
+            wrong_window_secs: default_wrong_window(),
+            lockout_secs: default_lockout(),
+            pin_key_file: None,
+        }
+    }
+}
+
+impl KeypadConfig {
+    pub fn entry(&self) -> crate::keypad::PinParams {
+        crate::keypad::PinParams {
+            min_len: self.min_len,
+            max_len: self.max_len,
+            submit_len: self.submit_len,
+            inter_key: Duration::from_millis(self.inter_key_ms),
+        }
+    }
+
+    pub fn guard(&self) -> crate::keypad::GuardParams {
+        crate::keypad::GuardParams {
+            max_wrong: self.max_wrong,
+            window: Duration::from_secs(self.wrong_window_secs),
+            lockout: Duration::from_secs(self.lockout_secs),
+        }
+    }
 }
 
 /// A reader's feedback lines: Wiegand readers take their green LED, red LED and beeper as
@@ -500,6 +619,32 @@ impl ReaderConfig {
     pub fn parsed_formats(&self) -> Vec<Format> {
         // Validated at load: every entry parses.
         self.formats.iter().filter_map(|f| f.parse().ok()).collect()
+    }
+
+    pub fn role(&self) -> crate::keypad::Role {
+        match self.role {
+            ReaderRole::Cards => crate::keypad::Role::Cards,
+            ReaderRole::Keys => crate::keypad::Role::Keys,
+            ReaderRole::Both => crate::keypad::Role::Both,
+        }
+    }
+
+    pub fn star_hash(&self) -> crate::keypad::StarHash {
+        if self.star_key == 11 {
+            crate::keypad::StarHash::HashTen
+        } else {
+            crate::keypad::StarHash::StarTen
+        }
+    }
+
+    /// The reader reads cards (its role is `cards` or `both`).
+    pub fn reads_cards(&self) -> bool {
+        self.role != ReaderRole::Keys
+    }
+
+    /// The reader has keys (`keys` or `both`).
+    pub fn has_keys(&self) -> bool {
+        self.role != ReaderRole::Cards
     }
 
     pub fn timing(&self) -> Timing {
@@ -740,6 +885,7 @@ impl Config {
             max_command_lifetime_ms: self.mqtt.max_command_lifetime_ms,
             reply_topic_prefix: self.mqtt.reply_topic_prefix.clone(),
             roster_page_max_bytes: self.mqtt.roster_page_max_bytes,
+            pin_len: (self.keypad.min_len, self.keypad.max_len),
         }
     }
 

@@ -67,6 +67,25 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     if cfg.privacy.rules_file.is_some() && cfg.privacy.rules_version.as_deref().unwrap_or("").is_empty() {
         return Err(invalid("privacy.rules_version", "a rules_file needs its version (consents name it)"));
     }
+    let kp = &cfg.keypad;
+    if !(4..=12).contains(&kp.min_len) || !(kp.min_len..=12).contains(&kp.max_len) {
+        return Err(invalid("keypad.min_len", "PINs are 4..=12 digits: min_len 4..=12, max_len min_len..=12"));
+    }
+    if kp.submit_len.is_some_and(|n| !(kp.min_len..=kp.max_len).contains(&n)) {
+        return Err(invalid("keypad.submit_len", "must be within min_len..=max_len"));
+    }
+    if !(500..=60_000).contains(&kp.inter_key_ms) {
+        return Err(invalid("keypad.inter_key_ms", "must be 500..=60000"));
+    }
+    if !(1_000..=60_000).contains(&kp.card_pin_window_ms) {
+        return Err(invalid("keypad.card_pin_window_ms", "must be 1000..=60000"));
+    }
+    if !(1..=100).contains(&kp.max_wrong) {
+        return Err(invalid("keypad.max_wrong", "must be 1..=100"));
+    }
+    if !(1..=86_400).contains(&kp.wrong_window_secs) || !(1..=86_400).contains(&kp.lockout_secs) {
+        return Err(invalid("keypad.lockout_secs", "wrong_window_secs and lockout_secs must be 1..=86400"));
+    }
     if !(1..=16).contains(&cfg.face.threads) {
         return Err(invalid("face.threads", "must be 1..=16"));
     }
@@ -175,8 +194,11 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
         if cfg.door(&r.door).is_none() {
             return Err(invalid(k("door"), format!("no door named `{}`", r.door)));
         }
-        if r.formats.is_empty() {
-            return Err(invalid(k("formats"), "list at least one format"));
+        if r.formats.is_empty() && r.reads_cards() {
+            return Err(invalid(
+                k("formats"),
+                "list at least one format (a keys-only reader, role = \"keys\", needs none)",
+            ));
         }
         let mut seen = HashSet::new();
         for (j, f) in r.formats.iter().enumerate() {
@@ -184,6 +206,9 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             if !seen.insert(parsed) {
                 return Err(invalid(format!("readers[{i}].formats[{j}]"), format!("{parsed} is listed twice")));
             }
+        }
+        if !matches!(r.star_key, 10 | 11) {
+            return Err(invalid(k("star_key"), "must be 10 or 11 (the key value the keypad sends for `*`)"));
         }
         claim(k("d0_pin"), &r.d0_pin)?;
         claim(k("d1_pin"), &r.d1_pin)?;
@@ -212,7 +237,7 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     }
     // P1 at the site level: every door must have a non-face way in.
     for (i, d) in cfg.doors.iter().enumerate() {
-        if !cfg.readers.iter().any(|r| r.door == d.name) {
+        if !cfg.readers.iter().any(|r| r.door == d.name && r.reads_cards()) {
             return Err(invalid(
                 format!("doors[{i}]"),
                 format!(

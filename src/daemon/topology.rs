@@ -25,6 +25,7 @@ use crate::config::{ActiveLevel, Config, LineRef};
 use crate::door::DoorCore;
 use crate::events::NewEvent;
 use crate::hw::{self, Edge, Gpio, Relay};
+use crate::keypad::{PinKey, PIN_KEY_CREDENTIAL};
 use crate::privacy::audit::AuditLog;
 use crate::privacy::shred::Privacy;
 use crate::runtime::Runtime;
@@ -220,6 +221,14 @@ impl Topology {
                 None
             }
         };
+        // The PIN key: without it, PINs are refused (`system_error`) and cards still work.
+        let pin_key = match crate::secrets::load_or_create_key(&cfg.pin_key_path(), PIN_KEY_CREDENTIAL) {
+            Ok((k, _)) => Some(Arc::new(PinKey::from_bytes(&k))),
+            Err(error) => {
+                tracing::error!(%error, path = %cfg.pin_key_path().display(), "PIN key unusable: PINs are refused");
+                None
+            }
+        };
         let mut door_cmds = HashMap::new();
         for d in doors {
             let (tx, rx) = mpsc::channel(64);
@@ -253,6 +262,7 @@ impl Topology {
             events: ev_tx.clone(),
             face_uses: privacy.is_some().then_some(use_tx),
             cues,
+            pin_key: pin_key.clone(),
         };
         st.spawn("gate", stages::gate::run(ctx.named("gate"), gate_io));
         let mut link_parts = None;
@@ -265,6 +275,7 @@ impl Topology {
                 events: ev_tx.clone(),
                 out: out_tx,
                 enrol,
+                pin_key: pin_key.clone(),
             };
             st.spawn("api", stages::commands::run(ctx.named("api"), io));
             link_parts = Some((cmd_tx, out_rx, ev_tx.clone()));

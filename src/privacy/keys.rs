@@ -15,6 +15,7 @@
 //! in free pages until they are reused; without its data key it cannot be decrypted, and the data
 //! key existed in no other file (see `docs/privacy.md` for what flash media may still hold).
 
+use crate::durable::sync_parent as sync_dir;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
@@ -59,47 +60,15 @@ impl std::fmt::Debug for DeviceKey {
     }
 }
 
-/// Create `path` (0600, failing if it exists), write, fsync it and its directory.
-pub(crate) fn write_new_0600(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    sync_dir(path)
-}
-
-use crate::durable::sync_parent as sync_dir;
+pub(crate) use crate::secrets::write_new_0600;
 
 impl DeviceKey {
     /// The systemd credential if the service has one, else the key file, created (0600,
     /// fsynced) on first use.
     pub fn load(file: &Path) -> Result<DeviceKey, SealError> {
-        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            let p = Path::new(&dir).join(CREDENTIAL_NAME);
-            if p.exists() {
-                return Self::read(&p, format!("systemd credential {CREDENTIAL_NAME}"));
-            }
-        }
-        if file.exists() {
-            return Self::read(file, file.display().to_string());
-        }
-        let err = |why: String| SealError::Key { path: file.display().to_string(), why };
-        if let Some(dir) = file.parent() {
-            crate::durable::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        }
-        let mut key = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut key);
-        write_new_0600(file, &key).map_err(|e| err(e.to_string()))?;
-        Ok(DeviceKey { aead: XChaCha20Poly1305::new((&key).into()), source: file.display().to_string() })
-    }
-
-    fn read(path: &Path, source: String) -> Result<DeviceKey, SealError> {
-        let err = |why: String| SealError::Key { path: path.display().to_string(), why };
-        let bytes = crate::secrets::read_private(path).map_err(|e| err(e.to_string()))?;
-        if bytes.len() != 32 {
-            return Err(err(format!("{} bytes, expected 32", bytes.len())));
-        }
-        Ok(DeviceKey { aead: XChaCha20Poly1305::new(bytes.as_slice().into()), source })
+        let (key, source) = crate::secrets::load_or_create_key(file, CREDENTIAL_NAME)
+            .map_err(|why| SealError::Key { path: file.display().to_string(), why })?;
+        Ok(DeviceKey { aead: XChaCha20Poly1305::new((&key).into()), source })
     }
 
     /// A device key from raw bytes (tests and the key-search tools).

@@ -12,7 +12,6 @@
 //! docs/privacy.md states this byte for byte, and docs/receipt-vectors.json carries test
 //! vectors that an independent implementation checks (`scripts/verify_receipt.py`, PyNaCl).
 
-use rand::RngCore;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -106,25 +105,7 @@ impl Signer {
     /// The systemd credential if present, else the seed file, created (0600) on first use.
     pub fn load(file: &Path) -> Result<Signer, super::SealError> {
         let err = |why: String| super::SealError::Key { path: file.display().to_string(), why };
-        let mut path = file.to_path_buf();
-        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            let p = Path::new(&dir).join(CREDENTIAL_NAME);
-            if p.exists() {
-                path = p;
-            }
-        }
-        if !path.exists() {
-            if let Some(dir) = file.parent() {
-                crate::durable::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-            }
-            let mut seed = [0u8; 32];
-            rand::rngs::OsRng.fill_bytes(&mut seed);
-            super::keys::write_new_0600(file, &seed).map_err(|e| err(e.to_string()))?;
-        }
-        let seed = crate::secrets::read_private(&path).map_err(|e| err(e.to_string()))?;
-        if seed.len() != 32 {
-            return Err(err(format!("{} bytes, expected a 32-byte Ed25519 seed", seed.len())));
-        }
+        let (seed, _) = crate::secrets::load_or_create_key(file, CREDENTIAL_NAME).map_err(err)?;
         Signer::from_seed(&seed).ok_or_else(|| err("not an Ed25519 seed".into()))
     }
 

@@ -55,6 +55,13 @@ pub enum StoreError {
     NoCredential(String),
     #[error("credential is already held by resident `{0}`")]
     CredentialTaken(String),
+    /// A PIN another resident holds (the holder is not named: that would give their PIN away).
+    #[error("this PIN is already in use at this gate: choose another")]
+    PinTaken,
+    #[error("the duress PIN must differ from the resident's PIN")]
+    DuressSameAsPin,
+    #[error("resident `{0}` has no {1}")]
+    NoPin(String, &'static str),
     #[error("resident `{0}` already exists")]
     ResidentExists(String),
     #[error("invalid resident: {0}")]

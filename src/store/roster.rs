@@ -4,7 +4,7 @@ use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::schema::*;
 use super::{decode, encode, AuditEntry, Claim, Store, StoreError, Tables};
-use crate::model::{AccessMode, Credential, Resident, ResidentId};
+use crate::model::{AccessMode, Credential, CredentialKind, Resident, ResidentId};
 use crate::wiegand::CardId;
 
 /// A change to the roster: the one unit of change for the CLI and the MQTT commands alike.
@@ -22,6 +22,13 @@ pub enum RosterOp {
     AddCredential(Credential),
     /// Remove a credential by key.
     RemoveCredential(String),
+    /// Set a resident's PIN (or duress PIN), replacing the one they had: a `CredentialKind::Pin`.
+    SetPin(Credential),
+    /// Remove a resident's PIN (`duress`: their duress PIN).
+    RemovePin {
+        resident: ResidentId,
+        duress: bool,
+    },
     RemoveResident(ResidentId),
     /// Replace the whole roster with a snapshot (atomic, idempotent per version).
     Sync {
@@ -52,7 +59,9 @@ impl RosterOp {
         };
         match self {
             RosterOp::Upsert { resident: r, credentials } => resident(r, &mut credentials.iter().flatten()),
-            RosterOp::AddCredential(c) => c.validity.validate().map_err(StoreError::InvalidResident),
+            RosterOp::AddCredential(c) | RosterOp::SetPin(c) => {
+                c.validity.validate().map_err(StoreError::InvalidResident)
+            }
             RosterOp::Add { resident: r, credentials } => resident(r, &mut credentials.iter()),
             RosterOp::Sync { residents, .. } => residents.iter().try_for_each(|(r, cs)| resident(r, &mut cs.iter())),
             RosterOp::Batch(ops) => ops.iter().enumerate().try_for_each(|(index, op)| {
@@ -60,6 +69,7 @@ impl RosterOp {
             }),
             RosterOp::SetMode { .. }
             | RosterOp::RemoveCredential(_)
+            | RosterOp::RemovePin { .. }
             | RosterOp::RemoveResident(_)
             | RosterOp::Nothing => Ok(()),
         }
@@ -131,9 +141,15 @@ impl Store {
 
     /// The credential for a card and its holder, if enrolled.
     pub fn lookup_card(&self, card: &CardId) -> Result<Option<(Credential, Resident)>, StoreError> {
+        self.lookup_credential(&card.key())
+    }
+
+    /// A credential by its key (`CredentialKind::key`: a card, or a PIN's keyed hash) and its
+    /// holder.
+    pub fn lookup_credential(&self, key: &str) -> Result<Option<(Credential, Resident)>, StoreError> {
         let tx = self.read()?;
         let creds = tx.open_table(CREDENTIALS)?;
-        let Some(v) = creds.get(card.key().as_str())? else {
+        let Some(v) = creds.get(key)? else {
             return Ok(None);
         };
         let cred: Credential = decode("credentials", v.value())?;
@@ -255,7 +271,9 @@ pub(super) fn apply_in(
             }
             t.residents.insert(resident.id.as_str(), encode(&resident).as_slice())?;
             if let Some(cs) = credentials {
-                remove_credentials_of(&mut t.creds, &resident.id)?;
+                // The resident's cards become exactly these; their PINs stay (PINs are set only
+                // by `credential.add`, never carried in a roster).
+                remove_cards_of(&mut t.creds, &resident.id)?;
                 for c in &cs {
                     put_credential(&mut t.creds, &resident, c)?;
                 }
@@ -290,6 +308,40 @@ pub(super) fn apply_in(
             put_credential(&mut t.creds, &r, &c)?;
             t.audit.push(AuditEntry::new(now_ms, "credential_added", Some(c.resident.as_str()), c.credential.masked()));
             Ok((OpOutcome::Done, vec![c.resident]))
+        }
+        RosterOp::SetPin(c) => {
+            let CredentialKind::Pin(pin) = c.credential else {
+                return Err(StoreError::InvalidResident("set_pin takes a PIN".into()));
+            };
+            let r: Resident = match t.residents.get(c.resident.as_str())? {
+                Some(v) => decode("residents", v.value())?,
+                None => return Err(StoreError::NoResident(c.resident.to_string())),
+            };
+            if let Some(v) = t.creds.get(c.credential.key().as_str())? {
+                let existing: Credential = decode("credentials", v.value())?;
+                match existing.credential {
+                    _ if existing.resident != r.id => return Err(StoreError::PinTaken),
+                    CredentialKind::Pin(p) if p.duress != pin.duress => return Err(StoreError::DuressSameAsPin),
+                    _ => {}
+                }
+            }
+            remove_where(&mut t.creds, |x| {
+                x.resident == r.id && matches!(x.credential, CredentialKind::Pin(p) if p.duress == pin.duress)
+            })?;
+            put_credential(&mut t.creds, &r, &c)?;
+            t.audit.push(AuditEntry::new(now_ms, "credential_added", Some(c.resident.as_str()), c.credential.masked()));
+            Ok((OpOutcome::Done, vec![c.resident]))
+        }
+        RosterOp::RemovePin { resident, duress } => {
+            let n = remove_where(&mut t.creds, |x| {
+                x.resident == resident && matches!(x.credential, CredentialKind::Pin(p) if p.duress == duress)
+            })?;
+            let what = if duress { "duress pin" } else { "pin" };
+            if n == 0 {
+                return Err(StoreError::NoPin(resident.to_string(), if duress { "duress PIN" } else { "PIN" }));
+            }
+            t.audit.push(AuditEntry::new(now_ms, "credential_removed", Some(resident.as_str()), what.to_string()));
+            Ok((OpOutcome::Done, vec![resident]))
         }
         RosterOp::RemoveCredential(key) => {
             let c: Credential = match t.creds.remove(key.as_str())? {
@@ -335,7 +387,22 @@ pub(super) fn apply_in(
                 }
             }
             t.residents.retain(|_, _| false)?;
-            t.creds.retain(|_, _| false)?;
+            // Cards are replaced; a PIN stays while its holder is in the new roster.
+            let keep: std::collections::HashSet<&str> = residents.iter().map(|(r, _)| r.id.as_str()).collect();
+            let mut kept_pins = 0;
+            let mut drop_keys = Vec::new();
+            for row in t.creds.iter()? {
+                let (k, v) = row?;
+                let c: Credential = decode("credentials", v.value())?;
+                if c.credential.is_pin() && keep.contains(c.resident.as_str()) {
+                    kept_pins += 1;
+                } else {
+                    drop_keys.push(k.value().to_string());
+                }
+            }
+            for k in &drop_keys {
+                t.creds.remove(k.as_str())?;
+            }
             let mut touched = Vec::with_capacity(residents.len());
             let mut n_creds = 0;
             for (r, cs) in &residents {
@@ -355,7 +422,10 @@ pub(super) fn apply_in(
                 now_ms,
                 "roster_synced",
                 None,
-                format!("version {version}: {} residents, {n_creds} credentials", residents.len()),
+                format!(
+                    "version {version}: {} residents, {n_creds} credentials, {kept_pins} PINs kept",
+                    residents.len()
+                ),
             ));
             Ok((OpOutcome::Synced { residents: residents.len(), credentials: n_creds, removed }, touched))
         }
@@ -363,11 +433,19 @@ pub(super) fn apply_in(
 }
 
 fn remove_credentials_of(creds: &mut redb::Table<&str, &[u8]>, id: &ResidentId) -> Result<usize, StoreError> {
+    remove_where(creds, |c| &c.resident == id)
+}
+
+fn remove_cards_of(creds: &mut redb::Table<&str, &[u8]>, id: &ResidentId) -> Result<usize, StoreError> {
+    remove_where(creds, |c| &c.resident == id && !c.credential.is_pin())
+}
+
+fn remove_where(creds: &mut redb::Table<&str, &[u8]>, pred: impl Fn(&Credential) -> bool) -> Result<usize, StoreError> {
     let mut keys = Vec::new();
     for row in creds.iter()? {
         let (k, v) = row?;
         let c: Credential = decode("credentials", v.value())?;
-        if &c.resident == id {
+        if pred(&c) {
             keys.push(k.value().to_string());
         }
     }

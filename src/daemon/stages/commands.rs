@@ -21,7 +21,7 @@ use crate::command::{self, CmdError, Command, ErrorCode, Inbound, Request, Resid
 use crate::config::Config;
 use crate::daemon::status;
 use crate::events::NewEvent;
-use crate::model::{CredentialKind, ResidentId};
+use crate::model::{Credential, CredentialKind, PinHash, ResidentId};
 use crate::stats::Stats;
 use crate::store::{Claim, OpOutcome, RosterOp, StoreError, SyncPage, Timeout};
 
@@ -35,6 +35,8 @@ pub struct CommandsIo {
     pub out: mpsc::Sender<Outgoing>,
     /// The face stage's enrolment queue (none without a face path and camera).
     pub enrol: Option<EnrolQueue>,
+    /// The key a PIN is hashed with before it is stored (none: PINs are refused).
+    pub pin_key: Option<std::sync::Arc<crate::keypad::PinKey>>,
 }
 
 /// What a command runs with.
@@ -251,8 +253,9 @@ fn store_error_code(e: &StoreError) -> ErrorCode {
         StoreError::DuplicateRequest(_) => ErrorCode::DuplicateRequest,
         StoreError::Guard(_) => ErrorCode::FaceOnlyRefused,
         StoreError::NoResident(_) => ErrorCode::UnknownResident,
-        StoreError::NoCredential(_) => ErrorCode::UnknownCredential,
-        StoreError::CredentialTaken(_) => ErrorCode::CredentialTaken,
+        StoreError::NoCredential(_) | StoreError::NoPin(..) => ErrorCode::UnknownCredential,
+        StoreError::CredentialTaken(_) | StoreError::PinTaken => ErrorCode::CredentialTaken,
+        StoreError::DuressSameAsPin => ErrorCode::InvalidValue,
         StoreError::StaleVersion { .. } => ErrorCode::StaleVersion,
         StoreError::VersionConflict(_) => ErrorCode::VersionConflict,
         StoreError::PageOutOfOrder { .. } => ErrorCode::PageOutOfOrder,
@@ -313,6 +316,8 @@ async fn execute(ctx: &Cmd<'_>, req: &Request, now: i64) -> Result<Value, CmdErr
         | Command::SetMode { .. }
         | Command::CredentialAdd { .. }
         | Command::CredentialRemove(_)
+        | Command::PinSet { .. }
+        | Command::PinRemove { .. }
         | Command::RosterSync { .. }
         | Command::RosterBatch { .. } => roster(ctx, &req.command, rid, now).await,
         Command::RulesGet => {
@@ -408,6 +413,28 @@ async fn roster(ctx: &Cmd<'_>, command: &Command, rid: &str, now: i64) -> Result
             emit(ctx, NewEvent::roster_changed(now, &format!("credential.remove {holder} {}", card.masked()), rid))
                 .await;
             Ok(json!({"resident": holder, "card": card}))
+        }
+        Command::PinSet { resident, pin } => {
+            let key = ctx.io.pin_key.as_ref().ok_or_else(|| {
+                CmdError::new(ErrorCode::InternalError, "the PIN key could not be loaded: see the gate's log")
+            })?;
+            let hash = PinHash { hash: key.hash(&pin.pin.0), duress: pin.duress };
+            let c = Credential {
+                credential: CredentialKind::Pin(hash),
+                resident: resident.clone(),
+                validity: pin.validity,
+            };
+            let what = c.credential.masked();
+            apply(ctx, RosterOp::SetPin(c), rid, now).await?;
+            emit(ctx, NewEvent::roster_changed(now, &format!("credential.add {resident} {what}"), rid)).await;
+            // Never the PIN, nor its hash.
+            Ok(json!({"resident": resident, "pin": if pin.duress { "duress" } else { "pin" }, "set": true}))
+        }
+        Command::PinRemove { resident, duress } => {
+            apply(ctx, RosterOp::RemovePin { resident: resident.clone(), duress: *duress }, rid, now).await?;
+            let what = if *duress { "duress pin" } else { "pin" };
+            emit(ctx, NewEvent::roster_changed(now, &format!("credential.remove {resident} {what}"), rid)).await;
+            Ok(json!({"resident": resident, "pin": if *duress { "duress" } else { "pin" }, "removed": true}))
         }
         Command::RosterSync { version, residents, paging: Some(p) } => {
             sync_page(ctx, *version, residents, p, rid, now).await

@@ -5,16 +5,20 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-use super::{recv_opt, StageCtx};
-use crate::bus::{DoorCmd, FaceUse, FaceVerdict, ReaderOutput, Verdict};
+use super::{recv_opt, sleep_until_mono, StageCtx};
+use crate::bus::{DoorCmd, FaceUse, FaceVerdict, ReaderInput, ReaderOutput, Verdict};
 use crate::clock::{wall_ms, MonoTime};
+use crate::config::Config;
 use crate::events::NewEvent;
 use crate::feedback::Cue;
-use crate::gate::{now_at, FaceSeen, GateCore, GateOutcome};
-use crate::model::ResidentId;
+use crate::gate::{now_at, FaceSeen, GateCore, GateOutcome, KeypadSetup};
+use crate::keypad::{Pin, PinKey};
+use crate::model::{PinHash, ResidentId};
+use crate::policy::Reason;
 use crate::stats::GrantTrace;
 use crate::wiegand::{Outcome, Rejection};
 
@@ -29,47 +33,74 @@ pub struct GateIo {
     pub face_uses: Option<mpsc::Sender<FaceUse>>,
     /// Each reader's feedback stage (readers with LEDs or a beeper), by reader name.
     pub cues: HashMap<String, mpsc::Sender<Cue>>,
+    /// The key PINs are hashed with before they are looked up (none: it could not be loaded,
+    /// and every PIN is refused with `system_error`).
+    pub pin_key: Option<Arc<PinKey>>,
+}
+
+/// One decision to hand on: the outcome, its timing, and the reader that showed it (none: every
+/// reader of the door).
+type Decided = (GateOutcome, GrantTrace, Option<String>);
+
+/// What the core needs to know of the gate's keypads.
+pub fn keypad_setup(cfg: &Config) -> KeypadSetup {
+    KeypadSetup {
+        doors: cfg.readers.iter().filter(|r| r.has_keys()).map(|r| r.door.clone()).collect(),
+        card_pin_window: Duration::from_millis(cfg.keypad.card_pin_window_ms),
+        guard: cfg.keypad.guard(),
+    }
 }
 
 /// Decide every frame and verdict until shutdown.
 pub async fn run(ctx: StageCtx, mut io: GateIo) {
     let mut beat = tokio::time::interval(Duration::from_secs(1));
-    let mut core = GateCore::new(Duration::from_millis(ctx.cfg.face.pair_window_ms));
+    let mut core = GateCore::with_keypads(Duration::from_millis(ctx.cfg.face.pair_window_ms), keypad_setup(&ctx.cfg));
     loop {
-        let outcome = tokio::select! {
+        let decided: Vec<Decided> = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             m = io.frames.recv() => match m {
-                Some(m) => {
-                    let reader = m.reader.clone();
-                    on_frame(&ctx, &mut core, m).map(|o| (o, Some(reader)))
-                }
+                Some(m) => on_frame(&ctx, &mut core, &io, m),
                 None => break,
             },
             v = recv_opt(&mut io.faces) => match v {
-                Some(v) => on_face(&ctx, &mut core, &io, v).map(|o| (o, None)),
+                Some(v) => on_face(&ctx, &mut core, &io, v).map(|(o, t)| (o, t, None)).into_iter().collect(),
                 None => { io.faces = None; continue }
+            },
+            _ = sleep_until_mono(core.deadline()) => {
+                let (mono, wall) = (MonoTime::now(), wall_ms());
+                let trace = GrantTrace { edge: mono, received: mono, decided: mono };
+                let out = core.tick(mono, &now_at(ctx.cfg.utc_offset_secs(), wall));
+                out.into_iter().map(|o| { log_access(&o, "card_and_pin"); (o, trace, None) }).collect()
             },
             _ = beat.tick() => { ctx.beat(); continue }
         };
-        let Some(((outcome, trace), reader)) = outcome else { continue };
-        dispatch(&ctx, &io, &outcome, trace);
-        if let Some(d) = outcome.decision {
-            let cue = if d.granted { Cue::Granted } else { Cue::Denied };
-            // A card shows at its reader; a face decision at every reader of its door.
-            cue_readers(&ctx, &io, &outcome.door, reader.as_deref(), cue);
-        }
-        if io.events.send(outcome.event).await.is_err() {
-            break;
+        for (outcome, trace, reader) in decided {
+            dispatch(&ctx, &io, &outcome, trace);
+            if let Some(d) = outcome.decision {
+                let cue = match (d.granted, d.reason) {
+                    (true, _) => Cue::Granted,
+                    (false, Reason::PinLockedOut) => Cue::Lockout,
+                    (false, _) => Cue::Denied,
+                };
+                // A card shows at its reader; a face decision at every reader of its door.
+                cue_readers(&ctx, &io, &outcome.door, reader.as_deref(), cue);
+            }
+            for e in std::iter::once(outcome.event).chain(outcome.alarms) {
+                if io.events.send(e).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
 
-/// A reader's frame: a card (with any face verdict waiting at its door), or a rejection.
-fn on_frame(ctx: &StageCtx, core: &mut GateCore, msg: ReaderOutput) -> Option<(GateOutcome, GrantTrace)> {
+/// A reader's input: a card (with any face verdict waiting at its door), a PIN, or a refusal.
+fn on_frame(ctx: &StageCtx, core: &mut GateCore, io: &GateIo, msg: ReaderOutput) -> Vec<Decided> {
     let wall = wall_ms();
     let now = now_at(ctx.cfg.utc_offset_secs(), wall);
-    let outcome = match msg.outcome {
-        Outcome::Card(read) => {
+    let outcomes = match &msg.input {
+        ReaderInput::Frame(Outcome::Card(read)) => {
+            let read = *read;
             let face = core.take_face(&msg.door, MonoTime::now()).map(|verdict| {
                 let resident = match &verdict {
                     Verdict::Matched { resident, .. } => face_resident(ctx, resident).ok().flatten(),
@@ -79,14 +110,21 @@ fn on_frame(ctx: &StageCtx, core: &mut GateCore, msg: ReaderOutput) -> Option<(G
             });
             let lookup = ctx.store.lookup_card(&read.card).map_err(|e| e.to_string());
             let out = core.on_card(&msg, read, lookup, face, &now);
-            tracing::info!(
-                door = %msg.door, reader = %msg.reader, card = %read.card.masked(),
-                resident = out.resident.as_deref().unwrap_or("-"),
-                decision = decision_word(&out), reason = reason_code(&out), "access"
-            );
+            if core.card_waiting(&msg.door) {
+                tracing::info!(door = %msg.door, reader = %msg.reader, card = %read.card.masked(), "card: waiting for the PIN");
+                cue_keypads(ctx, io, &msg.door);
+            }
+            for o in &out {
+                tracing::info!(
+                    door = %msg.door, reader = %msg.reader, card = %read.card.masked(),
+                    resident = o.resident.as_deref().unwrap_or("-"),
+                    decision = decision_word(o), reason = reason_code(o), "access"
+                );
+            }
             out
         }
-        Outcome::Rejected { why, bits } => {
+        ReaderInput::Frame(Outcome::Rejected { why, bits }) => {
+            let (why, bits) = (*why, *bits);
             ctx.stats.reject(why);
             let out = core.on_rejected(&msg, why, bits, wall);
             if why == Rejection::LineStuckLow {
@@ -97,11 +135,61 @@ fn on_frame(ctx: &StageCtx, core: &mut GateCore, msg: ReaderOutput) -> Option<(G
                     decision = "denied", reason = reason_code(&out), "access"
                 );
             }
-            out
+            vec![out]
+        }
+        ReaderInput::Key => {
+            let cue = if core.reader_locked(&msg.reader, MonoTime::now()) { Cue::Lockout } else { Cue::PinEntry };
+            cue_readers(ctx, io, &msg.door, Some(&msg.reader), cue);
+            Vec::new()
+        }
+        ReaderInput::Pin(pin) => {
+            let lookup = match &io.pin_key {
+                Some(key) => lookup_pin(ctx, key, pin),
+                None => Err("the PIN key could not be loaded".into()),
+            };
+            let out = core.on_pin(&msg, lookup, MonoTime::now(), &now);
+            log_access(&out, "pin");
+            vec![out]
+        }
+        ReaderInput::PinFailed(reason) => {
+            let out = core.on_pin_failed(&msg, *reason, &now);
+            log_access(&out, "pin");
+            vec![out]
+        }
+        ReaderInput::KeyRejected { why, bits } => {
+            ctx.stats.reject_key(*why);
+            let out = core.on_key_rejected(&msg, *why, *bits, wall);
+            tracing::info!(door = %msg.door, reader = %msg.reader, bits = bits.len, detail = why.code(), "keypad frame refused");
+            vec![out]
         }
     };
     let trace = GrantTrace { edge: msg.at, received: msg.received, decided: MonoTime::now() };
-    Some((outcome, trace))
+    outcomes.into_iter().map(|o| (o, trace, Some(msg.reader.clone()))).collect()
+}
+
+/// A PIN's holder, found by its keyed hash (the PIN itself is never looked up, stored or logged).
+fn lookup_pin(
+    ctx: &StageCtx,
+    key: &PinKey,
+    pin: &Pin,
+) -> crate::gate::Lookup<Option<(crate::model::Credential, crate::model::Resident)>> {
+    ctx.store.lookup_credential(&PinHash::key_of(&key.hash(pin))).map_err(|e| e.to_string())
+}
+
+fn log_access(out: &GateOutcome, method: &str) {
+    tracing::info!(
+        door = %out.door, method, resident = out.resident.as_deref().unwrap_or("-"),
+        decision = decision_word(out), reason = reason_code(out), "access"
+    );
+}
+
+/// Tell every keypad of `door` that a card waits for its PIN.
+fn cue_keypads(ctx: &StageCtx, io: &GateIo, door: &str) {
+    for r in ctx.cfg.readers.iter().filter(|r| r.door == door && r.has_keys()) {
+        if let Some(tx) = io.cues.get(&r.name) {
+            let _ = tx.try_send(Cue::PinEntry);
+        }
+    }
 }
 
 /// A face verdict: decided now, or waiting at its door for the card.
@@ -198,7 +286,7 @@ mod tests {
         ReaderOutput {
             reader: door.into(),
             door: door.into(),
-            outcome: Outcome::Card(CardRead { card, bits }),
+            input: ReaderInput::Frame(Outcome::Card(CardRead { card, bits })),
             at,
             received: at,
         }
@@ -251,6 +339,7 @@ mod tests {
             events,
             face_uses: Some(use_tx),
             cues: HashMap::new(),
+            pin_key: None,
         };
         let stage = tokio::spawn(run(ctx.clone(), io));
         let matched = Verdict::Matched { resident: "r-face".into(), score: 0.9 };

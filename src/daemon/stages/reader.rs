@@ -1,16 +1,19 @@
 //! The reader stage: one Wiegand reader's D0/D1 edges decoded into frames (`wiegand::Decoder`,
-//! pure), handed to the gate stage.
+//! pure), sorted by the reader's role into cards and keys (`keypad::classify`), keys collected
+//! into a PIN (`keypad::PinEntry`), and handed to the gate stage. A PIN leaves this stage only
+//! inside a `ReaderInput::Pin`, which prints no digit.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::{sleep_until_mono, StageCtx};
-use crate::bus::ReaderOutput;
+use crate::bus::{ReaderInput, ReaderOutput};
 use crate::clock::{wall_ms, MonoTime};
 use crate::config::ReaderConfig;
 use crate::events::{GateAlarm, NewEvent};
 use crate::hw::{self, Edge};
+use crate::keypad::{self, Frame, Key, PinEntry, PinEvent};
 use crate::wiegand::{Decoder, Line, Outcome, WEdge};
 
 /// One reader's claimed lines and their edge streams.
@@ -22,16 +25,50 @@ pub struct ReaderParts {
     pub lines: Vec<Box<dyn hw::InputLine>>,
 }
 
+/// A reader's keys: its role and `*`/`#` map, and the PIN being typed.
+struct Keys {
+    role: keypad::Role,
+    map: keypad::StarHash,
+    entry: PinEntry,
+}
+
+impl Keys {
+    /// What a decoded frame is for the gate stage.
+    fn frame(&mut self, o: Outcome, at: MonoTime) -> Option<ReaderInput> {
+        match keypad::classify(self.role, self.map, o) {
+            Frame::Card(o) => Some(ReaderInput::Frame(o)),
+            Frame::Key(k) => self.key(k, at),
+            Frame::Pin(p) => Some(ReaderInput::Pin(p)),
+            Frame::KeyRejected(why, bits) => Some(ReaderInput::KeyRejected { why, bits }),
+        }
+    }
+
+    fn key(&mut self, k: Key, at: MonoTime) -> Option<ReaderInput> {
+        match self.entry.key(k, at) {
+            None | Some(PinEvent::Cleared) => Some(ReaderInput::Key),
+            Some(e) => Some(Self::ended(e)),
+        }
+    }
+
+    fn ended(e: PinEvent) -> ReaderInput {
+        match e {
+            PinEvent::Submit(p) => ReaderInput::Pin(p),
+            other => ReaderInput::PinFailed(other.reason().unwrap_or(crate::policy::Reason::PinTimeout)),
+        }
+    }
+}
+
 /// Decode one reader's edges into frames until shutdown.
 pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutput>, events: mpsc::Sender<NewEvent>) {
     let formats = r.cfg.parsed_formats();
     let mut dec = Decoder::new(&formats, r.cfg.timing(), r.cfg.early_complete);
+    let mut keys = Keys { role: r.cfg.role(), map: r.cfg.star_hash(), entry: PinEntry::new(ctx.cfg.keypad.entry()) };
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     let (reader, door) = (r.cfg.name.clone(), r.cfg.door.clone());
-    let emit = |outcome: Outcome, at: MonoTime| ReaderOutput {
+    let emit = |input: ReaderInput, at: MonoTime| ReaderOutput {
         reader: reader.clone(),
         door: door.clone(),
-        outcome,
+        input,
         at,
         received: MonoTime::now(),
     };
@@ -57,8 +94,12 @@ pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutp
                 drain(&mut r.d0, &mut r.d1, &mut batch);
                 if batch.is_empty() {
                     let now = MonoTime::now();
-                    results.extend(dec.on_deadline(now).map(|o| emit(o, now)));
+                    results.extend(dec.on_deadline(now).and_then(|o| keys.frame(o, now)).map(|o| emit(o, now)));
                 }
+            }
+            _ = sleep_until_mono(keys.entry.deadline()) => {
+                let now = MonoTime::now();
+                results.extend(keys.entry.tick(now).map(|e| emit(Keys::ended(e), now)));
             }
             _ = beat.tick() => ctx.beat(),
         }
@@ -72,7 +113,7 @@ pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutp
             for e in batch.drain(..) {
                 dec.on_edge_in_time(e, &mut timed);
             }
-            results.extend(timed.into_iter().map(|(o, at)| emit(o, at)));
+            results.extend(timed.into_iter().filter_map(|(o, at)| keys.frame(o, at).map(|i| emit(i, at))));
         }
         ctx.stats.wiegand_frames.fetch_add(results.len() as u64, Ordering::Relaxed);
         for o in results {

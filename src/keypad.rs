@@ -140,6 +140,32 @@ pub fn decode_key(map: StarHash, bits: Bits) -> Result<Key, KeyError> {
     }
 }
 
+/// The burst a keypad sends for `key` in `len` bits (4, or 8 with the complement nibble): the
+/// simulator's keypad and the tests use it.
+pub fn encode_key(map: StarHash, key: Key, len: u8) -> Option<Bits> {
+    let v = match (key, map) {
+        (Key::Digit(d), _) if d <= 9 => u64::from(d),
+        (Key::Digit(_), _) => return None,
+        (Key::Star, StarHash::StarTen) | (Key::Hash, StarHash::HashTen) => 10,
+        (Key::Star, StarHash::HashTen) | (Key::Hash, StarHash::StarTen) => 11,
+    };
+    match len {
+        4 => Some(Bits { value: v, len: 4 }),
+        8 => Some(Bits { value: ((!v & 0xF) << 4) | v, len: 8 }),
+        _ => None,
+    }
+}
+
+/// A key from its character: `0`-`9`, `*`, `#`.
+pub fn key_of(c: char) -> Option<Key> {
+    match c {
+        '0'..='9' => Some(Key::Digit(c as u8 - b'0')),
+        '*' => Some(Key::Star),
+        '#' => Some(Key::Hash),
+        _ => None,
+    }
+}
+
 /// A whole PIN sent as a 26-bit frame: H10301's layout and parity, facility 0, the PIN as the
 /// 16-bit number. Such keypads cannot send leading zeros or more than 5 digits (65,535).
 pub fn pin26(bits: Bits) -> Result<Pin, KeyError> {
@@ -323,6 +349,12 @@ impl PinEntry {
         ev.or(timed_out)
     }
 
+    /// Discard what was typed (a refused key burst: a key may have been lost, so the digits that
+    /// did arrive are not what the resident typed).
+    pub fn clear(&mut self) {
+        self.reset();
+    }
+
     fn reset(&mut self) {
         self.digits.clear();
     }
@@ -422,6 +454,21 @@ mod tests {
         assert_eq!(decode_key(StarHash::StarTen, burst(8, 0xF1)), Err(KeyError::BadComplement));
         assert_eq!(decode_key(StarHash::StarTen, burst(4, 13)), Err(KeyError::NoSuchKey(13)));
         assert_eq!(decode_key(StarHash::StarTen, burst(5, 1)), Err(KeyError::WrongLength(5)));
+    }
+
+    #[test]
+    fn encoding_a_key_and_decoding_it_give_the_key_back() {
+        for map in [StarHash::StarTen, StarHash::HashTen] {
+            for c in "0123456789*#".chars() {
+                let k = key_of(c).unwrap();
+                for len in [4, 8] {
+                    assert_eq!(decode_key(map, encode_key(map, k, len).unwrap()), Ok(k), "{c} {len} {map:?}");
+                }
+            }
+        }
+        assert_eq!(encode_key(StarHash::StarTen, Key::Digit(1), 8), Some(burst(8, 0xE1)));
+        assert_eq!(encode_key(StarHash::StarTen, Key::Digit(1), 26), None);
+        assert_eq!(key_of('a'), None);
     }
 
     #[test]

@@ -428,6 +428,23 @@ pub enum SimCmd {
         #[arg(long)]
         interval_us: Option<u64>,
     },
+    /// Type on a keypad, e.g. `--keys '1234#'` (4-bit bursts; `--bits 8` or `--bits 26`).
+    Keys {
+        #[command(flatten)]
+        target: SimTarget,
+        #[arg(long, default_value = "front")]
+        reader: String,
+        #[arg(long)]
+        keys: String,
+        #[arg(long, value_parser = ["4", "8", "26"], default_value = "4")]
+        bits: String,
+        /// The key value the keypad sends for `*` (10 or 11).
+        #[arg(long, default_value_t = 10)]
+        star_key: u8,
+        /// Wait this long between keys.
+        #[arg(long)]
+        gap_ms: Option<u64>,
+    },
     /// Open or close the door (the contact bounces).
     Door {
         #[command(flatten)]

@@ -35,6 +35,10 @@ pub fn sim_cmd(cmd: SimCmd) -> anyhow::Result<serde_json::Value> {
         SimCmd::Raw { target, reader, bits, pulse_us, interval_us } => {
             (target, WorldOp::Raw { reader, bits, pulse_us, interval_us })
         }
+        SimCmd::Keys { target, reader, keys, bits, star_key, gap_ms } => {
+            let bits = bits.parse().ok();
+            (target, WorldOp::Keys { reader, keys, bits, star_key: Some(star_key), gap_ms })
+        }
         SimCmd::Door { target, door, action } => (target, WorldOp::Door { door, open: action == "open" }),
         SimCmd::Rex { target, door } => (target, WorldOp::Rex { door, hold_ms: None }),
         SimCmd::Fire { target, door, action } => (target, WorldOp::Fire { door, active: action == "on" }),

@@ -585,7 +585,12 @@ fn verb_args(verb: Verb, obj: Map<String, Value>, limits: &Limits, payload_len: 
                         .map_err(|e| CmdError::new(ErrorCode::InvalidValue, format!("pin validity: {e}")))?;
                     Command::PinSet { resident: a.resident, pin }
                 }
-                _ => return Err(CmdError::new(ErrorCode::InvalidValue, "credential.add takes one of `card` or `pin`")),
+                (None, None) => {
+                    return Err(CmdError::new(ErrorCode::MissingField, "credential.add needs `card` or `pin`"))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(CmdError::new(ErrorCode::InvalidValue, "credential.add takes one of `card` or `pin`"))
+                }
             }
         }
         Verb::CredentialRemove => match args::<CredentialRemoveArgs>(obj)? {

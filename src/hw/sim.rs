@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Edge, Gpio, HwError, InputLine, OutputLine};
 use crate::clock::MonoTime;
 use crate::config::{Config, LineRef};
+use crate::keypad;
 use crate::wiegand::{self, Bits, Format};
 
 /// Output transitions kept per line for `state`.
@@ -288,6 +289,20 @@ pub enum WorldOp {
         pulse_us: Option<u64>,
         #[serde(default)]
         interval_us: Option<u64>,
+    },
+    /// Type on a keypad: `keys` of `0`-`9`, `*`, `#`, each key a burst of `bits` (4, the
+    /// default, or 8), with `star_key` (10, the default, or 11) for `*`; with `bits = 26`, the
+    /// digits go as one 26-bit PIN frame (a trailing `#` is dropped). `gap_ms` waits between
+    /// keys (an inter-key timeout test).
+    Keys {
+        reader: String,
+        keys: String,
+        #[serde(default)]
+        bits: Option<u8>,
+        #[serde(default)]
+        star_key: Option<u8>,
+        #[serde(default)]
+        gap_ms: Option<u64>,
     },
     /// Open or close a door (the contact bounces).
     Door { door: String, open: bool },
@@ -757,6 +772,33 @@ async fn world_op(op: WorldOp, chip: &Arc<Mutex<Chip>>, wiring: &Arc<Wiring>) ->
                 return Err("pulse_us must be below interval_us, and interval_us at most 1 s".into());
             }
             Ok(play_frame(chip, d0, wiegand_steps(d0, d1, bits, pulse, interval)).await?.fields(bits))
+        }
+        WorldOp::Keys { reader: r, keys, bits, star_key, gap_ms } => {
+            let (d0, d1, _) = reader(&r)?;
+            let map = if star_key == Some(11) { keypad::StarHash::HashTen } else { keypad::StarHash::StarTen };
+            let frames: Vec<Bits> = match bits.unwrap_or(4) {
+                26 => {
+                    let digits = keys.trim_end_matches('#');
+                    let n: u64 = digits.parse().map_err(|_| "a 26-bit PIN frame carries digits only")?;
+                    vec![wiegand::encode(Format::H10301, 0, n).map_err(|_| "a 26-bit PIN frame holds at most 65535")?]
+                }
+                len => keys
+                    .chars()
+                    .map(|c| keypad::key_of(c).and_then(|k| keypad::encode_key(map, k, len)))
+                    .collect::<Option<_>>()
+                    .ok_or("keys are 0-9, * and #, in bursts of 4, 8 or 26 bits")?,
+            };
+            let mut last = None;
+            for (i, b) in frames.iter().enumerate() {
+                if i > 0 {
+                    if let Some(ms) = gap_ms {
+                        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+                    }
+                }
+                let steps = wiegand_steps(d0, d1, *b, Duration::from_micros(50), Duration::from_millis(2));
+                last = Some(play_frame(chip, d0, steps).await?.fields(*b));
+            }
+            last.ok_or_else(|| "no keys".to_string())
         }
         WorldOp::Door { door: d, open } => {
             let (pin, open_high) = door(&d)?.contact.ok_or("this door has no contact")?;

@@ -39,7 +39,11 @@ impl Keys {
             Frame::Card(o) => Some(ReaderInput::Frame(o)),
             Frame::Key(k) => self.key(k, at),
             Frame::Pin(p) => Some(ReaderInput::Pin(p)),
-            Frame::KeyRejected(why, bits) => Some(ReaderInput::KeyRejected { why, bits }),
+            Frame::KeyRejected(why, bits) => {
+                // A key may have been lost: what was typed is not what the resident typed.
+                self.entry.clear();
+                Some(ReaderInput::KeyRejected { why, bits })
+            }
         }
     }
 

@@ -20,6 +20,10 @@
 //! command: scheduling of the door stage). Run: `cargo bench --bench card_path` (`SWIPES=N` per
 //! scenario, default 1,000; `SCENARIOS=off` for the first only).
 //!
+//! `SCENARIOS=pin` measures a PIN typed on a keypad (`card_or_pin` residents, readers with role
+//! `both`): the last edge of the `#` burst → relay command, after the card scenario in the same
+//! run (6-digit PINs as 4-bit bursts; the lookup is an HMAC-SHA-256 and a store read).
+//!
 //! `SCENARIOS=drivers` compares the two GPIO drivers instead, one after the other in the same
 //! run, with the daemon and the simulated chip as separate processes: the simulated chip's own
 //! protocol (`backend = "sim"`), then the real gpiocdev driver (`backend = "gpiochip"`) on the
@@ -118,12 +122,24 @@ struct Figures {
 }
 
 fn scenario(swipes: usize, face: Option<&Face>) -> Figures {
+    scenario_with(swipes, face, false)
+}
+
+fn scenario_with(swipes: usize, face: Option<&Face>, pins: bool) -> Figures {
     let dir = tempfile::tempdir().unwrap();
-    let t = config(dir.path(), face);
+    let mut t = config(dir.path(), face);
+    if pins {
+        for r in t["readers"].as_array_mut().unwrap() {
+            r.as_table_mut().unwrap().insert("role".into(), "both".into());
+        }
+    }
     let cfg_path = dir.path().join("menshen.toml");
     std::fs::write(&cfg_path, toml::to_string(&t).unwrap()).unwrap();
     let cfg = menshen::config::load(&cfg_path).unwrap();
     seed(&cfg);
+    if pins {
+        seed_pins(&cfg);
+    }
     if let Some(f) = face {
         cli(&cfg_path, &["add", "colin", "--mode", "face_or_card", "--card", "H10301:7:60000"]);
         cli(&cfg_path, &["consent", "colin"]);
@@ -176,7 +192,7 @@ fn scenario(swipes: usize, face: Option<&Face>) -> Figures {
     }
     let card_doors = if face.is_some() { FACE_DOOR } else { DOORS };
     let started = Instant::now();
-    let lat_us = swipe_loop(&socket, swipes, card_doors);
+    let lat_us = if pins { pin_loop(&socket, swipes, card_doors) } else { swipe_loop(&socket, swipes, card_doors) };
     let wall = started.elapsed();
     stop.cancel();
     let status = daemon.join().unwrap();
@@ -192,12 +208,40 @@ fn scenario(swipes: usize, face: Option<&Face>) -> Figures {
 /// Swipe `swipes` cards round the doors; each latency (µs, sorted) from the frame's last edge
 /// to the relay command that answered it.
 fn swipe_loop(socket: &Path, swipes: usize, card_doors: usize) -> Vec<f64> {
+    let op = |i: usize, door: usize| WorldOp::Swipe {
+        reader: format!("r{door}"),
+        facility: 7,
+        card: 10_000 + (i as u64 % 1_000),
+        format: None,
+    };
+    relay_loop(socket, swipes, card_doors, op)
+}
+
+/// Type `n` PINs round the doors (`#` ends each); latency from the `#` burst's last edge.
+fn pin_loop(socket: &Path, n: usize, doors: usize) -> Vec<f64> {
+    let op = |i: usize, door: usize| WorldOp::Keys {
+        reader: format!("r{door}"),
+        keys: format!("{}#", pin_of(i as u64 % 1_000)),
+        bits: Some(4),
+        star_key: None,
+        gap_ms: None,
+    };
+    relay_loop(socket, n, doors, op)
+}
+
+/// The PIN of seeded resident `n`: six digits, unique.
+fn pin_of(n: u64) -> String {
+    format!("{:06}", 100_000 + n * 7)
+}
+
+/// Play `n` frames made by `op(i, door)` round the doors; each latency (µs, sorted) from the
+/// last edge to the relay command that answered it.
+fn relay_loop(socket: &Path, n: usize, doors: usize, op: impl Fn(usize, usize) -> WorldOp) -> Vec<f64> {
+    let swipes = n;
     let mut lat_us: Vec<f64> = Vec::with_capacity(swipes);
     for i in 0..swipes {
-        let door = i % card_doors;
-        let op =
-            WorldOp::Swipe { reader: format!("r{door}"), facility: 7, card: 10_000 + (i as u64 % 1_000), format: None };
-        let edge = sim::request(socket, &op).unwrap()["last_edge_ns"].as_u64().unwrap();
+        let door = i % doors;
+        let edge = sim::request(socket, &op(i, door)).unwrap()["last_edge_ns"].as_u64().unwrap();
         std::thread::sleep(Duration::from_millis(5));
         // Wait for the relay command that answers this swipe.
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -234,6 +278,30 @@ fn seed(cfg: &menshen::config::Config) {
             Credential { credential: CredentialKind::Card(card), resident: id.clone(), validity: Validity::default() };
         let r = Resident { id, mode: AccessMode::Card, validity: Validity::default(), schedule: None };
         store.add_resident(&r, &[c], 0).unwrap();
+    }
+}
+
+/// Every seeded resident gets mode `card_or_pin` and a PIN, hashed under a PIN key written where
+/// the daemon will find it.
+fn seed_pins(cfg: &menshen::config::Config) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = [7u8; 32];
+    let path = cfg.pin_key_path();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).unwrap();
+    std::io::Write::write_all(&mut f, &key).unwrap();
+    let pk = menshen::keypad::PinKey::from_bytes(&key);
+    let store = menshen::privacy::audit::AuditLog::open_store(&cfg.store_path()).unwrap();
+    for n in 0..1_000u64 {
+        let id = ResidentId::new(&format!("r{n}")).unwrap();
+        store.set_mode(&id, AccessMode::CardOrPin, 0).unwrap();
+        let hash = pk.hash(&menshen::keypad::Pin::parse(&pin_of(n)).unwrap());
+        let c = Credential {
+            credential: CredentialKind::Pin(menshen::model::PinHash { hash, duress: false }),
+            resident: id,
+            validity: Validity::default(),
+        };
+        store.apply(menshen::store::RosterOp::SetPin(c), None, 0).unwrap();
     }
 }
 
@@ -352,6 +420,15 @@ fn main() {
             p(&cdev, 0.5) / p(&sim, 0.5),
             p(&cdev, 0.99) / p(&sim, 0.99)
         );
+        return;
+    }
+    if scenarios == "pin" {
+        let card = scenario(swipes, None);
+        report("card (face off)", &card);
+        let pin = scenario_with(swipes, None, true);
+        report("PIN from `#` (face off)", &pin);
+        let p = |f: &Figures, q: f64| f.lat_us[((f.lat_us.len() as f64 - 1.0) * q).round() as usize];
+        println!("PIN / card: p50 {:.2}x, p99 {:.2}x", p(&pin, 0.5) / p(&card, 0.5), p(&pin, 0.99) / p(&card, 0.99));
         return;
     }
     let only_off = scenarios == "off";

@@ -71,6 +71,11 @@ pub struct GateOutcome {
 }
 
 impl GateOutcome {
+    /// A decision at `door` with its event, nothing more (no alarm, the store was read).
+    fn decided(door: &str, decision: Decision, resident: Option<String>, event: NewEvent) -> GateOutcome {
+        GateOutcome { door: door.into(), decision: Some(decision), resident, event, alarms: vec![], store_error: false }
+    }
+
     pub fn granted(&self) -> bool {
         self.decision.is_some_and(|d| d.granted)
     }
@@ -298,7 +303,7 @@ impl GateCore {
             Some(p.read.bits),
             None,
         );
-        GateOutcome { door: door.into(), decision: Some(d), resident, event, alarms: vec![], store_error: false }
+        GateOutcome::decided(&door, d, resident, event)
     }
 
     /// When [`GateCore::tick`] must next run (a card waiting for its PIN).
@@ -419,14 +424,7 @@ impl GateCore {
         }
         let d = Decision { granted: false, reason };
         let event = NewEvent::access_pin(now.wall_ms, d, &msg.door, &msg.reader, None, None, None, None);
-        GateOutcome {
-            door: msg.door.clone(),
-            decision: Some(d),
-            resident: None,
-            event,
-            alarms: vec![],
-            store_error: false,
-        }
+        GateOutcome::decided(&msg.door, d, None, event)
     }
 
     /// A keypad frame that is no key: a denial (`bad_frame`, or `parity_error` for a 26-bit PIN
@@ -435,14 +433,7 @@ impl GateCore {
         let reason = if why == KeyError::PinParity { Reason::ParityError } else { Reason::BadFrame };
         let d = Decision { granted: false, reason };
         let event = NewEvent::access_pin(wall_ms, d, &msg.door, &msg.reader, None, None, Some(bits), Some(why.code()));
-        GateOutcome {
-            door: msg.door.clone(),
-            decision: Some(d),
-            resident: None,
-            event,
-            alarms: vec![],
-            store_error: false,
-        }
+        GateOutcome::decided(&msg.door, d, None, event)
     }
 
     /// A frame the decoder rejected: a denial with its reason, or (a line stuck low) an alarm.
@@ -460,14 +451,7 @@ impl GateCore {
         }
         let d = Decision { granted: false, reason: rejection_reason(why) };
         let event = NewEvent::access_card(wall_ms, d, &msg.door, &msg.reader, None, None, bits, Some(why));
-        GateOutcome {
-            door: msg.door.clone(),
-            decision: Some(d),
-            resident: None,
-            event,
-            alarms: vec![],
-            store_error: false,
-        }
+        GateOutcome::decided(&msg.door, d, None, event)
     }
 }
 

@@ -20,9 +20,11 @@
 //! command: scheduling of the door stage). Run: `cargo bench --bench card_path` (`SWIPES=N` per
 //! scenario, default 1,000; `SCENARIOS=off` for the first only).
 //!
-//! `SCENARIOS=pin` measures a PIN typed on a keypad (`card_or_pin` residents, readers with role
-//! `both`): the last edge of the `#` burst → relay command, after the card scenario in the same
-//! run (6-digit PINs as 4-bit bursts; the lookup is an HMAC-SHA-256 and a store read).
+//! `SCENARIOS=pin` measures a PIN typed on a keypad (`card_or_pin` residents, a keys-only keypad
+//! with `key_bits = 4` beside each door's card reader): the last edge of the `#` burst → relay
+//! command, after the card scenario in the same run (6-digit PINs as 4-bit bursts; the lookup is
+//! an HMAC-SHA-256 and a store read). Without `key_bits` every key waits for the frame gap
+//! (25 ms).
 //!
 //! `SCENARIOS=drivers` compares the two GPIO drivers instead, one after the other in the same
 //! run, with the daemon and the simulated chip as separate processes: the simulated chip's own
@@ -129,8 +131,18 @@ fn scenario_with(swipes: usize, face: Option<&Face>, pins: bool) -> Figures {
     let dir = tempfile::tempdir().unwrap();
     let mut t = config(dir.path(), face);
     if pins {
-        for r in t["readers"].as_array_mut().unwrap() {
-            r.as_table_mut().unwrap().insert("role".into(), "both".into());
+        // Beside each door's card reader, a keys-only keypad sending 4-bit keys (`key_bits`).
+        let readers = t["readers"].as_array_mut().unwrap();
+        for i in 0..DOORS as i64 {
+            let mut r = toml::Table::new();
+            r.insert("name".into(), format!("k{i}").into());
+            r.insert("door".into(), format!("d{i}").into());
+            r.insert("formats".into(), toml::Value::Array(vec![]));
+            r.insert("role".into(), "keys".into());
+            r.insert("key_bits".into(), 4.into());
+            r.insert("d0_pin".into(), (20 + i * 2).into());
+            r.insert("d1_pin".into(), (21 + i * 2).into());
+            readers.push(toml::Value::Table(r));
         }
     }
     let cfg_path = dir.path().join("menshen.toml");
@@ -220,7 +232,7 @@ fn swipe_loop(socket: &Path, swipes: usize, card_doors: usize) -> Vec<f64> {
 /// Type `n` PINs round the doors (`#` ends each); latency from the `#` burst's last edge.
 fn pin_loop(socket: &Path, n: usize, doors: usize) -> Vec<f64> {
     let op = |i: usize, door: usize| WorldOp::Keys {
-        reader: format!("r{door}"),
+        reader: format!("k{door}"),
         keys: format!("{}#", pin_of(i as u64 % 1_000)),
         bits: Some(4),
         star_key: None,

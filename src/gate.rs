@@ -303,7 +303,7 @@ impl GateCore {
             Some(p.read.bits),
             None,
         );
-        GateOutcome::decided(&door, d, resident, event)
+        GateOutcome::decided(door, d, resident, event)
     }
 
     /// When [`GateCore::tick`] must next run (a card waiting for its PIN).

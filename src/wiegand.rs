@@ -472,6 +472,15 @@ pub struct Decoder {
 impl Decoder {
     /// `early_complete`: finish a frame as soon as it reaches the length of the longest configured
     /// fixed format (only when raw is not configured, so no longer frame can be valid).
+    /// Finish every frame as soon as it has `len` bits (a keypad that sends each key in 4 or 8
+    /// bits and nothing else), instead of at the frame gap.
+    pub fn complete_at(mut self, len: Option<u8>) -> Decoder {
+        if len.is_some() {
+            self.early_complete_at = len;
+        }
+        self
+    }
+
     pub fn new(formats: &[Format], timing: Timing, early_complete: bool) -> Decoder {
         let early_complete_at = if early_complete && !formats.contains(&Format::Raw) {
             formats.iter().filter_map(|f| f.bits()).max()

@@ -26,6 +26,10 @@ fn kp(role: &str) -> &'static str {
 /// A gate whose keypad has role `role` and sends `*` as `star_key`, with tight PIN timings so
 /// the timeouts are quick to show.
 fn up(role: &str, star_key: u8) -> (Broker, Gate, Bms) {
+    up_with(role, star_key, None)
+}
+
+fn up_with(role: &str, star_key: u8, key_bits: Option<u8>) -> (Broker, Gate, Bms) {
     let port = free_port();
     let broker = Broker::start(port);
     let mut gate = Gate::new(GateOpts { mqtt_port: port, pulse_ms: 300, ..GateOpts::default() });
@@ -41,6 +45,9 @@ fn up(role: &str, star_key: u8) -> (Broker, Gate, Bms) {
         }
         r.insert("role".into(), role.into());
         r.insert("star_key".into(), i64::from(star_key).into());
+        if let Some(b) = key_bits {
+            r.insert("key_bits".into(), i64::from(b).into());
+        }
         readers.push(r.into());
         let mut kp = toml::Table::new();
         kp.insert("inter_key_ms".into(), 1500.into());
@@ -111,21 +118,21 @@ fn pins_typed_in_every_burst_form_and_both_star_hash_maps_open_and_never_leak() 
     for (star_key, role) in [(10u8, "keys"), (11, "both")] {
         let (_broker, gate, bms) = up(role, star_key);
         add_resident(&bms, "r-1", "card_or_pin", 1001);
-        let r = set_pin(&bms, "r-1", "4821", false);
+        let r = set_pin(&bms, "r-1", "48213579", false);
         assert_eq!(ok(&r)["pin"], "pin", "{r}");
-        assert!(!r.to_string().contains("4821"), "the reply never carries the PIN: {r}");
+        assert!(!r.to_string().contains("48213579"), "the reply never carries the PIN: {r}");
 
         // 4-bit and 8-bit bursts ended by `#` (the map decides which value `#` is).
         for (bits, n) in [(4u8, 0usize), (8, 1)] {
             let before = pulses(&gate);
-            keys_at(&gate, kp(role), "4821#", bits, star_key);
+            keys_at(&gate, kp(role), "48213579#", bits, star_key);
             let ev = &next_access(&bms, n, 1, &gate)[0];
             assert_eq!((ev["decision"].as_str(), ev["method"].as_str()), (Some("granted"), Some("pin")), "{ev}");
             assert_eq!(ev["resident"], "r-1");
             assert!(wait_for(Duration::from_secs(3), || pulses(&gate) > before), "no relay pulse for {bits}-bit keys");
         }
-        // `*` clears what was typed: `9*4821#` is the PIN 4821.
-        keys_at(&gate, kp(role), "99*4821#", 4, star_key);
+        // `*` clears what was typed: `99*48213579#` is the PIN 48213579.
+        keys_at(&gate, kp(role), "99*48213579#", 4, star_key);
         assert_eq!(next_access(&bms, 2, 1, &gate)[0]["decision"], "granted");
         // A wrong PIN: pin_wrong.
         keys_at(&gate, kp(role), "1111#", 4, star_key);
@@ -137,16 +144,19 @@ fn pins_typed_in_every_burst_form_and_both_star_hash_maps_open_and_never_leak() 
         let mode = std::fs::metadata(gate.dir.path().join("state/pin.key")).unwrap();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
         for e in bms.messages("/event/access").iter().chain(bms.messages("/event/system").iter()) {
-            assert!(!e.to_string().contains("4821"), "an event holds the PIN: {e}");
+            assert!(!e.to_string().contains("48213579"), "an event holds the PIN: {e}");
         }
-        assert!(!gate.log().contains("4821"), "the log holds the PIN");
+        assert!(!gate.log().contains("48213579"), "the log holds the PIN");
         // The store file holds the PIN's keyed hash, not the digits.
         let store = std::fs::read(gate.dir.path().join("state/menshen.redb")).unwrap();
-        assert!(!store.windows(4).any(|w| w == b"4821"), "the store holds the PIN in clear");
+        assert!(!store.windows(8).any(|w| w == b"48213579"), "the store holds the PIN in clear");
         // A 26-bit PIN frame is a PIN on a keys reader, a card on a `both` reader (by the
         // configured role; its number is then in the card event, so docs/install.md says a
         // keypad that sends whole PINs is `keys`).
-        keys_at(&gate, kp(role), "4821", 26, star_key);
+        // (A whole-PIN keypad sends at most 65,535: resident r-2's PIN is five digits.)
+        add_resident(&bms, "r-2", "card_or_pin", 1002);
+        ok(&set_pin(&bms, "r-2", "60375", false));
+        keys_at(&gate, kp(role), "60375", 26, star_key);
         let ev = &next_access(&bms, 4, 1, &gate)[0];
         if role == "keys" {
             assert_eq!((ev["decision"].as_str(), ev["method"].as_str()), (Some("granted"), Some("pin")), "{ev}");
@@ -362,7 +372,7 @@ fn bad_keypad_input_is_refused_counted_and_never_a_grant() {
     // PIN over MQTT: not digits, wrong type (never echoed), too short, both card and pin.
     for (payload, code) in [
         (json!({"resident": "r-1", "pin": {"pin": "12a4"}}), "invalid_value"),
-        (json!({"resident": "r-1", "pin": {"pin": 987654}}), "invalid_value"),
+        (json!({"resident": "r-1", "pin": {"pin": 98765432101}}), "invalid_value"),
         (json!({"resident": "r-1", "pin": {"pin": "12"}}), "invalid_value"),
         (json!({"resident": "r-1", "pin": {"pin": "123456789012345"}}), "invalid_value"),
         (json!({"resident": "r-1"}), "missing_field"),
@@ -373,7 +383,22 @@ fn bad_keypad_input_is_refused_counted_and_never_a_grant() {
     ] {
         let r = bms.command(SITE, GATE, "credential.add", payload.clone(), None);
         assert_eq!(r["code"], code, "{payload}: {r}");
-        assert!(!r.to_string().contains("987654"), "the refusal echoes the PIN: {r}");
+        assert!(!r.to_string().contains("98765432101"), "the refusal echoes the PIN: {r}");
     }
-    assert!(!gate.log().contains("987654"), "the log holds a refused PIN");
+    assert!(!gate.log().contains("98765432101"), "the log holds a refused PIN");
+}
+
+#[test]
+fn key_bits_four_decides_each_key_at_its_fourth_bit() {
+    let (_broker, gate, bms) = up_with("keys", 10, Some(4));
+    add_resident(&bms, "r-1", "card_or_pin", 6001);
+    ok(&set_pin(&bms, "r-1", "8642", false));
+    keys_at(&gate, "keypad", "8642#", 4, 10);
+    let ev = &next_access(&bms, 0, 1, &gate)[0];
+    assert_eq!((ev["decision"].as_str(), ev["method"].as_str()), (Some("granted"), Some("pin")), "{ev}");
+    // Each frame ends at 4 bits: an 8-bit key 1 (0xE1) is read as two bursts, 1110 (no such key)
+    // and 0001, so such a keypad must not be given `key_bits = 4` (docs/install.md).
+    keys_at(&gate, "keypad", "1", 8, 10);
+    let ev = &next_access(&bms, 1, 1, &gate)[0];
+    assert_eq!(ev["detail"], "key_unknown", "{ev}");
 }

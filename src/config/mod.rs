@@ -442,6 +442,11 @@ pub struct ReaderConfig {
     /// `#` is the other one.
     #[serde(default = "default_star_key")]
     pub star_key: u8,
+    /// A `keys` reader whose keypad sends every key in this many bits (4 or 8) and never a whole
+    /// PIN: each key is decided at its last bit instead of after the frame gap (`frame_gap_ms`),
+    /// so `#` opens about 25 ms sooner. Unset: wait for the gap (needed for 26-bit PIN frames).
+    #[serde(default)]
+    pub key_bits: Option<u8>,
 }
 
 /// What a reader's frames are (see [`ReaderConfig::role`]).

@@ -70,6 +70,38 @@ fn errors_name_the_key_and_have_distinct_codes() {
         ),
         (
             Box::new(|t| {
+                first(t, "readers").insert("star_key".into(), 12.into());
+            }),
+            EXIT_INVALID,
+            "readers[0].star_key",
+        ),
+        (
+            // A card reader cut at 4 bits would never read a card.
+            Box::new(|t| {
+                first(t, "readers").insert("key_bits".into(), 4.into());
+            }),
+            EXIT_INVALID,
+            "readers[0].key_bits",
+        ),
+        (
+            // The only reader of the door a keypad: no card reader left (P1).
+            Box::new(|t| {
+                first(t, "readers").insert("role".into(), "keys".into());
+            }),
+            EXIT_INVALID,
+            "doors[0]",
+        ),
+        (
+            Box::new(|t| {
+                let mut kp = toml::Table::new();
+                kp.insert("min_len".into(), 3.into());
+                t.insert("keypad".into(), kp.into());
+            }),
+            EXIT_INVALID,
+            "keypad.min_len",
+        ),
+        (
+            Box::new(|t| {
                 t["gate"].as_table_mut().unwrap().insert("site".into(), "a/b".into());
             }),
             EXIT_INVALID,

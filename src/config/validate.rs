@@ -207,6 +207,15 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
                 return Err(invalid(format!("readers[{i}].formats[{j}]"), format!("{parsed} is listed twice")));
             }
         }
+        match r.key_bits {
+            None => {}
+            Some(4 | 8) if r.role == ReaderRole::Keys => {}
+            Some(4 | 8) => return Err(invalid(
+                k("key_bits"),
+                "only a keys-only reader (role = \"keys\") can end frames at 4 or 8 bits: a card would be cut short",
+            )),
+            Some(_) => return Err(invalid(k("key_bits"), "must be 4 or 8")),
+        }
         if !matches!(r.star_key, 10 | 11) {
             return Err(invalid(k("star_key"), "must be 10 or 11 (the key value the keypad sends for `*`)"));
         }

@@ -65,7 +65,7 @@ impl Keys {
 /// Decode one reader's edges into frames until shutdown.
 pub async fn run(ctx: StageCtx, mut r: ReaderParts, out: mpsc::Sender<ReaderOutput>, events: mpsc::Sender<NewEvent>) {
     let formats = r.cfg.parsed_formats();
-    let mut dec = Decoder::new(&formats, r.cfg.timing(), r.cfg.early_complete);
+    let mut dec = Decoder::new(&formats, r.cfg.timing(), r.cfg.early_complete).complete_at(r.cfg.key_bits);
     let mut keys = Keys { role: r.cfg.role(), map: r.cfg.star_hash(), entry: PinEntry::new(ctx.cfg.keypad.entry()) };
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     let (reader, door) = (r.cfg.name.clone(), r.cfg.door.clone());

@@ -372,7 +372,7 @@ fn bad_keypad_input_is_refused_counted_and_never_a_grant() {
     // PIN over MQTT: not digits, wrong type (never echoed), too short, both card and pin.
     for (payload, code) in [
         (json!({"resident": "r-1", "pin": {"pin": "12a4"}}), "invalid_value"),
-        (json!({"resident": "r-1", "pin": {"pin": 98765432101}}), "invalid_value"),
+        (json!({"resident": "r-1", "pin": {"pin": 98765432101_i64}}), "invalid_value"),
         (json!({"resident": "r-1", "pin": {"pin": "12"}}), "invalid_value"),
         (json!({"resident": "r-1", "pin": {"pin": "123456789012345"}}), "invalid_value"),
         (json!({"resident": "r-1"}), "missing_field"),

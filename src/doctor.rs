@@ -458,6 +458,72 @@ fn check_watchdog(paths: &[PathBuf]) -> Check {
     }
 }
 
+/// OSDP readers: the port is a serial port, the key is installed and private, and a reader in
+/// plain mode (`insecure = true`) is flagged. Pure over what it is given (see [`check_osdp`]).
+/// One OSDP reader as `doctor` found it: name, `insecure`, its port, its key (`None`: missing).
+pub type OsdpFacts = (String, bool, Result<(), String>, Result<Option<()>, String>);
+
+pub fn judge_osdp(readers: &[OsdpFacts]) -> Check {
+    if readers.is_empty() {
+        return check("osdp", Status::Skip, "no OSDP readers", None);
+    }
+    let mut st = Status::Ok;
+    let mut parts = Vec::new();
+    let mut fix = None;
+    for (name, insecure, port, key) in readers {
+        let mut say = |s: Status, m: String, f: &'static str| {
+            if s == Status::Fail || (s == Status::Warn && st == Status::Ok) {
+                st = s;
+            }
+            if s != Status::Ok {
+                fix = fix.or(Some(f));
+            }
+            parts.push(m);
+        };
+        if let Err(e) = port {
+            say(Status::Fail, format!("{name}: {e}"), "check the RS-485 adapter (USB) and the reader's `device` path");
+            continue;
+        }
+        if *insecure {
+            say(
+                Status::Warn,
+                format!(
+                    "{name}: insecure = true, plain OSDP: card numbers and PINs cross the wire readable and forgeable"
+                ),
+                "run `menshen osdp install --reader NAME` and remove insecure = true",
+            );
+            continue;
+        }
+        match key {
+            Ok(Some(())) => say(Status::Ok, format!("{name}: Secure Channel key installed"), ""),
+            Ok(None) => say(
+                Status::Fail,
+                format!("{name}: no Secure Channel key: the reader is refused"),
+                "run `menshen osdp install --reader NAME` (daemon stopped)",
+            ),
+            Err(e) => say(Status::Fail, format!("{name}: key: {e}"), "chmod 0600 the key file, or install again"),
+        }
+    }
+    check("osdp", st, parts.join("; "), if st == Status::Ok { None } else { fix })
+}
+
+fn check_osdp(cfg: &Config) -> Check {
+    let readers: Vec<_> = cfg
+        .osdp_readers
+        .iter()
+        .map(|r| {
+            let port = match std::fs::metadata(&r.device) {
+                Err(e) => Err(format!("{}: {e}", r.device.display())),
+                Ok(m) if std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()) => Ok(()),
+                Ok(_) => Err(format!("{}: not a serial port (no character device)", r.device.display())),
+            };
+            let key = crate::secrets::read_osdp_key(&cfg.osdp_key_path(r)).map(|k| k.map(|_| ()));
+            (r.name.clone(), r.insecure, port, key)
+        })
+        .collect();
+    judge_osdp(&readers)
+}
+
 /// Run every check.
 pub async fn run(config_path: &Path, opts: &DoctorOpts) -> Vec<Check> {
     let mut out = Vec::new();
@@ -466,7 +532,12 @@ pub async fn run(config_path: &Path, opts: &DoctorOpts) -> Vec<Check> {
             out.push(check(
                 "config",
                 Status::Ok,
-                format!("{} ({} doors, {} readers)", config_path.display(), c.doors.len(), c.readers.len()),
+                format!(
+                    "{} ({} doors, {} readers)",
+                    config_path.display(),
+                    c.doors.len(),
+                    c.readers.len() + c.osdp_readers.len()
+                ),
                 None,
             ));
             Arc::new(c)
@@ -482,6 +553,7 @@ pub async fn run(config_path: &Path, opts: &DoctorOpts) -> Vec<Check> {
         }
     };
     out.push(check_gpio(&cfg).await);
+    out.push(check_osdp(&cfg));
     out.push(check_camera(&cfg, opts.camera_frames).await);
     out.push(check_face(&cfg).await);
     out.push(check_broker(&cfg, opts.broker_timeout).await);
@@ -521,6 +593,25 @@ pub fn print(checks: &[Check], json: bool) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn osdp_readers_judged_insecure_flagged_missing_key_fails() {
+        use super::{judge_osdp, Status};
+        let r = |n: &str, insecure, port: Result<(), String>, key: Result<Option<()>, String>| {
+            (n.to_string(), insecure, port, key)
+        };
+        assert_eq!(judge_osdp(&[]).status, Status::Skip);
+        let c = judge_osdp(&[r("a", false, Ok(()), Ok(Some(())))]);
+        assert_eq!(c.status, Status::Ok, "{}", c.message);
+        let c = judge_osdp(&[r("a", false, Ok(()), Ok(Some(()))), r("b", true, Ok(()), Ok(None))]);
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.message.contains("b: insecure = true"), "{}", c.message);
+        let c = judge_osdp(&[r("b", true, Ok(()), Ok(None)), r("c", false, Ok(()), Ok(None))]);
+        assert_eq!(c.status, Status::Fail, "a missing key fails, a warning does not hide it");
+        assert!(c.fix.unwrap().contains("osdp install"));
+        let c = judge_osdp(&[r("d", false, Err("/dev/ttyUSB0: not found".into()), Ok(Some(())))]);
+        assert_eq!(c.status, Status::Fail);
+    }
+
     use super::*;
 
     #[test]

@@ -160,10 +160,20 @@ pub enum GateAlarm {
     PinLockout,
     /// A resident typed their duress PIN: the door opened as usual, nothing at the door shows it.
     Duress,
+    /// An OSDP reader does not answer (unplugged, wiring, power) for `offline_alarm_ms`.
+    ReaderOffline,
+    /// An OSDP reader without a Secure Channel (it claims none, or the handshake fails): refused.
+    SecureChannelRefused,
+    /// An OSDP reader is usable again after `reader_offline` or `secure_channel_refused`.
+    ReaderRestored,
+    /// An OSDP reader's tamper switch opened.
+    ReaderTamper,
+    /// An OSDP reader's tamper switch closed again.
+    ReaderTamperCleared,
 }
 
 impl GateAlarm {
-    pub const ALL: [GateAlarm; 7] = [
+    pub const ALL: [GateAlarm; 12] = [
         GateAlarm::ReaderLineStuck,
         GateAlarm::GpioLineLost,
         GateAlarm::OutboxOverCapacity,
@@ -171,6 +181,11 @@ impl GateAlarm {
         GateAlarm::PublishRefused,
         GateAlarm::PinLockout,
         GateAlarm::Duress,
+        GateAlarm::ReaderOffline,
+        GateAlarm::SecureChannelRefused,
+        GateAlarm::ReaderRestored,
+        GateAlarm::ReaderTamper,
+        GateAlarm::ReaderTamperCleared,
     ];
 
     pub fn code(self) -> &'static str {
@@ -182,6 +197,11 @@ impl GateAlarm {
             GateAlarm::PublishRefused => "publish_refused",
             GateAlarm::PinLockout => "pin_lockout",
             GateAlarm::Duress => "duress",
+            GateAlarm::ReaderOffline => "reader_offline",
+            GateAlarm::SecureChannelRefused => "secure_channel_refused",
+            GateAlarm::ReaderRestored => "reader_restored",
+            GateAlarm::ReaderTamper => "reader_tamper",
+            GateAlarm::ReaderTamperCleared => "reader_tamper_cleared",
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod hw;
 pub mod keypad;
 pub mod model;
 pub mod mqtt;
+pub mod osdp;
 pub mod policy;
 pub mod privacy;
 pub mod resident_ops;

@@ -52,6 +52,17 @@ fn read_key(path: &Path) -> Result<[u8; 32], String> {
     bytes.try_into().map_err(|_| format!("{n} bytes, expected 32"))
 }
 
+/// An OSDP reader's Secure Channel base key (16 raw bytes, 0600), if it was installed.
+/// `Ok(None)`: no key file (the reader was never installed: `menshen osdp install`).
+pub fn read_osdp_key(path: &Path) -> Result<Option<[u8; 16]>, String> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = read_private(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let n = bytes.len();
+    bytes.try_into().map(Some).map_err(|_| format!("{}: {n} bytes, expected 16", path.display()))
+}
+
 /// The rule on a file's permission bits.
 pub fn check_mode(mode: u32) -> Result<(), String> {
     if mode & 0o007 != 0 {

@@ -55,6 +55,27 @@ pub struct Stats {
     command_rejections: Mutex<BTreeMap<&'static str, u64>>,
     heartbeats: Mutex<BTreeMap<String, u64>>,
     latency: Mutex<LatencyRings>,
+    osdp: Mutex<BTreeMap<String, OsdpHealth>>,
+}
+
+/// One OSDP reader's link and counters, in `health` and `menshen status`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct OsdpHealth {
+    /// `ok`, `starting`, `offline`, `no_secure_channel` or `secure_channel_failed`.
+    pub state: &'static str,
+    pub secure_channel: bool,
+    /// Configured `insecure = true`: plain mode allowed (flagged).
+    pub insecure: bool,
+    pub tamper: bool,
+    pub cards: u64,
+    pub keys: u64,
+    /// Bytes that were no frame and frames refused, by why (`noise`, `bad_crc`, `bad_length`,
+    /// `truncated`); libosdp drops them, none is ever a read.
+    pub bad_frames: BTreeMap<&'static str, u64>,
+    /// Replies that answer no command (out of sequence, replayed, or a second talker).
+    pub out_of_sequence: u64,
+    /// Reads refused: longer than any format, or not a format this reader takes.
+    pub reads_refused: u64,
 }
 
 /// The last [`RING`] granted card decisions, split by hop, in nanoseconds.
@@ -105,6 +126,17 @@ impl Percentiles {
 }
 
 impl Stats {
+    /// Change one OSDP reader's entry.
+    pub fn osdp_update(&self, reader: &str, f: impl FnOnce(&mut OsdpHealth)) {
+        let mut m = self.osdp.lock().unwrap_or_else(|p| p.into_inner());
+        f(m.entry(reader.to_string()).or_default());
+    }
+
+    /// Every OSDP reader's entry.
+    pub fn osdp(&self) -> BTreeMap<String, OsdpHealth> {
+        self.osdp.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn reject(&self, r: Rejection) {
         *self.rejections.lock().unwrap_or_else(|p| p.into_inner()).entry(r.code()).or_default() += 1;
     }

@@ -10,6 +10,8 @@ use crate::wiegand::{CardId, Format};
 
 mod demo;
 mod demo_bms;
+#[cfg(feature = "osdp")]
+mod osdp;
 mod resident;
 mod sim;
 mod site;
@@ -114,6 +116,10 @@ pub enum Command {
     /// The audit trail (append-only, hash-chained).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// OSDP readers: set a reader's Secure Channel key (stop the daemon first: it holds the port).
+    #[cfg(feature = "osdp")]
+    #[command(subcommand)]
+    Osdp(OsdpCmd),
     /// Run the face pipeline on image files and print what it sees (boxes, landmarks, liveness;
     /// never the embedding).
     FaceProbe {
@@ -124,6 +130,25 @@ pub enum Command {
         /// Model directory (default: $MENSHEN_MODELS_DIR, the config's, ../shared/models).
         #[arg(long)]
         models: Option<PathBuf>,
+    },
+}
+
+/// `menshen osdp ...`
+#[cfg(feature = "osdp")]
+#[derive(Debug, Subcommand)]
+pub enum OsdpCmd {
+    /// Give a reader its own random Secure Channel key. A new reader is reached once with the
+    /// public install key (SCBK-D, the reader in install mode); a reader that has a key already
+    /// is reached with it, and its key is replaced (rotation). The key is written (0600) to the
+    /// reader's `key_file` before the reader is told, and the reader is checked with it after.
+    Install {
+        #[arg(long)]
+        reader: String,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// How long to wait for the reader at each step.
+        #[arg(long, default_value_t = 20)]
+        timeout_secs: u64,
     },
 }
 

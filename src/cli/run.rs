@@ -197,6 +197,20 @@ pub fn run(cli: Cli) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        #[cfg(feature = "osdp")]
+        Command::Osdp(super::OsdpCmd::Install { reader, config: path, timeout_secs }) => {
+            let cfg = match load_config(&path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match super::osdp::install(&cfg, &reader, std::time::Duration::from_secs(timeout_secs)) {
+                Ok(msg) => {
+                    println!("{msg}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Site(cmd) => match super::site_cmd(cmd) {
             Ok(code) => ExitCode::from(code),
             Err(e) => fail(e),

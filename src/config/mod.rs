@@ -66,6 +66,9 @@ pub struct Config {
     pub hardware: HardwareConfig,
     #[serde(default, rename = "readers")]
     pub readers: Vec<ReaderConfig>,
+    /// OSDP readers on RS-485 serial ports (Secure Channel required unless `insecure`).
+    #[serde(default, rename = "osdp_readers")]
+    pub osdp_readers: Vec<OsdpReaderConfig>,
     #[serde(default, rename = "doors")]
     pub doors: Vec<DoorConfig>,
     pub mqtt: MqttConfig,
@@ -160,6 +163,19 @@ impl Config {
     }
     pub fn device_key_path(&self) -> PathBuf {
         self.privacy.device_key_file.clone().unwrap_or_else(|| self.gate.state_dir.join("device.key"))
+    }
+    /// Where an OSDP reader's Secure Channel key lives (`key_file`, or `state_dir/osdp-NAME.key`).
+    pub fn osdp_key_path(&self, r: &OsdpReaderConfig) -> PathBuf {
+        r.key_file.clone().unwrap_or_else(|| self.gate.state_dir.join(format!("osdp-{}.key", r.name)))
+    }
+    pub fn osdp_reader(&self, name: &str) -> Option<&OsdpReaderConfig> {
+        self.osdp_readers.iter().find(|r| r.name == name)
+    }
+    /// Every reader of `door` that cues can reach, Wiegand and OSDP: (name, has keys).
+    pub fn door_readers<'a>(&'a self, door: &'a str) -> impl Iterator<Item = (&'a str, bool)> + 'a {
+        let wiegand = self.readers.iter().filter(move |r| r.door == door).map(|r| (r.name.as_str(), r.has_keys()));
+        let osdp = self.osdp_readers.iter().filter(move |r| r.door == door).map(|r| (r.name.as_str(), true));
+        wiegand.chain(osdp)
     }
     pub fn pin_key_path(&self) -> PathBuf {
         self.keypad.pin_key_file.clone().unwrap_or_else(|| self.gate.state_dir.join("pin.key"))
@@ -447,6 +463,54 @@ pub struct ReaderConfig {
     /// so `#` opens about 25 ms sooner. Unset: wait for the gap (needed for 26-bit PIN frames).
     #[serde(default)]
     pub key_bits: Option<u8>,
+}
+
+/// An OSDP reader: the gate is the control panel on a serial port (a USB RS-485 adapter).
+/// Card reads and key presses take the same decision path as a Wiegand reader's; the reader's
+/// LED and beeper are driven by OSDP commands.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OsdpReaderConfig {
+    pub name: String,
+    /// The door this reader opens.
+    pub door: String,
+    /// The serial port (`/dev/ttyUSB0`, better a `/dev/serial/by-id/...` path).
+    pub device: PathBuf,
+    #[serde(default = "default_osdp_baud")]
+    pub baud: u32,
+    /// The reader's OSDP address (0–126).
+    #[serde(default)]
+    pub address: u8,
+    /// Formats taken from the reader's card reads (as a Wiegand reader's `formats`).
+    #[serde(default = "default_osdp_formats")]
+    pub formats: Vec<String>,
+    /// Plain mode: no Secure Channel. Cards and PINs then cross the wire readable and forgeable
+    /// (as on Wiegand); `doctor` and `health` flag it. Default false: Secure Channel required.
+    #[serde(default)]
+    pub insecure: bool,
+    /// The reader's Secure Channel key (0600, written by `menshen osdp install`); default
+    /// `state_dir/osdp-NAME.key`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// A reader not usable (offline, or without Secure Channel) for this long raises an alarm.
+    #[serde(default = "default_osdp_alarm_ms")]
+    pub offline_alarm_ms: u64,
+}
+
+fn default_osdp_baud() -> u32 {
+    9600
+}
+fn default_osdp_formats() -> Vec<String> {
+    vec!["H10301".into()]
+}
+fn default_osdp_alarm_ms() -> u64 {
+    3000
+}
+
+impl OsdpReaderConfig {
+    pub fn parsed_formats(&self) -> Vec<Format> {
+        self.formats.iter().filter_map(|f| f.parse().ok()).collect()
+    }
 }
 
 /// What a reader's frames are (see [`ReaderConfig::role`]).

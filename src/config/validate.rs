@@ -244,9 +244,45 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             return Err(invalid(k("interval_min_us"), "must be above pulse_min_us"));
         }
     }
+    for (i, r) in cfg.osdp_readers.iter().enumerate() {
+        let k = |f: &str| format!("osdp_readers[{i}].{f}");
+        check_id(&k("name"), &r.name)?;
+        if !rnames.insert(r.name.clone()) {
+            return Err(invalid(k("name"), format!("reader `{}` is defined twice", r.name)));
+        }
+        if cfg.door(&r.door).is_none() {
+            return Err(invalid(k("door"), format!("no door named `{}`", r.door)));
+        }
+        if r.formats.is_empty() {
+            return Err(invalid(k("formats"), "list at least one format"));
+        }
+        for (j, f) in r.formats.iter().enumerate() {
+            let _: Format = f.parse().map_err(|e: String| invalid(format!("osdp_readers[{i}].formats[{j}]"), e))?;
+        }
+        if r.address > 126 {
+            return Err(invalid(k("address"), "must be 0..=126 (127 is the broadcast address)"));
+        }
+        if ![9600, 19200, 38400, 57600, 115200, 230400].contains(&r.baud) {
+            return Err(invalid(k("baud"), "must be one of OSDP's rates: 9600, 19200, 38400, 57600, 115200, 230400"));
+        }
+        if !(2_000..=600_000).contains(&r.offline_alarm_ms) {
+            return Err(invalid(
+                k("offline_alarm_ms"),
+                "must be 2000..=600000 (a reader is retried every second; it takes that long to tell a wrong key from a pulled cable)",
+            ));
+        }
+        if let Some(other) = cfg.osdp_readers[..i].iter().find(|o| o.device == r.device && o.address == r.address) {
+            return Err(invalid(
+                k("address"),
+                format!("reader `{}` has the same port and address: each reader on a bus needs its own", other.name),
+            ));
+        }
+    }
     // P1 at the site level: every door must have a non-face way in.
     for (i, d) in cfg.doors.iter().enumerate() {
-        if !cfg.readers.iter().any(|r| r.door == d.name && r.reads_cards()) {
+        if !cfg.readers.iter().any(|r| r.door == d.name && r.reads_cards())
+            && !cfg.osdp_readers.iter().any(|r| r.door == d.name)
+        {
             return Err(invalid(
                 format!("doors[{i}]"),
                 format!(

@@ -77,6 +77,8 @@ pub fn health(cfg: &Config, f: &StoreFacts, stats: &Stats, started: MonoTime) ->
             "commands": snap.command_rejections,
             "wiegand": snap.wiegand_rejections,
         },
+        // OSDP readers: link state, Secure Channel, `insecure` flagged, bad frames counted.
+        "osdp": stats.osdp(),
     })
 }
 
@@ -126,6 +128,7 @@ pub fn status(f: &StoreFacts, stats: &Stats, started: MonoTime) -> Value {
         "face_frames": stats.face_frames.load(Ordering::Relaxed),
         "frames_rejected": stats.frames_rejected.load(Ordering::Relaxed),
         "stale_stages": stats.stale_stages(5_000_000_000),
+        "osdp": stats.osdp(),
         // Admin socket peers refused (not root, the daemon's user or the admin group), and the
         // resident commands carried out through it.
         "admin_refused": stats.admin_refused.load(Ordering::Relaxed),

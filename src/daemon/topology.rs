@@ -245,7 +245,6 @@ impl Topology {
             let name = format!("reader:{}", r.cfg.name);
             st.spawn(name.clone(), stages::reader::run(ctx.named(name), r, rd_tx.clone(), ev_tx.clone()));
         }
-        drop(rd_tx);
         let mut cues = HashMap::new();
         for f in feedback {
             let (tx, rx) = mpsc::channel(8);
@@ -253,6 +252,16 @@ impl Topology {
             let name = format!("feedback:{}", f.cfg.name);
             st.spawn(name.clone(), stages::feedback::run(ctx.named(name), f, rx));
         }
+        #[cfg(feature = "osdp")]
+        for r in &cfg.osdp_readers {
+            let (tx, rx) = mpsc::channel(8);
+            cues.insert(r.name.clone(), tx);
+            let key = if r.insecure { Ok(None) } else { crate::secrets::read_osdp_key(&cfg.osdp_key_path(r)) };
+            let name = format!("osdp:{}", r.name);
+            let parts = stages::osdp::OsdpParts { cfg: r.clone(), key, cues: rx };
+            st.spawn(name.clone(), stages::osdp::run(ctx.named(name), parts, rd_tx.clone(), ev_tx.clone()));
+        }
+        drop(rd_tx);
         let (use_tx, use_rx) = mpsc::channel::<FaceUse>(1024);
         let (faces, enrol) = spawn_face(&mut st, &ctx, runtime, privacy.clone());
         let gate_io = stages::gate::GateIo {

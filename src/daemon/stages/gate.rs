@@ -45,7 +45,13 @@ type Decided = (GateOutcome, GrantTrace, Option<String>);
 /// What the core needs to know of the gate's keypads.
 pub fn keypad_setup(cfg: &Config) -> KeypadSetup {
     KeypadSetup {
-        doors: cfg.readers.iter().filter(|r| r.has_keys()).map(|r| r.door.clone()).collect(),
+        doors: cfg
+            .readers
+            .iter()
+            .filter(|r| r.has_keys())
+            .map(|r| r.door.clone())
+            .chain(cfg.osdp_readers.iter().map(|r| r.door.clone()))
+            .collect(),
         card_pin_window: Duration::from_millis(cfg.keypad.card_pin_window_ms),
         guard: cfg.keypad.guard(),
     }
@@ -185,8 +191,8 @@ fn log_access(out: &GateOutcome, method: &str) {
 
 /// Tell every keypad of `door` that a card waits for its PIN.
 fn cue_keypads(ctx: &StageCtx, io: &GateIo, door: &str) {
-    for r in ctx.cfg.readers.iter().filter(|r| r.door == door && r.has_keys()) {
-        if let Some(tx) = io.cues.get(&r.name) {
+    for (name, _) in ctx.cfg.door_readers(door).filter(|(_, keys)| *keys) {
+        if let Some(tx) = io.cues.get(name) {
             let _ = tx.try_send(Cue::PinEntry);
         }
     }
@@ -239,8 +245,8 @@ fn dispatch(ctx: &StageCtx, io: &GateIo, out: &GateOutcome, trace: GrantTrace) {
 /// Show `cue` at `reader`, or at every reader of `door`. Never waits: a busy feedback stage
 /// loses the cue, not the next card.
 fn cue_readers(ctx: &StageCtx, io: &GateIo, door: &str, reader: Option<&str>, cue: Cue) {
-    for r in ctx.cfg.readers.iter().filter(|r| r.door == door && reader.is_none_or(|name| name == r.name)) {
-        if let Some(tx) = io.cues.get(&r.name) {
+    for (name, _) in ctx.cfg.door_readers(door).filter(|(name, _)| reader.is_none_or(|r| r == *name)) {
+        if let Some(tx) = io.cues.get(name) {
             let _ = tx.try_send(cue);
         }
     }

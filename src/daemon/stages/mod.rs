@@ -33,6 +33,8 @@ pub mod face;
 pub mod feedback;
 pub mod gate;
 pub mod link;
+#[cfg(feature = "osdp")]
+pub mod osdp;
 pub mod outbox;
 pub mod privacy;
 pub mod reader;

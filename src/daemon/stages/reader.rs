@@ -26,10 +26,10 @@ pub struct ReaderParts {
 }
 
 /// A reader's keys: its role and `*`/`#` map, and the PIN being typed.
-struct Keys {
-    role: keypad::Role,
-    map: keypad::StarHash,
-    entry: PinEntry,
+pub(super) struct Keys {
+    pub(super) role: keypad::Role,
+    pub(super) map: keypad::StarHash,
+    pub(super) entry: PinEntry,
 }
 
 impl Keys {
@@ -47,14 +47,14 @@ impl Keys {
         }
     }
 
-    fn key(&mut self, k: Key, at: MonoTime) -> Option<ReaderInput> {
+    pub(super) fn key(&mut self, k: Key, at: MonoTime) -> Option<ReaderInput> {
         match self.entry.key(k, at) {
             None | Some(PinEvent::Cleared) => Some(ReaderInput::Key),
             Some(e) => Some(Self::ended(e)),
         }
     }
 
-    fn ended(e: PinEvent) -> ReaderInput {
+    pub(super) fn ended(e: PinEvent) -> ReaderInput {
         match e {
             PinEvent::Submit(p) => ReaderInput::Pin(p),
             other => ReaderInput::PinFailed(other.reason().unwrap_or(crate::policy::Reason::PinTimeout)),

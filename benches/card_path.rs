@@ -26,11 +26,22 @@
 //! an HMAC-SHA-256 and a store read). Without `key_bits` every key waits for the frame gap
 //! (25 ms).
 //!
+//! `SCENARIOS=osdp` measures a card read by an OSDP reader over Secure Channel (one libosdp
+//! peripheral per door on a pty at 115,200 baud, in this process): from the moment the reader
+//! wrote the reply frame carrying the read to the relay command, after the Wiegand card
+//! scenario in the same run. The reader's poll interval (libosdp polls about ten times a
+//! second) comes before that frame and is not counted, as the Wiegand figure starts at the last
+//! edge, not at the card's arrival in the field.
+//!
 //! `SCENARIOS=drivers` compares the two GPIO drivers instead, one after the other in the same
 //! run, with the daemon and the simulated chip as separate processes: the simulated chip's own
 //! protocol (`backend = "sim"`), then the real gpiocdev driver (`backend = "gpiochip"`) on the
 //! fake gpiochip (tests/support/fake_gpiochip.c, LD_PRELOAD). The relay time is stamped in the
 //! daemon's process at the SET_VALUES ioctl (by the fake chip) or at the command (sim client).
+
+#[cfg(feature = "osdp")]
+#[path = "../tests/support/osdp_reader.rs"]
+mod osdp_reader;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -124,12 +135,27 @@ struct Figures {
 }
 
 fn scenario(swipes: usize, face: Option<&Face>) -> Figures {
-    scenario_with(swipes, face, false)
+    scenario_with(swipes, face, Input::Cards)
 }
 
-fn scenario_with(swipes: usize, face: Option<&Face>, pins: bool) -> Figures {
+/// What is presented at the doors.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Input {
+    /// Wiegand cards.
+    Cards,
+    /// PINs on keys-only Wiegand keypads.
+    Pins,
+    /// Cards read by OSDP readers over Secure Channel (a libosdp peripheral on a pty per door).
+    #[cfg(feature = "osdp")]
+    Osdp,
+}
+
+fn scenario_with(swipes: usize, face: Option<&Face>, input: Input) -> Figures {
+    let pins = input == Input::Pins;
     let dir = tempfile::tempdir().unwrap();
     let mut t = config(dir.path(), face);
+    #[cfg(feature = "osdp")]
+    let osdp = if input == Input::Osdp { osdp_readers(&mut t, dir.path()) } else { Vec::new() };
     if pins {
         // Beside each door's card reader, a keys-only keypad sending 4-bit keys (`key_bits`).
         let readers = t["readers"].as_array_mut().unwrap();
@@ -204,7 +230,12 @@ fn scenario_with(swipes: usize, face: Option<&Face>, pins: bool) -> Figures {
     }
     let card_doors = if face.is_some() { FACE_DOOR } else { DOORS };
     let started = Instant::now();
-    let lat_us = if pins { pin_loop(&socket, swipes, card_doors) } else { swipe_loop(&socket, swipes, card_doors) };
+    let lat_us = match input {
+        Input::Cards => swipe_loop(&socket, swipes, card_doors),
+        Input::Pins => pin_loop(&socket, swipes, card_doors),
+        #[cfg(feature = "osdp")]
+        Input::Osdp => osdp_loop(&socket, &cfg, &osdp, swipes),
+    };
     let wall = started.elapsed();
     stop.cancel();
     let status = daemon.join().unwrap();
@@ -275,6 +306,87 @@ fn relay_loop(socket: &Path, n: usize, doors: usize, op: impl Fn(usize, usize) -
             // polling fast would only compete with the pipeline for the two cores.
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+    lat_us.sort_by(|a, b| a.total_cmp(b));
+    lat_us
+}
+
+/// One OSDP reader per door (`o0`..), each a libosdp peripheral on its own pty with its own
+/// installed key, in place of the Wiegand readers.
+#[cfg(feature = "osdp")]
+fn osdp_readers(t: &mut toml::Table, dir: &Path) -> Vec<osdp_reader::Reader> {
+    use std::os::unix::fs::PermissionsExt;
+    t.insert("readers".into(), toml::Value::Array(vec![]));
+    let mut readers = Vec::new();
+    let mut cfgs = Vec::new();
+    for i in 0..DOORS {
+        let key = [i as u8 + 1; 16];
+        let p = osdp_reader::pty();
+        let mut r = toml::Table::new();
+        r.insert("name".into(), format!("o{i}").into());
+        r.insert("door".into(), format!("d{i}").into());
+        r.insert("device".into(), p.path.clone().into());
+        r.insert("address".into(), i64::from(osdp_reader::ADDRESS).into());
+        r.insert("baud".into(), 115_200.into());
+        let key_file = dir.join(format!("o{i}.key"));
+        std::fs::write(&key_file, key).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        r.insert("key_file".into(), key_file.display().to_string().into());
+        cfgs.push(toml::Value::Table(r));
+        readers.push(osdp_reader::Reader::start(p, osdp_reader::PdOpts { key: Some(key), downgrade: false }));
+    }
+    t.insert("osdp_readers".into(), toml::Value::Array(cfgs));
+    readers
+}
+
+/// Read `n` cards at the OSDP readers round the doors; latency from the moment the reader put
+/// the reply frame carrying the read onto the bus to the relay command.
+#[cfg(feature = "osdp")]
+fn osdp_loop(socket: &Path, cfg: &menshen::config::Config, readers: &[osdp_reader::Reader], n: usize) -> Vec<f64> {
+    use std::sync::atomic::Ordering;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = menshen::daemon::status_query(cfg).unwrap_or_default();
+        if (0..DOORS).all(|i| st["osdp"][format!("o{i}")]["state"] == "ok") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "OSDP readers never usable: {}", st["osdp"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut lat_us = Vec::with_capacity(n);
+    for i in 0..n {
+        let door = i % DOORS;
+        let r = &readers[door];
+        let before = r.last_read_ns.load(Ordering::SeqCst);
+        r.card(7, 10_000 + (i as u64 % 1_000));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut sent = 0;
+        loop {
+            if sent == 0 {
+                let t = r.last_read_ns.load(Ordering::SeqCst);
+                if t > before {
+                    sent = t;
+                }
+            }
+            if sent != 0 {
+                let st = sim::request(socket, &WorldOp::State).unwrap();
+                let on = st["doors"][format!("d{door}")]["transitions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|t| t["energized"] == true)
+                    .filter_map(|t| t["cmd_ns"].as_u64())
+                    .find(|&t| t >= sent);
+                if let Some(t) = on {
+                    lat_us.push((t - sent) as f64 / 1_000.0);
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "read {i}: no relay command");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The door relocks (100 ms pulse) before its next read.
+        std::thread::sleep(Duration::from_millis(20));
     }
     lat_us.sort_by(|a, b| a.total_cmp(b));
     lat_us
@@ -437,10 +549,24 @@ fn main() {
     if scenarios == "pin" {
         let card = scenario(swipes, None);
         report("card (face off)", &card);
-        let pin = scenario_with(swipes, None, true);
+        let pin = scenario_with(swipes, None, Input::Pins);
         report("PIN from `#` (face off)", &pin);
         let p = |f: &Figures, q: f64| f.lat_us[((f.lat_us.len() as f64 - 1.0) * q).round() as usize];
         println!("PIN / card: p50 {:.2}x, p99 {:.2}x", p(&pin, 0.5) / p(&card, 0.5), p(&pin, 0.99) / p(&card, 0.99));
+        return;
+    }
+    #[cfg(feature = "osdp")]
+    if scenarios == "osdp" {
+        let card = scenario(swipes, None);
+        report("Wiegand card (face off)", &card);
+        let osdp = scenario_with(swipes, None, Input::Osdp);
+        report("OSDP card over Secure Channel, from the reply frame (face off)", &osdp);
+        let p = |f: &Figures, q: f64| f.lat_us[((f.lat_us.len() as f64 - 1.0) * q).round() as usize];
+        println!(
+            "OSDP / Wiegand: p50 {:.2}x, p99 {:.2}x",
+            p(&osdp, 0.5) / p(&card, 0.5),
+            p(&osdp, 0.99) / p(&card, 0.99)
+        );
         return;
     }
     let only_off = scenarios == "off";

@@ -8,228 +8,19 @@
 //! their alarm; garbage on the bus is counted and never a read.
 
 mod common;
+#[path = "support/osdp_reader.rs"]
+mod osdp_reader;
 
 use common::{free_port, wait_for, Bms, Broker, Gate, GateOpts};
-use libosdp::{
-    Channel, ChannelError, OsdpCommand, OsdpEvent, OsdpEventCardRead, OsdpEventKeyPress, OsdpFlag, PdCapEntity,
-    PdCapability, PdInfoBuilder, PeripheralDevice,
-};
+use libosdp::{OsdpCommand, OsdpEvent};
 use menshen::osdp::wire::{self, Scanner, Seen};
+use osdp_reader::{pty, Ctl, PdOpts, Reader, ADDRESS};
 use serde_json::{json, Value};
-use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const SITE: &str = "site1";
 const GATE: &str = "gate1";
-const ADDRESS: u8 = 3;
-
-/// A pty pair: the daemon opens `path` (the slave), the reader talks on `master`.
-struct Pty {
-    master: OwnedFd,
-    path: String,
-    /// Held open so the line keeps its raw settings and the master never reads EIO.
-    _slave: OwnedFd,
-}
-
-fn pty() -> Pty {
-    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
-    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
-    grantpt(&master).unwrap();
-    unlockpt(&master).unwrap();
-    let path = ptsname(&master, Vec::new()).unwrap().into_string().unwrap();
-    let slave = rustix::fs::open(
-        path.as_str(),
-        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY,
-        rustix::fs::Mode::empty(),
-    )
-    .unwrap();
-    let mut t = rustix::termios::tcgetattr(&slave).unwrap();
-    t.make_raw();
-    rustix::termios::tcsetattr(&slave, rustix::termios::OptionalActions::Now, &t).unwrap();
-    rustix::fs::fcntl_setfl(&master, rustix::fs::OFlags::NONBLOCK).unwrap();
-    Pty { master, path, _slave: slave }
-}
-
-/// How the test reader behaves.
-#[derive(Clone, Copy)]
-struct PdOpts {
-    /// Its Secure Channel key; `None`: a new reader in install mode (the install key, SCBK-D).
-    key: Option<[u8; 16]>,
-    /// A man in the middle rewrites its capability reply to claim no Secure Channel.
-    downgrade: bool,
-}
-
-enum Ctl {
-    Event(OsdpEvent),
-    /// Stop answering (the cable pulled) or answer again.
-    Unplug(bool),
-    /// Write these bytes onto the bus.
-    Raw(Vec<u8>),
-}
-
-/// The reader's side of the bus.
-struct Bus {
-    fd: Arc<OwnedFd>,
-    unplugged: Arc<Mutex<bool>>,
-    downgrade: bool,
-}
-
-impl Channel for Bus {
-    fn get_id(&self) -> i32 {
-        1
-    }
-    fn read(&mut self, buf: &mut [u8]) -> Result<usize, ChannelError> {
-        match rustix::io::read(self.fd.as_fd(), &mut *buf) {
-            Ok(n) if *self.unplugged.lock().unwrap() => {
-                let _ = n; // a pulled cable: the bytes never reach the reader
-                Ok(0)
-            }
-            Ok(n) => Ok(n),
-            Err(rustix::io::Errno::AGAIN) => Ok(0),
-            Err(_) => Err(ChannelError::TransportError),
-        }
-    }
-    fn write(&mut self, buf: &[u8]) -> Result<usize, ChannelError> {
-        if *self.unplugged.lock().unwrap() {
-            return Ok(buf.len());
-        }
-        let mut out = buf.to_vec();
-        if self.downgrade {
-            out = downgrade(buf);
-        }
-        rustix::io::write(self.fd.as_fd(), &out).map_err(|_| ChannelError::TransportError)?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> Result<(), ChannelError> {
-        Ok(())
-    }
-    fn close(&mut self) -> Result<(), ChannelError> {
-        Ok(())
-    }
-}
-
-/// The DEF CON 31 downgrade: the capability reply rewritten to say "no Secure Channel", with a
-/// fresh CRC so that it passes as genuine.
-fn downgrade(buf: &[u8]) -> Vec<u8> {
-    let mut s = Scanner::new();
-    let mut seen = Vec::new();
-    s.push(buf, &mut seen);
-    match seen.as_slice() {
-        [Seen::Packet(p)] if p.reply && p.code == wire::REPLY_PDCAP => {
-            let mut data = p.data.clone().unwrap();
-            for c in data.chunks_exact_mut(3) {
-                if c[0] == wire::CAP_COMMUNICATION_SECURITY {
-                    c[1] = 0;
-                }
-            }
-            wire::packet(p.address, true, p.sqn, p.code, &data)
-        }
-        _ => buf.to_vec(),
-    }
-}
-
-/// A real OSDP reader (libosdp PD) on its own thread.
-struct Reader {
-    ctl: mpsc::Sender<Ctl>,
-    commands: mpsc::Receiver<OsdpCommand>,
-    seen: Vec<OsdpCommand>,
-    _pty: Arc<Pty>,
-    stop: Arc<Mutex<bool>>,
-}
-
-impl Reader {
-    fn start(pty: Pty, o: PdOpts) -> Reader {
-        let pty = Arc::new(pty);
-        let fd = Arc::new(pty.master.try_clone().unwrap());
-        let unplugged = Arc::new(Mutex::new(false));
-        let bus = Bus { fd: fd.clone(), unplugged: unplugged.clone(), downgrade: o.downgrade };
-        let (ctl_tx, ctl_rx) = mpsc::channel::<Ctl>();
-        let (cmd_tx, cmd_rx) = mpsc::channel::<OsdpCommand>();
-        let stop = Arc::new(Mutex::new(false));
-        let stopping = stop.clone();
-        std::thread::spawn(move || {
-            let mut info = PdInfoBuilder::new()
-                .name("test-reader")
-                .unwrap()
-                .address(ADDRESS as i32)
-                .unwrap()
-                .baud_rate(9600)
-                .unwrap()
-                .capability(PdCapability::CommunicationSecurity(PdCapEntity::new(1, 1)))
-                .capability(PdCapability::AudibleOutput(PdCapEntity::new(1, 1)))
-                .capability(PdCapability::LedControl(PdCapEntity::new(1, 1)))
-                .capability(PdCapability::CardDataFormat(PdCapEntity::new(1, 1)))
-                .capability(PdCapability::ContactStatusMonitoring(PdCapEntity::new(1, 1)));
-            info = match o.key {
-                Some(k) => info.secure_channel_key(k),
-                None => info.flag(OsdpFlag::InstallMode),
-            };
-            let mut pd = PeripheralDevice::new(info, Box::new(bus)).unwrap();
-            pd.set_command_callback(move |c| {
-                let _ = cmd_tx.send(c.clone());
-                0
-            });
-            // Events wait here while libosdp's small event pool is full (a real reader buffers too).
-            let mut waiting: std::collections::VecDeque<OsdpEvent> = Default::default();
-            while !*stopping.lock().unwrap() {
-                while let Some(e) = waiting.pop_front() {
-                    if pd.notify_event(e.clone()).is_err() {
-                        waiting.push_front(e);
-                        break;
-                    }
-                }
-                while let Ok(c) = ctl_rx.try_recv() {
-                    match c {
-                        Ctl::Event(e) => waiting.push_back(e),
-                        Ctl::Unplug(u) => *unplugged.lock().unwrap() = u,
-                        Ctl::Raw(b) => {
-                            rustix::io::write(fd.as_fd(), &b).unwrap();
-                        }
-                    }
-                }
-                if !*unplugged.lock().unwrap() {
-                    pd.refresh();
-                } else {
-                    let mut sink = [0u8; 256];
-                    let _ = rustix::io::read(fd.as_fd(), &mut sink);
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        Reader { ctl: ctl_tx, commands: cmd_rx, seen: Vec::new(), _pty: pty, stop }
-    }
-
-    fn card(&self, facility: u64, number: u64) {
-        let fields = (facility << 16) | number;
-        let even = (fields >> 12).count_ones() % 2 == 1;
-        let odd = (fields & 0xFFF).count_ones() % 2 == 0;
-        let frame = ((even as u64) << 25) | (fields << 1) | odd as u64;
-        let packed = (frame << 6).to_be_bytes()[4..8].to_vec();
-        let read = OsdpEventCardRead::new_wiegand(26, packed).unwrap();
-        self.ctl.send(Ctl::Event(OsdpEvent::CardRead(read))).unwrap();
-    }
-
-    fn keys(&self, keys: &[u8]) {
-        self.ctl.send(Ctl::Event(OsdpEvent::KeyPress(OsdpEventKeyPress::new(keys.to_vec())))).unwrap();
-    }
-
-    /// Commands the gate sent this reader so far.
-    fn commands(&mut self) -> &[OsdpCommand] {
-        while let Ok(c) = self.commands.try_recv() {
-            self.seen.push(c);
-        }
-        &self.seen
-    }
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        *self.stop.lock().unwrap() = true;
-    }
-}
 
 /// A gate whose door `front` has the Wiegand reader and the OSDP reader `lobby` on `path`.
 fn gate_with_osdp(path: &str, insecure: bool, alarm_ms: u64) -> (Broker, Gate, u16) {
@@ -493,6 +284,7 @@ fn an_insecure_reader_works_in_plain_mode_and_is_flagged() {
     assert_eq!((h["insecure"].as_bool(), h["secure_channel"].as_bool()), (Some(true), Some(false)), "{h}");
     let health = bms.command(SITE, GATE, "health.get", json!({}), None);
     assert_eq!(ok(&health)["osdp"]["lobby"]["insecure"], true, "{health}");
+    common::schema::validate("health.json", ok(&health)).unwrap();
     let doctor = gate.cli(&["doctor", "--config", gate.config.to_str().unwrap(), "--json"]);
     let text = String::from_utf8_lossy(&doctor.stdout);
     assert!(text.contains("insecure"), "doctor flags the plain reader: {text}");
@@ -501,4 +293,97 @@ fn an_insecure_reader_works_in_plain_mode_and_is_flagged() {
     reader.card(7, 1001);
     assert!(wait_for(Duration::from_secs(5), || !bms.messages("/event/access").is_empty()), "log:\n{}", gate.log());
     assert_eq!(bms.messages("/event/access")[0]["decision"], "granted");
+}
+
+/// A gate and reader that share `key` (installed earlier).
+fn installed(key: [u8; 16]) -> (Broker, Gate, Reader, u16) {
+    let p = pty();
+    let path = p.path.clone();
+    let reader = Reader::start(p, PdOpts { key: Some(key), downgrade: false });
+    let (broker, gate, port) = gate_with_osdp(&path, false, 2000);
+    let key_file = gate.dir.path().join("state/osdp-lobby.key");
+    std::fs::create_dir_all(key_file.parent().unwrap()).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (broker, gate, reader, port)
+}
+
+#[test]
+fn forged_and_replayed_frames_are_counted_and_never_a_read() {
+    let (_broker, mut gate, reader, port) = installed([2u8; 16]);
+    let bms = start(&mut gate, port);
+    assert!(wait_for(Duration::from_secs(10), || osdp_health(&gate)["state"] == "ok"), "{}", gate.log());
+    ok(&bms.command(SITE, GATE, "resident.upsert",
+        json!({"resident": {"id": "r-1", "mode": "card", "cards": [{"format": "H10301", "facility": 7, "number": 1001}]}}), None));
+
+    // A forged card read: a well-formed plain reply (good CRC) for a valid card, injected into
+    // the Secure Channel session. No MAC, no matching command: never a read.
+    let fields: u64 = (7 << 16) | 1001;
+    let even = (fields >> 12).count_ones() % 2 == 1;
+    let odd = (fields & 0xFFF).count_ones() % 2 == 0;
+    let frame = ((even as u64) << 25) | (fields << 1) | odd as u64;
+    let mut data = vec![0u8, 1, 26, 0];
+    data.extend_from_slice(&(frame << 6).to_be_bytes()[4..8]);
+    reader.ctl.send(Ctl::Raw(wire::packet(ADDRESS, true, 3, wire::REPLY_RAW, &data))).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || osdp_health(&gate)["out_of_sequence"].as_u64().unwrap_or(0) >= 1),
+        "forged reply not counted: {}",
+        osdp_health(&gate)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(bms.messages("/event/access").is_empty(), "a forged frame was decided");
+    assert_eq!(pulses(&gate), 0);
+
+    // A genuine read, then its secure reply frame replayed byte for byte.
+    assert!(wait_for(Duration::from_secs(10), || osdp_health(&gate)["state"] == "ok"), "{}", gate.log());
+    reader.card(7, 1001);
+    assert!(wait_for(Duration::from_secs(5), || bms.messages("/event/access").len() == 1), "{}", gate.log());
+    let replay = reader
+        .sent
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|f| {
+            let mut sc = Scanner::new();
+            let mut seen = Vec::new();
+            sc.push(f, &mut seen);
+            matches!(seen.as_slice(), [Seen::Packet(p)] if p.code == wire::REPLY_RAW && p.secure.is_some())
+        })
+        .cloned()
+        .expect("the reader sent its card read under Secure Channel");
+    let before = osdp_health(&gate)["out_of_sequence"].as_u64().unwrap();
+    let pulsed = pulses(&gate);
+    reader.ctl.send(Ctl::Raw(replay)).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || osdp_health(&gate)["out_of_sequence"].as_u64().unwrap_or(0) > before),
+        "replay not counted: {}",
+        osdp_health(&gate)
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(bms.messages("/event/access").len(), 1, "a replayed read was decided again");
+    assert_eq!(pulses(&gate), pulsed);
+    // And the reader still works after both.
+    assert!(wait_for(Duration::from_secs(10), || osdp_health(&gate)["state"] == "ok"), "{}", gate.log());
+    reader.card(7, 1001);
+    assert!(wait_for(Duration::from_secs(5), || bms.messages("/event/access").len() == 2), "{}", gate.log());
+}
+
+#[test]
+fn install_again_rotates_the_key_with_the_current_one() {
+    let (_broker, mut gate, mut reader, port) = installed([4u8; 16]);
+    let cfg = gate.config.to_str().unwrap().to_string();
+    let out = gate.cli(&["osdp", "install", "--reader", "lobby", "--config", &cfg, "--timeout-secs", "15"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("its current key"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let key = std::fs::read(gate.dir.path().join("state/osdp-lobby.key")).unwrap();
+    assert_ne!(key, [4u8; 16], "a new key");
+    assert!(reader.commands().iter().any(|c| matches!(c, OsdpCommand::KeySet(k) if k.data == key)));
+    assert!(!gate.dir.path().join("state/osdp-lobby.key.new").exists(), "no pending key left");
+    let _bms = start(&mut gate, port);
+    assert!(wait_for(Duration::from_secs(10), || osdp_health(&gate)["state"] == "ok"), "{}", gate.log());
 }

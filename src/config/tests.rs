@@ -185,3 +185,57 @@ fn unknown_keys_and_wrong_types_are_syntax_errors() {
     assert_eq!(err.exit_code(), EXIT_SYNTAX);
     assert!(parse("not toml [").unwrap_err().exit_code() == EXIT_SYNTAX);
 }
+
+/// An OSDP reader table for `door`.
+fn osdp_reader(name: &str, address: i64) -> toml::Value {
+    let mut r = toml::Table::new();
+    r.insert("name".into(), name.into());
+    r.insert("door".into(), "front".into());
+    r.insert("device".into(), "/dev/ttyUSB0".into());
+    r.insert("address".into(), address.into());
+    toml::Value::Table(r)
+}
+
+#[test]
+fn osdp_readers_are_checked_and_count_as_a_doors_card_reader() {
+    let cfg = with(|t| {
+        t.insert("osdp_readers".into(), toml::Value::Array(vec![osdp_reader("lobby", 0)]));
+    })
+    .unwrap();
+    let r = &cfg.osdp_readers[0];
+    assert_eq!((r.baud, r.address, r.insecure, r.offline_alarm_ms), (9600, 0, false, 3000));
+    assert_eq!(cfg.osdp_key_path(r), cfg.gate.state_dir.join("osdp-lobby.key"));
+    // A door whose only reader is an OSDP reader still has a non-face way in (P1).
+    with(|t| {
+        t.remove("readers");
+        t.insert("osdp_readers".into(), toml::Value::Array(vec![osdp_reader("lobby", 0)]));
+    })
+    .unwrap();
+    type Edit = Box<dyn Fn(&mut toml::Table)>;
+    let set = |k: &'static str, v: toml::Value| -> Edit {
+        Box::new(move |t: &mut toml::Table| {
+            let mut r = osdp_reader("lobby", 0);
+            r.as_table_mut().unwrap().insert(k.into(), v.clone());
+            t.insert("osdp_readers".into(), toml::Value::Array(vec![r]));
+        })
+    };
+    let cases: Vec<(Edit, &str)> = vec![
+        (set("address", 127.into()), "osdp_readers[0].address"),
+        (set("baud", 1234.into()), "osdp_readers[0].baud"),
+        (set("door", "nowhere".into()), "osdp_readers[0].door"),
+        (set("offline_alarm_ms", 500.into()), "osdp_readers[0].offline_alarm_ms"),
+        (set("formats", toml::Value::Array(vec!["H99999".into()])), "osdp_readers[0].formats[0]"),
+        (set("name", "front".into()), "osdp_readers[0].name"),
+        (
+            Box::new(|t| {
+                t.insert("osdp_readers".into(), toml::Value::Array(vec![osdp_reader("a", 5), osdp_reader("b", 5)]));
+            }),
+            "osdp_readers[1].address",
+        ),
+    ];
+    for (i, (edit, key)) in cases.into_iter().enumerate() {
+        let err = with(edit).unwrap_err();
+        assert_eq!(err.exit_code(), EXIT_INVALID, "case {i}: {err}");
+        assert_eq!(err.key(), Some(key), "case {i}: {err}");
+    }
+}

@@ -286,29 +286,33 @@ fn relay_loop(socket: &Path, n: usize, doors: usize, op: impl Fn(usize, usize) -
         let door = i % doors;
         let edge = sim::request(socket, &op(i, door)).unwrap()["last_edge_ns"].as_u64().unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        // Wait for the relay command that answers this swipe.
         let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            let st = sim::request(socket, &WorldOp::State).unwrap();
-            let on = st["doors"][format!("d{door}")]["transitions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|t| t["energized"] == true)
-                .filter_map(|t| t["cmd_ns"].as_u64())
-                .find(|&t| t >= edge);
-            if let Some(t) = on {
-                lat_us.push((t - edge) as f64 / 1_000.0);
-                break;
+        let t = loop {
+            if let Some(t) = relay_since(socket, door, edge) {
+                break t;
             }
             assert!(Instant::now() < deadline, "swipe {i}: no relay command");
             // The chip records when each command was issued, so reading it late costs nothing;
             // polling fast would only compete with the pipeline for the two cores.
             std::thread::sleep(Duration::from_millis(5));
-        }
+        };
+        lat_us.push((t - edge) as f64 / 1_000.0);
     }
     lat_us.sort_by(|a, b| a.total_cmp(b));
     lat_us
+}
+
+/// When door `door`'s relay was first commanded on at or after `since_ns` (the simulated chip
+/// records the command's time), if it has been.
+fn relay_since(socket: &Path, door: usize, since_ns: u64) -> Option<u64> {
+    let st = sim::request(socket, &WorldOp::State).unwrap();
+    st["doors"][format!("d{door}")]["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["energized"] == true)
+        .filter_map(|t| t["cmd_ns"].as_u64())
+        .find(|&t| t >= since_ns)
 }
 
 /// One OSDP reader per door (`o0`..), each a libosdp peripheral on its own pty with its own
@@ -368,19 +372,9 @@ fn osdp_loop(socket: &Path, cfg: &menshen::config::Config, readers: &[osdp_reade
                     sent = t;
                 }
             }
-            if sent != 0 {
-                let st = sim::request(socket, &WorldOp::State).unwrap();
-                let on = st["doors"][format!("d{door}")]["transitions"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .filter(|t| t["energized"] == true)
-                    .filter_map(|t| t["cmd_ns"].as_u64())
-                    .find(|&t| t >= sent);
-                if let Some(t) = on {
-                    lat_us.push((t - sent) as f64 / 1_000.0);
-                    break;
-                }
+            if let Some(t) = (sent != 0).then(|| relay_since(socket, door, sent)).flatten() {
+                lat_us.push((t - sent) as f64 / 1_000.0);
+                break;
             }
             assert!(Instant::now() < deadline, "read {i}: no relay command");
             std::thread::sleep(Duration::from_millis(5));
@@ -500,7 +494,8 @@ fn report(name: &str, f: &Figures) {
     let pct = |p: f64| f.lat_us[((f.lat_us.len() as f64 - 1.0) * p).round() as usize];
     let mean = f.lat_us.iter().sum::<f64>() / f.lat_us.len() as f64;
     println!(
-        "card path, {name}: last Wiegand edge -> relay command ({} swipes, {:.1} s; face frames {}, grants {})",
+        "card path, {name}: {} -> relay command ({} swipes, {:.1} s; face frames {}, grants {})",
+        if name.starts_with("OSDP") { "reply frame on the bus" } else { "last Wiegand edge" },
         f.lat_us.len(),
         f.wall.as_secs_f64(),
         f.face_frames,

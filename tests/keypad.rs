@@ -58,12 +58,7 @@ fn up_with(role: &str, star_key: u8, key_bits: Option<u8>) -> (Broker, Gate, Bms
     });
     gate.start_sim();
     gate.start_daemon();
-    let bms = Bms::connect(port);
-    assert!(
-        wait_for(Duration::from_secs(10), || bms.retained("/status").iter().any(|v| v["state"] == "online")),
-        "gate never came online; log:\n{}",
-        gate.log()
-    );
+    let bms = common::bms_when_online(&gate, port);
     (broker, gate, bms)
 }
 

@@ -46,13 +46,17 @@ fn gate_with_osdp(path: &str, insecure: bool, alarm_ms: u64) -> (Broker, Gate, u
 fn start(gate: &mut Gate, port: u16) -> Bms {
     gate.start_sim();
     gate.start_daemon();
-    let bms = Bms::connect(port);
+    common::bms_when_online(gate, port)
+}
+
+/// Wait until the OSDP reader is usable (answering over Secure Channel, or plain if insecure).
+fn wait_usable(gate: &Gate) {
     assert!(
-        wait_for(Duration::from_secs(10), || bms.retained("/status").iter().any(|v| v["state"] == "online")),
-        "gate never came online; log:\n{}",
+        wait_for(Duration::from_secs(10), || osdp_health(gate)["state"] == "ok"),
+        "reader never usable: {}\nlog:\n{}",
+        osdp_health(gate),
         gate.log()
     );
-    bms
 }
 
 fn ok(reply: &Value) -> &Value {
@@ -102,12 +106,7 @@ fn installed_reader_opens_the_door_with_a_card_and_a_pin_over_secure_channel() {
     assert!(!text.contains(&hex(&key)), "the key is never printed: {text}");
 
     let bms = start(&mut gate, port);
-    assert!(
-        wait_for(Duration::from_secs(10), || osdp_health(&gate)["state"] == "ok"),
-        "reader never usable: {}\nlog:\n{}",
-        osdp_health(&gate),
-        gate.log()
-    );
+    wait_usable(&gate);
     let h = osdp_health(&gate);
     assert_eq!((h["secure_channel"].as_bool(), h["insecure"].as_bool()), (Some(true), Some(false)), "{h}");
 
@@ -270,16 +269,11 @@ fn a_wrong_key_and_a_downgraded_reader_are_refused_with_alarms() {
 fn an_insecure_reader_works_in_plain_mode_and_is_flagged() {
     let p = pty();
     let path = p.path.clone();
-    // A reader without a key, not in install mode: plain OSDP only.
+    // A reader whose capability reply offers no Secure Channel: plain OSDP only.
     let reader = Reader::start(p, PdOpts { key: Some([5u8; 16]), downgrade: true });
     let (_broker, mut gate, port) = gate_with_osdp(&path, true, 2000);
     let bms = start(&mut gate, port);
-    assert!(
-        wait_for(Duration::from_secs(10), || osdp_health(&gate)["state"] == "ok"),
-        "{}\n{}",
-        osdp_health(&gate),
-        gate.log()
-    );
+    wait_usable(&gate);
     let h = osdp_health(&gate);
     assert_eq!((h["insecure"].as_bool(), h["secure_channel"].as_bool()), (Some(true), Some(false)), "{h}");
     let health = bms.command(SITE, GATE, "health.get", json!({}), None);
@@ -312,7 +306,7 @@ fn installed(key: [u8; 16]) -> (Broker, Gate, Reader, u16) {
 fn forged_and_replayed_frames_are_counted_and_never_a_read() {
     let (_broker, mut gate, reader, port) = installed([2u8; 16]);
     let bms = start(&mut gate, port);
-    assert!(wait_for(Duration::from_secs(10), || osdp_health(&gate)["state"] == "ok"), "{}", gate.log());
+    wait_usable(&gate);
     ok(&bms.command(SITE, GATE, "resident.upsert",
         json!({"resident": {"id": "r-1", "mode": "card", "cards": [{"format": "H10301", "facility": 7, "number": 1001}]}}), None));
 
@@ -335,7 +329,7 @@ fn forged_and_replayed_frames_are_counted_and_never_a_read() {
     assert_eq!(pulses(&gate), 0);
 
     // A genuine read, then its secure reply frame replayed byte for byte.
-    assert!(wait_for(Duration::from_secs(10), || osdp_health(&gate)["state"] == "ok"), "{}", gate.log());
+    wait_usable(&gate);
     reader.card(7, 1001);
     assert!(wait_for(Duration::from_secs(5), || bms.messages("/event/access").len() == 1), "{}", gate.log());
     let replay = reader
@@ -364,7 +358,7 @@ fn forged_and_replayed_frames_are_counted_and_never_a_read() {
     assert_eq!(bms.messages("/event/access").len(), 1, "a replayed read was decided again");
     assert_eq!(pulses(&gate), pulsed);
     // And the reader still works after both.
-    assert!(wait_for(Duration::from_secs(10), || osdp_health(&gate)["state"] == "ok"), "{}", gate.log());
+    wait_usable(&gate);
     reader.card(7, 1001);
     assert!(wait_for(Duration::from_secs(5), || bms.messages("/event/access").len() == 2), "{}", gate.log());
 }
@@ -385,5 +379,5 @@ fn install_again_rotates_the_key_with_the_current_one() {
     assert!(reader.commands().iter().any(|c| matches!(c, OsdpCommand::KeySet(k) if k.data == key)));
     assert!(!gate.dir.path().join("state/osdp-lobby.key.new").exists(), "no pending key left");
     let _bms = start(&mut gate, port);
-    assert!(wait_for(Duration::from_secs(10), || osdp_health(&gate)["state"] == "ok"), "{}", gate.log());
+    wait_usable(&gate);
 }

@@ -364,6 +364,15 @@ fn run(
             (true, _) => down_since = None,
             (false, None) => down_since = Some(now),
             (false, Some(t)) if now.saturating_sub(t) >= RESTART_AFTER => {
+                // The port afresh too: a USB adapter pulled out and put back is a new device.
+                if let Ok(fd) = open_port(&s.p.device, s.p.baud) {
+                    s.fd = fd;
+                }
+                // A reply still on its way to the old session would be out of sequence for the
+                // new one (which would then go offline in turn): let it land, and drop it.
+                std::thread::sleep(QUIET);
+                let _ = rustix::termios::tcflush(&s.fd, rustix::termios::QueueSelector::IFlush);
+                s.tap.lock().unwrap_or_else(|p| p.into_inner()).rx = Scanner::new();
                 match build(&s.p, &s.fd, &s.tap, &s.events) {
                     Ok(cp) => s.cp = cp,
                     Err(error) => tracing::warn!(reader = %s.p.name, %error, "OSDP control panel restart"),
@@ -372,6 +381,24 @@ fn run(
             }
             _ => {}
         }
-        std::thread::sleep(REFRESH);
+        wait_for_bytes(&s.fd);
+    }
+}
+
+/// Sleep until the reader's bytes arrive or [`REFRESH`] has passed, whichever is first: a reply
+/// is handed to libosdp as soon as it is on the port, not at the next tick. After a wake for
+/// bytes the next wait is at least a little one, so bytes libosdp leaves unread cannot spin it.
+/// (A USB adapter pulled out: the reader is `reader_offline`; each restart opens the port again,
+/// so the adapter plugged back in is taken within a second.)
+fn wait_for_bytes(fd: &OwnedFd) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let timeout = Timespec { tv_sec: 0, tv_nsec: REFRESH.as_nanos() as i64 };
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    match poll(&mut fds, Some(&timeout)) {
+        Ok(0) => {}
+        // Bytes to read.
+        Ok(_) if fds[0].revents() == PollFlags::IN => std::thread::sleep(Duration::from_micros(100)),
+        // A port that hangs up or errs (an adapter pulled out) stays "ready": wait the tick.
+        _ => std::thread::sleep(REFRESH),
     }
 }

@@ -47,6 +47,9 @@ pub struct Packet {
     pub code: u8,
     /// The data, when it is plain (no secure block, or a MAC-only one); `None` when encrypted.
     pub data: Option<Vec<u8>>,
+    /// The MAC of a Secure Channel packet. MACs are chained through the session, so one seen
+    /// twice is a replay.
+    pub mac: Option<[u8; 4]>,
 }
 
 impl Packet {
@@ -201,6 +204,7 @@ fn parse(frame: &[u8], check_len: usize) -> Option<Packet> {
         return None;
     }
     let plain = matches!(secure, None | Some(0x11..=0x16));
+    let mac_bytes = (mac == 4).then(|| [frame[end], frame[end + 1], frame[end + 2], frame[end + 3]]);
     Some(Packet {
         address: frame[1] & 0x7F,
         reply: frame[1] & 0x80 != 0,
@@ -208,6 +212,7 @@ fn parse(frame: &[u8], check_len: usize) -> Option<Packet> {
         secure,
         code,
         data: plain.then(|| frame[at..end].to_vec()),
+        mac: mac_bytes,
     })
 }
 
@@ -229,11 +234,16 @@ pub fn packet(address: u8, reply: bool, sqn: u8, code: u8, data: &[u8]) -> Vec<u
 }
 
 /// Tracks the command sequence so that a reply out of sequence is counted. OSDP: every reply
-/// carries the sequence number of the command it answers.
+/// carries the sequence number of the command it answers. A Secure Channel reply whose MAC was
+/// seen before is a replay, even where its sequence number happens to fit (one in three).
 #[derive(Debug, Default)]
 pub struct Sequence {
     last_command: Option<(u8, u8)>,
+    macs: std::collections::VecDeque<[u8; 4]>,
 }
+
+/// How many recent reply MACs are remembered.
+const MACS_KEPT: usize = 256;
 
 impl Sequence {
     /// A command the CP sent.
@@ -241,12 +251,20 @@ impl Sequence {
         self.last_command = Some((p.address, p.sqn));
     }
 
-    /// A reply: is it the answer to the last command?
+    /// A reply: is it the answer to the last command (and not a replay)?
     pub fn reply_in_sequence(&mut self, p: &Packet) -> bool {
-        match self.last_command.take() {
+        let fits = match self.last_command.take() {
             Some((address, sqn)) => address == p.address && sqn == p.sqn,
             None => false,
+        };
+        let replayed = p.mac.is_some_and(|m| self.macs.contains(&m));
+        if let Some(m) = p.mac {
+            if self.macs.len() == MACS_KEPT {
+                self.macs.pop_front();
+            }
+            self.macs.push_back(m);
         }
+        fits && !replayed
     }
 }
 
@@ -269,9 +287,10 @@ mod tests {
 
     #[test]
     fn a_poll_from_the_spec_is_read() {
-        // osdp_POLL to address 0, sequence 1, CRC (the OSDP 2.2 specification's example frame).
+        // osdp_POLL to address 0, sequence 1, with CRC: the header as the specification lays it out.
         let p = packet(0, false, 1, 0x60, &[]);
-        assert_eq!(p, [0x53, 0x00, 0x08, 0x00, 0x05, 0x60, p[6], p[7]]);
+        assert_eq!(p[..6], [0x53, 0x00, 0x08, 0x00, 0x05, 0x60]);
+        assert_eq!(u16::from_le_bytes([p[6], p[7]]), crc16(&p[..6]));
         let seen = scan(&p);
         assert_eq!(
             seen,
@@ -281,7 +300,8 @@ mod tests {
                 sqn: 1,
                 secure: None,
                 code: 0x60,
-                data: Some(vec![])
+                data: Some(vec![]),
+                mac: None,
             })]
         );
     }
@@ -364,12 +384,36 @@ mod tests {
     #[test]
     fn a_reply_out_of_sequence_is_seen() {
         let mut seq = Sequence::default();
-        let cmd = Packet { address: 0, reply: false, sqn: 1, secure: None, code: 0x60, data: None };
+        let cmd = Packet { address: 0, reply: false, sqn: 1, secure: None, code: 0x60, data: None, mac: None };
         seq.command(&cmd);
         assert!(seq.reply_in_sequence(&Packet { reply: true, code: 0x40, ..cmd.clone() }));
         seq.command(&cmd);
         assert!(!seq.reply_in_sequence(&Packet { reply: true, sqn: 2, code: 0x40, ..cmd.clone() }));
         // A second reply to one command is out of sequence too.
-        assert!(!seq.reply_in_sequence(&Packet { reply: true, code: 0x40, ..cmd }));
+        assert!(!seq.reply_in_sequence(&Packet { reply: true, code: 0x40, ..cmd.clone() }));
+        // A secure reply replayed where its sequence number fits: its MAC gives it away.
+        let secure = Packet { reply: true, code: 0x50, secure: Some(0x16), mac: Some([1, 2, 3, 4]), ..cmd.clone() };
+        seq.command(&cmd);
+        assert!(seq.reply_in_sequence(&secure));
+        seq.command(&cmd);
+        assert!(!seq.reply_in_sequence(&secure), "a MAC seen twice is a replay");
+    }
+
+    #[test]
+    fn a_secure_packet_gives_its_mac() {
+        // A reply with a MAC-only secure block (SCS_16): header, SCB [2, 0x16], code, data, MAC, CRC.
+        let mut p = vec![SOM, 0x83, 0, 0, 0x0C | 1, 2, 0x16, 0x40];
+        p.extend([9, 8, 7, 6]);
+        let len = p.len() + 2;
+        p[2] = len as u8;
+        let crc = crc16(&p);
+        p.extend(crc.to_le_bytes());
+        match &scan(&p)[0] {
+            Seen::Packet(k) => {
+                assert_eq!((k.secure, k.mac, k.code), (Some(0x16), Some([9, 8, 7, 6]), 0x40));
+                assert_eq!(k.data.as_deref(), Some(&[][..]));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

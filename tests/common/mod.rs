@@ -256,6 +256,17 @@ impl Drop for Subscriber {
     }
 }
 
+/// A BMS on `port`, once `gate` has said it is online (its retained status: it is subscribed).
+pub fn bms_when_online(gate: &Gate, port: u16) -> Bms {
+    let bms = Bms::connect(port);
+    assert!(
+        wait_for(Duration::from_secs(10), || bms.retained("/status").iter().any(|v| v["state"] == "online")),
+        "gate never came online; log:\n{}",
+        gate.log()
+    );
+    bms
+}
+
 /// A gate under test: its files, the sim chip process and the daemon process.
 pub struct Gate {
     pub dir: tempfile::TempDir,

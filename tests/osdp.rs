@@ -114,7 +114,7 @@ fn installed_reader_opens_the_door_with_a_card_and_a_pin_over_secure_channel() {
     let spec = json!({"resident": {"id": "r-1", "mode": "card_or_pin",
         "cards": [{"format": "H10301", "facility": 7, "number": 1001}]}});
     ok(&bms.command(SITE, GATE, "resident.upsert", spec, None));
-    ok(&bms.command(SITE, GATE, "credential.add", json!({"resident": "r-1", "pin": {"pin": "4821"}}), None));
+    ok(&bms.command(SITE, GATE, "credential.add", json!({"resident": "r-1", "pin": {"pin": "48213579"}}), None));
     let before = pulses(&gate);
     reader.card(7, 1001);
     assert!(
@@ -154,7 +154,7 @@ fn installed_reader_opens_the_door_with_a_card_and_a_pin_over_secure_channel() {
         .any(|c| matches!(c, OsdpCommand::Led(l) if l.temporary.on_color == libosdp::OsdpLedColor::Red))));
 
     // A PIN on the reader's keypad (OSDP's `#` is 0x0D), one key per reply and all at once.
-    for keys in [&b"4821\r"[..], &b"4821#"[..]] {
+    for keys in [&b"48213579\r"[..], &b"48213579#"[..]] {
         let n = bms.messages("/event/access").len();
         let before = pulses(&gate);
         for k in keys {
@@ -169,7 +169,7 @@ fn installed_reader_opens_the_door_with_a_card_and_a_pin_over_secure_channel() {
         assert_eq!((ev["decision"].as_str(), ev["method"].as_str()), (Some("granted"), Some("pin")), "{ev}");
         assert!(wait_for(Duration::from_secs(3), || pulses(&gate) > before));
     }
-    assert!(!gate.log().contains("4821"), "the PIN is never logged");
+    assert!(!gate.log().contains("48213579"), "the PIN is never logged");
 
     // Garbage and a frame with a bad CRC on the bus: counted, never a read, the link stays up.
     let n = bms.messages("/event/access").len();

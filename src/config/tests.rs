@@ -230,7 +230,7 @@ fn osdp_readers_are_checked_and_count_as_a_doors_card_reader() {
             Box::new(|t| {
                 t.insert("osdp_readers".into(), toml::Value::Array(vec![osdp_reader("a", 5), osdp_reader("b", 5)]));
             }),
-            "osdp_readers[1].address",
+            "osdp_readers[1].device",
         ),
     ];
     for (i, (edit, key)) in cases.into_iter().enumerate() {

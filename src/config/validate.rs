@@ -271,10 +271,13 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
                 "must be 2000..=600000 (a reader is retried every second; it takes that long to tell a wrong key from a pulled cable)",
             ));
         }
-        if let Some(other) = cfg.osdp_readers[..i].iter().find(|o| o.device == r.device && o.address == r.address) {
+        if let Some(other) = cfg.osdp_readers[..i].iter().find(|o| o.device == r.device) {
             return Err(invalid(
-                k("address"),
-                format!("reader `{}` has the same port and address: each reader on a bus needs its own", other.name),
+                k("device"),
+                format!(
+                    "reader `{}` is on the same port: one OSDP reader per port (several readers on one bus, multi-drop, are not supported yet: give each its own adapter)",
+                    other.name
+                ),
             ));
         }
     }

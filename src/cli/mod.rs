@@ -548,12 +548,35 @@ pub fn parse_time(s: &str) -> anyhow::Result<i64> {
 /// Set up logging: human text or JSON lines, level from config (RUST_LOG overrides).
 pub fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_directives(level)));
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => b.try_init(),
         LogFormat::Json => b.json().flatten_event(true).try_init(),
     };
+}
+
+/// The log filter for `log.level`. libosdp's own messages are off unless the level names them
+/// (`"info,libosdp=info"`): it logs every retry of a refused reader, three lines a second, where
+/// the gate says it once, as an alarm and in `health.osdp`.
+pub fn log_directives(level: &str) -> String {
+    if level.contains("libosdp") {
+        level.to_string()
+    } else {
+        format!("{level},libosdp=off")
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    #[test]
+    fn libosdp_is_quiet_unless_asked_for() {
+        assert_eq!(super::log_directives("info"), "info,libosdp=off");
+        assert_eq!(super::log_directives("debug,libosdp=debug"), "debug,libosdp=debug");
+        for l in ["info", "warn,menshen=debug"] {
+            assert!(tracing_subscriber::EnvFilter::try_new(super::log_directives(l)).is_ok());
+        }
+    }
 }
 
 mod run;

@@ -129,7 +129,10 @@ impl Stats {
     /// Change one OSDP reader's entry.
     pub fn osdp_update(&self, reader: &str, f: impl FnOnce(&mut OsdpHealth)) {
         let mut m = self.osdp.lock().unwrap_or_else(|p| p.into_inner());
-        f(m.entry(reader.to_string()).or_default());
+        match m.get_mut(reader) {
+            Some(h) => f(h),
+            None => f(m.entry(reader.to_string()).or_default()),
+        }
     }
 
     /// Every OSDP reader's entry.

@@ -81,6 +81,8 @@ pub async fn run(ctx: StageCtx, parts: OsdpParts, out: mpsc::Sender<ReaderOutput
     let mut status = osdp::LinkStatus::default();
     let mut beat = tokio::time::interval(Duration::from_millis(200));
     let mut cues_open = true;
+    let mut tamper = false;
+    let mut shown = ("starting", false);
     let emit = |input: ReaderInput, at: MonoTime| ReaderOutput {
         reader: name.clone(),
         door: cfg.door.clone(),
@@ -134,8 +136,8 @@ pub async fn run(ctx: StageCtx, parts: OsdpParts, out: mpsc::Sender<ReaderOutput
                         ctx.stats.osdp_update(&name, |h| h.reads_refused += 1);
                     }
                     FromReader::Tamper(on) => {
-                        let was = ctx.stats.osdp().get(&name).is_some_and(|h| h.tamper);
-                        if on != was {
+                        if on != tamper {
+                            tamper = on;
                             ctx.stats.osdp_update(&name, |h| h.tamper = on);
                             raised.push(if on {
                                 alarm(GateAlarm::ReaderTamper, "the OSDP reader's tamper switch opened")
@@ -174,11 +176,10 @@ pub async fn run(ctx: StageCtx, parts: OsdpParts, out: mpsc::Sender<ReaderOutput
             None => {}
         }
         let state = if watch.usable() { "ok" } else { watch.fault().map(LinkFault::code).unwrap_or("starting") };
-        let secure = status.secure;
-        ctx.stats.osdp_update(&name, |h| {
-            h.state = state;
-            h.secure_channel = secure;
-        });
+        if (state, status.secure) != shown {
+            shown = (state, status.secure);
+            ctx.stats.osdp_update(&name, |h| (h.state, h.secure_channel) = shown);
+        }
         for e in raised {
             let _ = events.send(e).await;
         }
